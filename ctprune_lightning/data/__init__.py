@@ -1,0 +1,9 @@
+"""LightningDataModules for the experiments (not needed by users of the pruning callback).
+
+``datasets`` is imported lazily, so importing this package stays cheap.
+"""
+
+from ctprune_lightning.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTDataModule
+from ctprune_lightning.data.synthetic import SyntheticDataModule
+
+__all__ = ["FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FashionMNISTDataModule", "SyntheticDataModule"]

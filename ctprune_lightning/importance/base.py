@@ -1,0 +1,76 @@
+"""The importance protocol: one score per unit of each group; higher means keep.
+
+Stateless criteria only implement :meth:`Importance.scores`. Criteria that integrate over training
+(Taylor, trajectory) also receive the optimizer-step hooks and must follow surgery
+(:meth:`Importance.on_surgery`) so their accumulators keep the surviving units' history.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..surgery.groups import PrunableGroup
+
+
+def reduce_to_units(t: Tensor, dim: int) -> Tensor:
+    """Sum an element-wise tensor over every dimension but ``dim`` -> one value per unit."""
+    if t.dim() == 1:
+        return t
+    return t.sum(dim=[d for d in range(t.dim()) if d != dim])
+
+
+class Importance:
+    """Base class. Subclasses set ``name`` and implement :meth:`scores`."""
+
+    name: str = "base"
+
+    def attach(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> None:
+        """Called once the groups are known (and again after a resume)."""
+        self.groups = list(groups)
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        """Gradients are ready, parameters not yet updated."""
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Parameters were just updated."""
+
+    def scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
+        raise NotImplementedError
+
+    def on_surgery(self, plan: Mapping[str, Tensor]) -> None:
+        """The groups in ``plan`` now hold only the kept units."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass
+
+
+class AccumulatingImportance(Importance):
+    """Shared bookkeeping for criteria that keep one accumulator vector per group."""
+
+    def attach(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> None:
+        super().attach(model, groups)
+        self.acc: dict[str, Tensor] = getattr(self, "acc", {})
+        for g in groups:
+            width = g.width(model)
+            if g.name not in self.acc or self.acc[g.name].numel() != width:
+                self.acc[g.name] = torch.zeros(width)
+
+    def on_surgery(self, plan: Mapping[str, Tensor]) -> None:
+        for name, keep in plan.items():
+            if name in self.acc:
+                self.acc[name] = self.acc[name][torch.as_tensor(keep, dtype=torch.long)].clone()
+
+    def scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
+        return self.acc[group.name].clone()
+
+    def state_dict(self) -> dict:
+        return {"acc": {k: v.tolist() for k, v in self.acc.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.acc = {k: torch.tensor(v, dtype=torch.float32) for k, v in state.get("acc", {}).items()}

@@ -1,0 +1,86 @@
+"""The importance criteria: magnitude, Taylor, and the useful trajectory.
+
+Example::
+
+    imp = build_importance("trajectory")
+    imp.attach(model, groups)
+    ...  # the callback forwards the optimizer-step hooks
+    scores = imp.scores(model, groups[0])  # one value per unit, higher = keep
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..surgery.groups import PrunableGroup
+from .base import AccumulatingImportance, Importance, reduce_to_units
+
+
+class MagnitudeImportance(Importance):
+    """L2 norm of all the weights of a unit, across every coupled slice."""
+
+    name = "magnitude"
+
+    def scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
+        total = torch.zeros(group.width(model))
+        for _, p, dim in group.param_slices(model):
+            total += reduce_to_units(p.detach().float().pow(2), dim).cpu()
+        return total.sqrt()
+
+
+class TaylorImportance(AccumulatingImportance):
+    """EMA over optimizer steps of |Σ_unit w·∂L/∂w| (first-order loss change of removing the unit)."""
+
+    name = "taylor"
+
+    def __init__(self, beta: float = 0.9) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"TaylorImportance: beta={beta!r} must lie in [0, 1)")
+        self.beta = beta
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        for g in self.groups:
+            total = torch.zeros_like(self.acc[g.name])
+            for _, p, dim in g.param_slices(model):
+                if p.grad is not None:
+                    total += reduce_to_units((p.detach() * p.grad.detach()).float(), dim).cpu()
+            self.acc[g.name].mul_(self.beta).add_(total.abs(), alpha=1 - self.beta)
+
+
+class TrajectoryImportance(AccumulatingImportance):
+    """The useful trajectory: Σ_t Σ_p −g_p(t)·Δθ_p(t), the loss decrease the unit's own motion produced.
+
+    Accumulated since the last surgery event (Synaptic-Intelligence style path integral). Costs one
+    saved copy of the gradients and parameters of the pruned layers and a product per step.
+    """
+
+    name = "trajectory"
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        self._saved: dict[str, tuple[Tensor, Tensor]] = {}
+        for g in self.groups:
+            for qname, p, _ in g.param_slices(model):
+                if qname not in self._saved and p.grad is not None:
+                    self._saved[qname] = (p.detach().clone(), p.grad.detach().clone())
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        saved = getattr(self, "_saved", {})
+        if not saved:
+            return
+        work: dict[str, Tensor] = {}
+        for g in self.groups:
+            for qname, p, dim in g.param_slices(model):
+                if qname not in saved or saved[qname][0].shape != p.shape:
+                    continue
+                if qname not in work:
+                    old, grad = saved[qname]
+                    work[qname] = (-grad * (p.detach() - old)).float()
+                self.acc[g.name] += reduce_to_units(work[qname], dim).cpu()
+        self._saved = {}
+
+    def on_surgery(self, plan) -> None:
+        """Restart the integral at each event, as DESIGN §4 prescribes (the kept units start equal)."""
+        for name in self.acc:
+            width = plan[name].numel() if name in plan else self.acc[name].numel()
+            self.acc[name] = torch.zeros(width)

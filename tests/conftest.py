@@ -1,0 +1,27 @@
+"""Suite-wide setup: no network, no W&B uploads, caches in a temp dir.
+
+The environment is set at import (before any test module imports wandb, datasets or lightning), so
+subprocesses started by tests inherit it too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+_TMP = Path(tempfile.mkdtemp(prefix="ctprune-tests-"))
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["WANDB_DIR"] = str(_TMP / "wandb")
+os.environ["HF_HOME"] = str(_TMP / "hf")
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+(_TMP / "wandb").mkdir(exist_ok=True)
+
+# `import train` (the Hydra entry point at the repo root) and the package without an install.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))

@@ -1,0 +1,108 @@
+"""Tier 2: `train.py` end to end as a subprocess (fast debug config), and bad configs failing loudly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 180
+
+
+def run_train(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(REPO_ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def lqr_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    run_dir = tmp_path_factory.mktemp("lqr_run")
+    return run_train("debug=fast", "controller=lqr", run_dir=run_dir), run_dir
+
+
+def test_fast_lqr_run_succeeds(lqr_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, run_dir = lqr_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ctprune summary" in proc.stdout
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+
+
+def test_fast_lqr_run_writes_a_pruned_summary(lqr_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, run_dir = lqr_run
+    path = run_dir / "summary.json"
+    assert path.exists(), proc.stderr[-3000:]
+    summary = json.loads(path.read_text())
+    assert summary["controller"] == "lqr" and summary["importance"] == "trajectory"
+    assert summary["seed"] == 0 and summary["target"] == pytest.approx(0.25)
+    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["test_loss"] is not None
+    widths, dense = summary["widths"], summary["dense_widths"]
+    assert widths and set(widths) == set(dense)
+    assert all(widths[g] <= dense[g] for g in widths) and sum(widths.values()) < sum(dense.values())
+    assert summary["params"] < summary["dense_params"]
+    assert summary["flops_fraction"] < 1.0
+    assert summary["train_flops_saved"] > 0.0
+    assert summary["train_flops"] < summary["dense_train_flops"]
+    assert summary["steps"] > 0 and summary["fit_time_s"] > 0.0
+    assert summary["trace"] and {"step", "compute", "damage", "action"} <= set(summary["trace"][0])
+
+
+def test_fast_lqr_run_logs_summary_to_csv(lqr_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run_dir = lqr_run
+    metrics = run_dir / "csv" / "metrics.csv"
+    assert metrics.exists()
+    with metrics.open() as f:
+        header = next(csv.reader(f))
+    assert "summary/train_flops_saved" in header and "test/acc" in header
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("pruning.target=1.5", "1.5"), ("controller=foo", "foo")],
+    ids=["target-out-of-range", "unknown-controller"],
+)
+def test_bad_config_exits_non_zero(tmp_path: Path, override: str, expected: str) -> None:
+    proc = run_train("debug=fast", override, run_dir=tmp_path)
+    assert proc.returncode != 0
+    assert expected in proc.stderr + proc.stdout
+    if override.startswith("controller="):
+        assert "Available options" in proc.stderr and "lqr" in proc.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_summary_without_pruning_callback_and_plain_json(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    import train
+    from ctprune_lightning.summary import format_summary, write_summary
+
+    cfg = OmegaConf.create({"seed": 3, "importance": {"name": "taylor"}})
+    summary = train.build_summary(cfg, None, {"test/acc": torch.tensor(0.5)}, 1.25, 10, (100, 100))
+    assert summary["controller"].startswith("none") and summary["widths"] is None
+    assert summary["seed"] == 3 and summary["steps"] == 10 and summary["fit_time_s"] == 1.25
+    summary["extra"] = {"a": np.float32(0.25), "b": (1, 2), "nan": float("nan")}
+    path = write_summary(summary, tmp_path / "sub" / "summary.json")
+    data = json.loads(path.read_text())
+    assert data["test_acc"] == 0.5 and data["extra"] == {"a": 0.25, "b": [1, 2], "nan": None}
+    text = format_summary(data)
+    assert "test acc" in text and "50.00%" in text and "n/a" in text
+
+
+def test_format_summary_trace_keeps_every_cut() -> None:
+    from ctprune_lightning.summary import format_summary
+
+    trace = [{"step": 10 * i, "compute": 1.0, "damage": 0.0, "action": 0.1 if i in (3, 7) else 0.0}
+             for i in range(100)]
+    text = format_summary({"trace": trace}, max_trace_rows=8)
+    rows = [ln.split() for ln in text.splitlines() if ln.strip() and ln.split()[0].isdigit()]
+    steps = [int(r[0]) for r in rows]
+    assert {30, 70, 0, 990} <= set(steps) and len(steps) <= 8
+    assert "of 100 intervals shown" in text

@@ -1,0 +1,95 @@
+"""Importance criteria return one meaningful score per unit and follow surgery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ctprune_lightning.importance import build_importance
+from ctprune_lightning.surgery import apply_plan_, discover_groups
+
+
+def setup_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    groups, _ = discover_groups(model, torch.zeros(2, 10))
+    return model, groups
+
+
+def test_magnitude_is_the_norm_over_all_coupled_slices() -> None:
+    model, groups = setup_model()
+    imp = build_importance("magnitude")
+    imp.attach(model, groups)
+    s = imp.scores(model, groups[0])
+    expected = (model[0].weight.pow(2).sum(1) + model[0].bias.pow(2) + model[2].weight.pow(2).sum(0)).sqrt()
+    torch.testing.assert_close(s, expected.detach())
+
+
+def _step(model, opt, imp, x, y):
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    imp.before_optimizer_step(model)
+    opt.step()
+    imp.after_optimizer_step(model)
+
+
+@pytest.mark.parametrize("name", ["taylor", "trajectory"])
+def test_dead_units_score_zero_and_state_follows_surgery(name: str) -> None:
+    model, groups = setup_model()
+    with torch.no_grad():  # units 0..3 are dead: no input weights, no bias, no outgoing weights
+        model[0].weight[:4] = 0
+        model[0].bias[:4] = 0
+        model[2].weight[:, :4] = 0
+    imp = build_importance(name)
+    imp.attach(model, groups)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        _step(model, opt, imp, torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g))
+    s = imp.scores(model, groups[0])
+    assert s.shape == (16,)
+    assert torch.all(s[:4] == 0) and torch.all(s[4:].abs() > 0)
+    if name == "trajectory":  # plain SGD: -g·Δθ = lr·|g|² >= 0, summed per unit
+        assert torch.all(s >= 0)
+    keep = torch.tensor([4, 5, 6, 7, 8])
+    before = s[keep]
+    apply_plan_(model, groups, {"0": keep}, [opt])
+    imp.on_surgery({"0": keep})
+    after = imp.scores(model, groups[0])
+    assert after.shape == (5,)
+    if name == "taylor":
+        torch.testing.assert_close(after, before)
+    else:
+        assert torch.all(after == 0)  # the path integral restarts at each event
+    _step(model, opt, imp, torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g))
+    restored = build_importance(name)
+    restored.load_state_dict(imp.state_dict())
+    torch.testing.assert_close(restored.scores(model, groups[0]), imp.scores(model, groups[0]))
+
+
+def test_trajectory_ranks_the_unit_that_reduced_the_loss() -> None:
+    """Only unit 1 may move; it alone reduces the loss, so it alone scores."""
+    model, groups = setup_model()
+    imp = build_importance("trajectory")
+    imp.attach(model, groups)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for p in model.parameters():
+            p.grad[...] = 0 if p.dim() == 1 else p.grad
+        model[0].weight.grad[torch.arange(16) != 1] = 0
+        model[2].weight.grad.zero_()
+        imp.before_optimizer_step(model)
+        opt.step()
+        imp.after_optimizer_step(model)
+    s = imp.scores(model, groups[0])
+    assert s.argmax().item() == 1 and s[1] > 0
+    assert torch.count_nonzero(s) == 1
+
+
+def test_unknown_importance_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="Unknown importance 'foo'. Choose one of: magnitude, taylor, trajectory"):
+        build_importance("foo")

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from .accounting import ComputeLedger, FlopMeter
-from .controllers import Controller, Observation, build_controller
+from .controllers import Controller, NoneController, Observation, build_controller
 from .controllers.base import check_number
 from .importance import Importance, build_importance
 from .planning import plan_widths, select_units
@@ -102,7 +102,8 @@ class ControlPruning(Callback):
                                                **dict(controller_kwargs or {}))
         else:
             raise TypeError(f"ControlPruning: `controller` must be a name or a Controller, got {controller!r}")
-        self.target = float(self.controller.target)
+        # the dense baseline's setpoint is dense, whatever target it was built with
+        self.target = 1.0 if isinstance(self.controller, NoneController) else float(self.controller.target)
         if isinstance(importance, Importance):
             self.importance = importance
         elif isinstance(importance, str):
@@ -125,6 +126,7 @@ class ControlPruning(Callback):
         self._jump: float | None = None
         self._last_u = 0.0
         self._last_step = -1
+        self._saturated = False  # no further cut possible above the setpoint: stop tracking importance
 
     # ----------------------------------------------------------------------------------- set-up
     @property
@@ -176,23 +178,34 @@ class ControlPruning(Callback):
                 self._ref_batch = _batch_size(batch)
                 if not self.ledger.dense_step_flops:
                     self.ledger.dense_step_flops = self._flops(pl_module)[0]
+                self._update_saturation(pl_module)
         self.ledger.add_batch(self._flops(pl_module)[0], _batch_size(batch) / self._ref_batch)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        self.importance.before_optimizer_step(pl_module)
+        if not self._saturated:
+            self.importance.before_optimizer_step(pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._last_step:  # accumulating gradients: no optimizer step yet
             return
         self._last_step = step
-        self.importance.after_optimizer_step(pl_module)
+        if not self._saturated:
+            self.importance.after_optimizer_step(pl_module)
         if step >= self.start_step and step % self.every_n_steps == 0 and len(self._probe) >= self.probe_batches:
             self._control(trainer, pl_module)
 
     # ------------------------------------------------------------------------------ control loop
     def _flops(self, pl_module: nn.Module) -> tuple[int, dict[str, int]]:
         return self._meter.measure(pl_module, self._probe[0], arch_spec(pl_module, self.groups))
+
+    def _update_saturation(self, pl_module: nn.Module) -> None:
+        """Saturated when even the deepest allowed cut (down to the setpoint) changes no width."""
+        total, per_module = self._flops(pl_module)
+        floor = self.target * self.ledger.dense_step_flops
+        widths = self.widths(pl_module)
+        self._saturated = widths == plan_widths(widths, per_module, total, self.groups, floor,
+                                                self.min_width, self.round_to, floor_flops=floor)
 
     @torch.no_grad()
     def _probe_loss(self, pl_module: nn.Module) -> float:
@@ -228,6 +241,7 @@ class ControlPruning(Callback):
                 self._jump = (self._probe_loss(pl_module) - loss) / max(best, 1e-12)
                 self._last_u = compute - new_compute
                 self.history.append({"step": trainer.global_step, "widths": new, "compute": new_compute})
+                self._update_saturation(pl_module)
                 compute = new_compute
         self.trace.append({"step": trainer.global_step, "progress": obs.progress, "compute": compute,
                            "damage": damage, "action": self._last_u, "requested": u,

@@ -64,8 +64,8 @@ def test_fast_lqr_run_logs_summary_to_csv(lqr_run: tuple[subprocess.CompletedPro
 
 @pytest.mark.parametrize(
     ("override", "expected"),
-    [("pruning.target=1.5", "1.5"), ("controller=foo", "foo")],
-    ids=["target-out-of-range", "unknown-controller"],
+    [("pruning.target=1.5", "1.5"), ("controller=foo", "foo"), ("model.hidden=[]", "has nothing prunable")],
+    ids=["target-out-of-range", "unknown-controller", "nothing-prunable"],
 )
 def test_bad_config_exits_non_zero(tmp_path: Path, override: str, expected: str) -> None:
     proc = run_train("debug=fast", override, run_dir=tmp_path)

@@ -4,6 +4,7 @@
     python train.py debug=fast controller=pid           # seconds: synthetic data, tiny MLP, CSV only
     python train.py experiment=mlp_fmnist_lqr
     python train.py -m controller=none,gmp,lqr seed=0,1 # multirun sweep
+    python train.py ckpt_path=outputs/.../checkpoints/last.ckpt trainer.max_epochs=10   # resume
 
 Writes ``<run dir>/summary.json`` (see ``ctprune_lightning.summary.SUMMARY_KEYS``) and prints the
 summary table. Bad configs exit non-zero: Hydra lists the options of an unknown group choice, and
@@ -166,7 +167,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
 
     dense_params = _num_params(model)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_time_s = time.perf_counter() - start
 
     test_metrics: dict[str, Any] = {}

@@ -7,6 +7,7 @@ Public API::
 """
 
 from .callback import ControlPruning
+from .checkpoint import export_pruned, load_pruned
 from .controllers import CONTROLLERS, Controller, Observation, build_controller
 from .importance import IMPORTANCES, Importance, build_importance
 
@@ -21,4 +22,6 @@ __all__ = [
     "Observation",
     "build_controller",
     "build_importance",
+    "export_pruned",
+    "load_pruned",
 ]

@@ -19,11 +19,13 @@ from typing import Any, Mapping, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from .accounting import ComputeLedger, FlopMeter
+from .checkpoint import CTPRUNE_KEY, install_checkpoint_hooks, make_spec
 from .controllers import Controller, NoneController, Observation, build_controller
 from .controllers.base import check_number
 from .importance import Importance, build_importance
@@ -127,6 +129,7 @@ class ControlPruning(Callback):
         self._last_u = 0.0
         self._last_step = -1
         self._saturated = False  # no further cut possible above the setpoint: stop tracking importance
+        self._refresh = False
 
     # ----------------------------------------------------------------------------------- set-up
     @property
@@ -134,6 +137,7 @@ class ControlPruning(Callback):
         return self._generate_state_key(controller=type(self.controller).__name__, target=self.target)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        install_checkpoint_hooks(trainer)  # any stage: validate/test(ckpt_path=...) must rebuild too
         if stage != "fit":
             return
         if trainer.world_size > 1:
@@ -173,12 +177,15 @@ class ControlPruning(Callback):
         if not self.groups:
             self._discover(pl_module, batch[0] if isinstance(batch, (tuple, list)) else batch)
         if len(self._probe) < self.probe_batches:
-            self._probe.append(batch)
+            self._probe.append(apply_to_collection(batch, Tensor, lambda t: t.detach().clone()))
             if len(self._probe) == 1:
                 self._ref_batch = _batch_size(batch)
                 if not self.ledger.dense_step_flops:
                     self.ledger.dense_step_flops = self._flops(pl_module)[0]
-                self._update_saturation(pl_module)
+                self._refresh = True
+        if self._refresh:  # first batch, or first batch after a resume
+            self._update_saturation(pl_module)
+            self._refresh = False
         self.ledger.add_batch(self._flops(pl_module)[0], _batch_size(batch) / self._ref_batch)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
@@ -197,7 +204,11 @@ class ControlPruning(Callback):
 
     # ------------------------------------------------------------------------------ control loop
     def _flops(self, pl_module: nn.Module) -> tuple[int, dict[str, int]]:
-        return self._meter.measure(pl_module, self._probe[0], arch_spec(pl_module, self.groups))
+        return self._meter.measure(pl_module, self._probe_on(pl_module, 0), arch_spec(pl_module, self.groups))
+
+    def _probe_on(self, pl_module: nn.Module, i: int) -> Any:
+        device = next(pl_module.parameters()).device
+        return apply_to_collection(self._probe[i], Tensor, lambda t: t.to(device))
 
     def _update_saturation(self, pl_module: nn.Module) -> None:
         """Saturated when even the deepest allowed cut (down to the setpoint) changes no width."""
@@ -212,7 +223,8 @@ class ControlPruning(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            return float(sum(float(default_loss(pl_module, b)) for b in self._probe) / len(self._probe))
+            losses = [float(default_loss(pl_module, self._probe_on(pl_module, i))) for i in range(len(self._probe))]
+            return sum(losses) / len(losses)
         finally:
             pl_module.train(was_training)
 
@@ -275,8 +287,14 @@ class ControlPruning(Callback):
             "trace": list(self.trace),
         }
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CTPRUNE_KEY] = make_spec(pl_module, self.history)
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "probe": [apply_to_collection(b, Tensor, lambda t: t.cpu()) for b in self._probe],
+            "ref_batch": self._ref_batch,
+            "last_step": self._last_step,
             "controller": self.controller.state_dict(),
             "importance": self.importance.state_dict(),
             "ledger": self.ledger.state_dict(),
@@ -298,3 +316,7 @@ class ControlPruning(Callback):
         self._best = state_dict.get("best")
         self._jump = state_dict.get("jump")
         self._last_u = float(state_dict.get("last_u", 0.0))
+        self._probe = list(state_dict.get("probe", []))
+        self._ref_batch = int(state_dict.get("ref_batch", 1))
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._refresh = bool(self._probe)

@@ -3,8 +3,9 @@
     python experiments/report.py outputs/**/summary.json            # or run directories
     python experiments/report.py --baseline none multirun/2026-11-28/12-00-00
 
-The baseline row (``controller == --baseline``, default ``none``) gives the reference accuracy and
-wall-clock; every row reports its accuracy difference and its training wall-clock ratio to it.
+The baseline rows (``controller == --baseline``, default ``none``) give the reference accuracy and
+wall-clock per seed; every row reports its accuracy difference and its training wall-clock ratio to
+the baseline of its own seed (wall-clock ratios are only meaningful for runs made side by side).
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ def load_summaries(paths: list[str]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]], baseline: str = "none") -> str:
-    base = next((r for r in rows if r.get("controller") == baseline), None)
-    head = ("| controller | importance | target | test acc | Δ acc (pt) | final FLOPs/step | train FLOPs saved "
-            "| train time (s) | time ratio | final widths |")
+    """One row per run; Δ accuracy and time ratio against the baseline run of the same seed."""
+    bases = {r.get("seed"): r for r in rows if r.get("controller") == baseline}
+    head = ("| controller | importance | seed | target | test acc | Δ acc (pt) | final FLOPs/step "
+            "| train FLOPs saved | train time (s) | time ratio | final widths |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r.get("seed") or 0, r.get("controller") != baseline)):
+        base = bases.get(r.get("seed"))
         acc = r.get("test_acc")
         d_acc = (acc - base["test_acc"]) * 100 if base and acc is not None and base.get("test_acc") is not None else None
         ratio = r["train_time_s"] / base["train_time_s"] if base and base.get("train_time_s") else None
         widths = "/".join(str(w) for w in (r.get("widths") or {}).values())
         cells = [
-            str(r.get("controller")), str(r.get("importance")), f"{r.get('target', float('nan')):.2f}",
+            str(r.get("controller")), str(r.get("importance")), str(r.get("seed")),
+            f"{r.get('target', float('nan')):.2f}",
             f"{acc * 100:.2f}%" if acc is not None else "-",
             f"{d_acc:+.2f}" if d_acc is not None else "-",
             f"{r.get('flops_fraction', 1.0):.3f}", f"{r.get('train_flops_saved', 0.0):.1%}",

@@ -61,7 +61,7 @@ def test_defaults(hydra_init: None, tmp_path: Path) -> None:
     assert list(cfg.model.hidden) == [1024, 1024] and cfg.model.lr == 1e-3
     assert cfg.controller._target_.endswith("LQRController")
     assert cfg.pruning.target == 0.25 and cfg.controller.target == 0.25
-    assert cfg.trainer.max_epochs == 8 and cfg.trainer.enable_checkpointing is False
+    assert cfg.trainer.max_epochs == 8 and cfg.trainer.enable_checkpointing is True
     assert set(cfg.logger) == {"csv", "wandb"}
     assert cfg.logger.wandb.project == "ctprune_lightning"
     assert cfg.logger.wandb.save_dir == str(tmp_path)
@@ -83,15 +83,15 @@ def test_controller_and_callbacks_instantiate(hydra_init: None, tmp_path: Path, 
     assert isinstance(ctrl, Controller)
     assert ctrl.target == (1.0 if controller == "none" else cfg.pruning.target)
     callbacks = train.instantiate_callbacks(cfg)
-    assert len(callbacks) == 1 and isinstance(callbacks[0], ControlPruning)
-    assert train.find_pruning_callback(callbacks) is callbacks[0]
+    assert [type(c).__name__ for c in callbacks] == ["ControlPruning", "ModelCheckpoint"]
+    assert isinstance(callbacks[0], ControlPruning) and train.find_pruning_callback(callbacks) is callbacks[0]
 
 
 @pytest.mark.parametrize("importance", options("importance"))
 def test_importance_options_build_the_callback(hydra_init: None, tmp_path: Path, importance: str) -> None:
     cfg = compose_cfg([f"importance={importance}", "debug=fast"], tmp_path)
     assert cfg.callbacks.control_pruning.importance == importance
-    assert len(train.instantiate_callbacks(cfg)) == 1
+    assert train.find_pruning_callback(train.instantiate_callbacks(cfg)).importance.name == importance
 
 
 def test_fast_debug_stack_instantiates(hydra_init: None, tmp_path: Path) -> None:

@@ -106,3 +106,20 @@ def test_format_summary_trace_keeps_every_cut() -> None:
     steps = [int(r[0]) for r in rows]
     assert {30, 70, 0, 990} <= set(steps) and len(steps) <= 8
     assert "of 100 intervals shown" in text
+
+
+def test_train_py_resumes_from_a_pruned_checkpoint(
+    lqr_run: tuple[subprocess.CompletedProcess[str], Path], tmp_path: Path
+) -> None:
+    proc, run_dir = lqr_run
+    first = json.loads((run_dir / "summary.json").read_text())
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.exists(), proc.stderr[-2000:]
+    resumed = run_train("debug=fast", "controller=lqr", "trainer.max_epochs=3", f"ckpt_path={last}", run_dir=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == first["steps"] * 3 // 2  # continued from the checkpoint's step
+    # the resumed run starts from the shrunk widths, and its history continues the first run's
+    assert all(summary["widths"][k] <= first["widths"][k] for k in first["widths"])
+    assert summary["trace"][: len(first["trace"])] == first["trace"]
+    assert summary["train_flops"] > first["train_flops"]

@@ -1,0 +1,157 @@
+"""Checkpoints of a model whose architecture changed during training.
+
+The checkpoint carries ``checkpoint["ctprune"] = {"version": 1, "arch": {...}, "history": [...]}``
+(plain Python; see :mod:`ctprune_lightning.surgery.arch`). Lightning restores the weights *before*
+any callback's ``load_state_dict`` runs, so :func:`install_checkpoint_hooks` makes the strategy rebuild
+the model to the checkpoint's shapes first (growing modules back when the checkpoint is wider).
+
+Example::
+
+    model = load_pruned(MyLightningModule, "epoch=3.ckpt")     # ready for inference
+    export_pruned(model, "model.pt")                            # plain state_dict + arch spec
+    model = load_pruned(MyLightningModule, "model.pt")
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import torch
+from torch import nn
+
+from .surgery.arch import ArchSpecError, apply_arch_, capture_arch, check_arch, check_state_dict
+
+CTPRUNE_KEY = "ctprune"
+SPEC_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class CheckpointError(ArchSpecError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+def make_spec(model: nn.Module, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``checkpoint["ctprune"]`` entry for ``model`` as it is now."""
+    return {"version": SPEC_VERSION, "arch": capture_arch(model), "history": list(history or [])}
+
+
+def read_spec(checkpoint: Mapping[str, Any], source: str) -> dict[str, Any] | None:
+    """The validated ``ctprune`` entry of a loaded checkpoint, or None when it has none."""
+    spec = checkpoint.get(CTPRUNE_KEY)
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping) or "arch" not in spec:
+        raise CheckpointError(f"{source}: checkpoint['{CTPRUNE_KEY}'] is not a ctprune spec (no 'arch')")
+    version = spec.get("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise CheckpointError(f"{source}: ctprune spec version {version!r} is not supported "
+                              f"(this ctprune_lightning reads versions {list(SUPPORTED_VERSIONS)})")
+    return dict(spec)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint (truncated or corrupt file?): {err}") from err
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a model checkpoint (no 'state_dict' entry)")
+    return dict(checkpoint)
+
+
+def rebuild_from_checkpoint_(model: nn.Module, checkpoint: Mapping[str, Any], source: str,
+                             strict: bool = True) -> bool:
+    """Rebuild ``model`` to the checkpoint's architecture after checking that its weights will fit.
+
+    Returns False (and changes nothing) for a checkpoint without a ctprune spec.
+    """
+    spec = read_spec(checkpoint, source)
+    if spec is None:
+        return False
+    check_arch(model, spec["arch"], source)
+    check_state_dict(model, spec["arch"], checkpoint["state_dict"], source, strict=strict)
+    apply_arch_(model, spec["arch"], source)
+    return True
+
+
+def install_checkpoint_hooks(trainer: Any) -> None:
+    """Make ``trainer.strategy`` rebuild the architecture before it loads a checkpoint's weights.
+
+    Idempotent. Also turns unreadable files into a :class:`CheckpointError` naming the file.
+    """
+    strategy = trainer.strategy
+    if getattr(strategy, "_ctprune_hooks", False):
+        return
+    load_checkpoint, load_model_state_dict = strategy.load_checkpoint, strategy.load_model_state_dict
+
+    def load_checkpoint_named(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return load_checkpoint(checkpoint_path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            raise CheckpointError(f"{checkpoint_path}: cannot be read as a checkpoint "
+                                  f"(truncated or corrupt file?): {err}") from err
+
+    def load_model_state_dict_rebuilt(checkpoint: Mapping[str, Any], strict: bool = True, **kwargs: Any) -> Any:
+        rebuild_from_checkpoint_(strategy.lightning_module, checkpoint, str(trainer.ckpt_path), strict=strict)
+        return load_model_state_dict(checkpoint, strict=strict, **kwargs)
+
+    strategy.load_checkpoint = load_checkpoint_named
+    strategy.load_model_state_dict = load_model_state_dict_rebuilt
+    strategy._ctprune_hooks = True
+
+
+def load_pruned(module_class: type[M], path: str | os.PathLike, **overrides: Any) -> M:
+    """Rebuild a (pruned) model from a Lightning checkpoint or an :func:`export_pruned` file.
+
+    The class is built from the file's ``hyper_parameters`` (updated by ``overrides``), rebuilt to the
+    recorded architecture, loaded, and put in eval mode.
+    """
+    checkpoint = read_checkpoint(path)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams.update(overrides)
+    try:
+        model = module_class(**hparams)
+    except TypeError as err:
+        raise CheckpointError(f"{path}: its hyper-parameters {sorted(hparams)} do not build "
+                              f"{module_class.__name__}: {err}") from err
+    if not rebuild_from_checkpoint_(model, checkpoint, str(path)):
+        check_state_dict(model, {}, checkpoint["state_dict"], str(path))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def export_pruned(model: nn.Module, path: str | os.PathLike, history: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``{"state_dict", "hyper_parameters", "ctprune"}``, loadable with ``weights_only=True``."""
+    hparams = getattr(model, "hparams", None)
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "hyper_parameters": _plain(dict(hparams)) if hparams else {},
+        CTPRUNE_KEY: make_spec(model, history),
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

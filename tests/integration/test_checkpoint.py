@@ -32,10 +32,10 @@ def make_model() -> MLPClassifier:
     return MLPClassifier(input_dim=32, hidden=(64, 64), num_classes=10, lr=3e-3)
 
 
-def make_callback() -> ControlPruning:
+def make_callback(start_step: int = 0) -> ControlPruning:
     # open-loop ramp over the first 3/4 of training: a cut at every 4th step up to step 24
     return ControlPruning(controller="gmp", target=0.2, every_n_steps=4, importance="taylor",
-                          controller_kwargs={"start": 0.0, "end": 0.75})
+                          start_step=start_step, controller_kwargs={"start": 0.0, "end": 0.75})
 
 
 class StopAfterEpoch(Callback):
@@ -57,23 +57,35 @@ def widths(model: MLPClassifier) -> tuple[int, int]:
     return model.net[1].out_features, model.net[3].out_features
 
 
-def test_resume_right_after_a_surgery_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stop_epoch", "start_step", "surgeries_before_stop"),
+    [(0, 12, 0), (1, 0, 4), (2, 0, 5)],
+    ids=["before-the-first-surgery", "right-after-a-surgery", "after-the-last-surgery"],
+)
+def test_resume_equals_an_uninterrupted_run(
+    tmp_path: Path, stop_epoch: int, start_step: int, surgeries_before_stop: int
+) -> None:
     train, _ = loaders()
     L.seed_everything(0)
-    model_a, cb_a = make_model(), make_callback()
+    model_a, cb_a = make_model(), make_callback(start_step)
     trainer(tmp_path / "a", cb_a, limit_val_batches=0).fit(model_a, train)
+    assert [h["step"] for h in cb_a.history] == list(range(max(4, start_step), 24, 4))  # the last cut is at 20
 
     L.seed_everything(0)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=-1, every_n_epochs=1, save_on_exception=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=-1, every_n_epochs=1)
     model_b = make_model()
-    trainer(tmp_path / "b", make_callback(), ckpt, StopAfterEpoch(1), limit_val_batches=0).fit(model_b, train)
-    stop = tmp_path / "b" / "epoch=1-step=16.ckpt"
+    trainer(tmp_path / "b", make_callback(start_step), ckpt, StopAfterEpoch(stop_epoch),
+            limit_val_batches=0).fit(model_b, train)
+    step = (stop_epoch + 1) * STEPS_PER_EPOCH
+    stop = tmp_path / "b" / f"epoch={stop_epoch}-step={step}.ckpt"
     stopped = read_checkpoint(stop)
-    assert stopped["global_step"] == 2 * STEPS_PER_EPOCH
-    assert stopped["ctprune"]["history"][-1]["step"] == 16  # stopped right after a surgery
+    assert stopped["global_step"] == step
+    assert len(stopped["ctprune"]["history"]) == surgeries_before_stop
+    if surgeries_before_stop == 4:
+        assert stopped["ctprune"]["history"][-1]["step"] == step  # stopped right after a surgery
 
     L.seed_everything(0)
-    model_r, cb_r = make_model(), make_callback()  # a fresh, dense model: resume must rebuild it
+    model_r, cb_r = make_model(), make_callback(start_step)  # a fresh, dense model: resume must rebuild it
     ckpt_r = ModelCheckpoint(dirpath=tmp_path / "r", save_top_k=-1, every_n_epochs=1)
     trainer(tmp_path / "r", cb_r, ckpt_r, limit_val_batches=0).fit(model_r, train, ckpt_path=stop)
 
@@ -84,7 +96,8 @@ def test_resume_right_after_a_surgery_equals_an_uninterrupted_run(tmp_path: Path
     assert cb_r.history == cb_a.history and len(cb_r.trace) == len(cb_a.trace)
     # the checkpoints over time differ, so the comparison above is not vacuous
     end = read_checkpoint(tmp_path / "r" / "epoch=3-step=32.ckpt")
-    assert end["ctprune"]["arch"] != stopped["ctprune"]["arch"]
+    if surgeries_before_stop < len(cb_a.history):
+        assert end["ctprune"]["arch"] != stopped["ctprune"]["arch"]
     assert not torch.equal(end["state_dict"]["net.1.weight"][:4, :4], stopped["state_dict"]["net.1.weight"][:4, :4])
 
 

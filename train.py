@@ -67,6 +67,9 @@ def instantiate_model(cfg: DictConfig, datamodule: Any) -> L.LightningModule:
     num_classes = getattr(datamodule, "num_classes", None)
     if "num_classes" in cfg.model and cfg.model.num_classes is None and num_classes is not None:
         overrides["num_classes"] = int(num_classes)
+    vocab_size = getattr(datamodule, "vocab_size", None)
+    if "vocab_size" in cfg.model and cfg.model.vocab_size is None and vocab_size is not None:
+        overrides["vocab_size"] = int(vocab_size)
     return instantiate(cfg.model, _convert_="all", **overrides)
 
 

@@ -14,11 +14,98 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,  # noqa: ANN001
+                            **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's FlopCounterMode counts the CUDA attention kernels but not the CPU one that
+# F.scaled_dot_product_attention dispatches to on a CPU, which would make attention look free.
+EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flop,
+}
+
+
+class AutogradModuleTracker:
+    """Which modules an op belongs to, exact in backward too (a drop-in for FlopCounterMode's tracker).
+
+    torch's ``ModuleTracker`` enters a module's backward when its output's gradient is ready and leaves
+    it when its input's gradient is: an identity module (``nn.Identity``, ``Dropout`` in eval) or an
+    input shared by two branches (a residual block) leaves modules "entered", and later backward ops
+    are charged to them. Here each module claims the autograd nodes its own forward created (by
+    sequence number); node hooks set the current modules while a node's backward runs.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        prefix = type(root).__name__
+        self.names = {m: f"{prefix}.{n}" if n else prefix for n, m in root.named_modules()}
+        self.parents: set[str] = {"Global"}
+        self._stack: list[tuple[str, int]] = []
+        self._handles: list[Any] = []
+        self._claimed: set[Any] = set()
+
+    def _set_parents(self, names: list[str]) -> None:
+        parents = {"Global"}
+        for n in names:
+            parts = n.split(".")
+            parents.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+        self.parents = parents
+
+    @staticmethod
+    def _next_sequence_nr() -> int:
+        if not torch.is_grad_enabled():
+            return -1
+        return torch.zeros((), requires_grad=True).clone().grad_fn._sequence_nr() + 1
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        if module in self.names:
+            self._stack.append((self.names[module], self._next_sequence_nr()))
+            self._set_parents([n for n, _ in self._stack])
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module not in self.names or not self._stack:
+            return
+        name, start = self._stack.pop()
+        self._set_parents([n for n, _ in self._stack])
+        if start < 0:
+            return
+        owners = [n for n, _ in self._stack] + [name]
+        todo = [t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.grad_fn is not None]
+        seen: set[Any] = set()
+        while todo:  # every node created since this module's forward began; children's nodes are kept
+            node = todo.pop()
+            if node is None or node in seen or not (start <= node._sequence_nr() < 2**63):
+                continue
+            seen.add(node)
+            todo.extend(f for f, _ in node.next_functions)
+            if node not in self._claimed:
+                self._claimed.add(node)
+                self._handles.append(node.register_prehook(lambda grads, o=owners: self._set_parents(o)))
+                self._handles.append(node.register_hook(lambda gi, go: self._set_parents([])))
+
+    def __enter__(self) -> "AutogradModuleTracker":
+        self._handles = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._claimed, self._stack = [], set(), []
+        self.parents = {"Global"}
 
 
 def count_training_flops(
@@ -27,13 +114,16 @@ def count_training_flops(
     """FLOPs of one forward + backward of ``loss_fn(model, batch)``; also per module (qualified name).
 
     Gradients are taken with ``torch.autograd.grad`` so no ``.grad`` is touched, in eval mode so no
-    BatchNorm statistic moves.
+    BatchNorm statistic moves. CPU scaled-dot-product attention is counted like the CUDA kernels (the
+    full T×T score matrix, causal or not).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+        counter.mod_tracker = AutogradModuleTracker(model)
+        with counter:
             loss = loss_fn(model, batch)
             if params and loss.requires_grad:
                 torch.autograd.grad(loss, params, allow_unused=True)

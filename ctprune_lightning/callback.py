@@ -75,6 +75,9 @@ class ControlPruning(Callback):
         ignored_layers: qualified module names (prefixes) or module types left dense.
         controller_kwargs / importance_kwargs: passed to the builder when given by name.
         probe_batches: number of first training batches kept to measure the loss damage.
+        group_limits: ``{group name, name prefix or module type: minimum width}`` (heads count as
+            units of a head group).
+        prune_embeddings: also cut embedding / residual widths (never the vocabulary or the output).
     """
 
     def __init__(
@@ -90,6 +93,8 @@ class ControlPruning(Callback):
         controller_kwargs: Mapping[str, Any] | None = None,
         importance_kwargs: Mapping[str, Any] | None = None,
         probe_batches: int = 2,
+        group_limits: Mapping[str | type, int] | None = None,
+        prune_embeddings: bool = False,
     ) -> None:
         super().__init__()
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("start_step", start_step, 0),
@@ -115,6 +120,13 @@ class ControlPruning(Callback):
         self.every_n_steps, self.start_step = every_n_steps, start_step
         self.min_width, self.round_to, self.probe_batches = min_width, round_to, probe_batches
         self.ignored_layers = list(ignored_layers)
+        self.group_limits = dict(group_limits or {})
+        for key, value in self.group_limits.items():
+            if not isinstance(key, (str, type)):
+                raise TypeError(f"ControlPruning: `group_limits` keys are names or module types, got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ControlPruning: `group_limits[{key!r}]` must be an integer >= 1, got {value!r}")
+        self.prune_embeddings = bool(prune_embeddings)
         self.groups: list[PrunableGroup] = []
         self.skipped: list[tuple[str, str]] = []
         self.dense_widths: dict[str, int] = {}
@@ -149,9 +161,11 @@ class ControlPruning(Callback):
             self._discover(pl_module, pl_module.example_input_array)
 
     def _discover(self, pl_module: L.LightningModule, example: Any) -> None:
-        self.groups, self.skipped = discover_groups(pl_module, example, self.ignored_layers, self.min_width)
+        self.groups, self.skipped = discover_groups(pl_module, example, self.ignored_layers, self.min_width,
+                                                    round_to=self.round_to, group_limits=self.group_limits,
+                                                    prune_embeddings=self.prune_embeddings)
         if not self.groups:
-            reasons = "; ".join(f"{n}: {r}" for n, r in self.skipped) or "no Linear layers found"
+            reasons = "; ".join(f"{n}: {r}" for n, r in self.skipped) or "no Linear, Conv or attention layers found"
             raise ValueError(f"ControlPruning: {type(pl_module).__name__} has nothing prunable ({reasons}).")
         self.dense_widths = self.dense_widths or self.widths(pl_module)
         self.importance.attach(pl_module, self.groups)

@@ -22,6 +22,16 @@ from torch import Tensor
 from .surgery.groups import PrunableGroup
 
 
+def exclusive_flops(per_module: Mapping[str, int]) -> dict[str, int]:
+    """Each module's own FLOPs: its count minus its direct children's (FlopCounterMode counts are inclusive)."""
+    own = dict(per_module)
+    for name, flops in per_module.items():
+        parent = name.rpartition(".")[0]
+        if parent and parent in own:
+            own[parent] -= flops
+    return own
+
+
 def predict_flops(
     widths: Mapping[str, int],
     new_widths: Mapping[str, int],
@@ -29,17 +39,25 @@ def predict_flops(
     total: int,
     groups: Sequence[PrunableGroup],
 ) -> float:
-    """FLOPs per step after changing ``widths`` to ``new_widths`` (first-order in each width)."""
+    """FLOPs per step after changing ``widths`` to ``new_widths`` (first-order in each width).
+
+    A module's own FLOPs scale with the product of the width ratios of the groups that cut it: a
+    Linear or a Conv by (in ratio) × (out ratio), an attention module's own cost (SDPA) by its head
+    ratio. Counts of parent modules are made exclusive so nothing is scaled twice.
+    """
     ratio: dict[str, float] = {}
     for g in groups:
         r = new_widths[g.name] / widths[g.name]
-        for s in g.slices:
-            ratio[s.module] = ratio.get(s.module, 1.0) * r
-    return total + sum(f * (ratio[m] - 1.0) for m, f in per_module.items() if m in ratio)
+        for m in g.scaled_modules():
+            ratio[m] = ratio.get(m, 1.0) * r
+    own = exclusive_flops(per_module)
+    return total + sum(own[m] * (ratio[m] - 1.0) for m in own if m in ratio)
 
 
-def _scaled(width: int, s: float, min_width: int, round_to: int) -> int:
-    w = math.floor(width * s / round_to) * round_to
+def _scaled(width: int, s: float, min_width: int, round_to: int, nearest: bool = False) -> int:
+    """``width * s`` rounded down (or to the nearest, for coarse units like heads) to a multiple of ``round_to``."""
+    x = width * s / round_to
+    w = (math.floor(x + 0.5) if nearest else math.floor(x)) * round_to
     return int(min(width, max(min_width, w)))
 
 
@@ -60,8 +78,15 @@ def plan_widths(
     target itself, i.e. never cut more than asked). Returns the current widths when nothing fits.
     """
     floor = target_flops if floor_flops is None else floor_flops
+    limits = {g.name: (min_width if g.min_width is None else g.min_width,
+                       round_to if g.round_to is None else g.round_to, g.unit == "head") for g in groups}
+
     def new(s: float) -> dict[str, int]:
-        return {n: _scaled(w, s, min(min_width, w), round_to) for n, w in widths.items()}
+        out = {}
+        for n, w in widths.items():
+            lo, step, nearest = limits.get(n, (min_width, round_to, False))
+            out[n] = _scaled(w, s, min(lo, w), step, nearest)
+        return out
 
     def flops(s: float) -> float:
         return predict_flops(widths, new(s), per_module, total, groups)

@@ -15,11 +15,18 @@ from torch import Tensor, nn
 from ..surgery.groups import PrunableGroup
 
 
-def reduce_to_units(t: Tensor, dim: int) -> Tensor:
-    """Sum an element-wise tensor over every dimension but ``dim`` -> one value per unit."""
-    if t.dim() == 1:
+def reduce_to_units(t: Tensor, dim: int, units: Tensor | None = None, width: int | None = None) -> Tensor:
+    """Sum an element-wise tensor over every dimension but ``dim`` -> one value per index of ``dim``.
+
+    With ``units`` (the unit owning each index along ``dim``, e.g. the head of each q/k/v row), the
+    values of a unit's indices are summed too -> one value per unit (``width`` units).
+    """
+    if t.dim() > 1:
+        t = t.sum(dim=[d for d in range(t.dim()) if d != dim])
+    if units is None:
         return t
-    return t.sum(dim=[d for d in range(t.dim()) if d != dim])
+    out = torch.zeros(int(width) if width is not None else int(units.max()) + 1, dtype=t.dtype, device=t.device)
+    return out.index_add_(0, units.to(t.device), t)
 
 
 class Importance:

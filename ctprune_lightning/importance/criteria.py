@@ -23,9 +23,10 @@ class MagnitudeImportance(Importance):
     name = "magnitude"
 
     def scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
-        total = torch.zeros(group.width(model))
-        for _, p, dim in group.param_slices(model):
-            total += reduce_to_units(p.detach().float().pow(2), dim).cpu()
+        width = group.width(model)
+        total = torch.zeros(width)
+        for _, p, dim, units in group.unit_slices(model):
+            total += reduce_to_units(p.detach().float().pow(2), dim, units, width).cpu()
         return total.sqrt()
 
 
@@ -42,9 +43,9 @@ class TaylorImportance(AccumulatingImportance):
     def before_optimizer_step(self, model: nn.Module) -> None:
         for g in self.groups:
             total = torch.zeros_like(self.acc[g.name])
-            for _, p, dim in g.param_slices(model):
+            for _, p, dim, units in g.unit_slices(model):
                 if p.grad is not None:
-                    total += reduce_to_units((p.detach() * p.grad.detach()).float(), dim).cpu()
+                    total += reduce_to_units((p.detach() * p.grad.detach()).float(), dim, units, total.numel()).cpu()
             self.acc[g.name].mul_(self.beta).add_(total.abs(), alpha=1 - self.beta)
 
 
@@ -60,7 +61,7 @@ class TrajectoryImportance(AccumulatingImportance):
     def before_optimizer_step(self, model: nn.Module) -> None:
         self._saved: dict[str, tuple[Tensor, Tensor]] = {}
         for g in self.groups:
-            for qname, p, _ in g.param_slices(model):
+            for qname, p, _, _ in g.unit_slices(model):
                 if qname not in self._saved and p.grad is not None:
                     self._saved[qname] = (p.detach().clone(), p.grad.detach().clone())
 
@@ -70,13 +71,13 @@ class TrajectoryImportance(AccumulatingImportance):
             return
         work: dict[str, Tensor] = {}
         for g in self.groups:
-            for qname, p, dim in g.param_slices(model):
+            for qname, p, dim, units in g.unit_slices(model):
                 if qname not in saved or saved[qname][0].shape != p.shape:
                     continue
                 if qname not in work:
                     old, grad = saved[qname]
                     work[qname] = (-grad * (p.detach() - old)).float()
-                self.acc[g.name] += reduce_to_units(work[qname], dim).cpu()
+                self.acc[g.name] += reduce_to_units(work[qname], dim, units, self.acc[g.name].numel()).cpu()
         self._saved = {}
 
     def on_surgery(self, plan) -> None:

@@ -1,16 +1,29 @@
 """Physical surgery: find coupled groups, shrink tensors, keep optimizer state consistent."""
 
-from .groups import PrunableGroup, Slice, apply_plan_, arch_spec, discover_groups
+from .attention import (MHA_REASON, HeadLayout, find_head_layout, shrink_attention_heads_,
+                        shrink_attention_in_features_, shrink_attention_out_features_)
+from .groups import PrunableGroup, Slice, UnitSlice, apply_plan_, arch_spec, discover_groups
 from .optim import replace_parameter_, slice_state_
-from .shrink import shrink_linear_in_features_, shrink_linear_out_features_, shrink_norm_
+from .shrink import (shrink_conv_in_channels_, shrink_conv_out_channels_, shrink_embedding_dim_,
+                     shrink_linear_in_features_, shrink_linear_out_features_, shrink_norm_)
 
 __all__ = [
+    "MHA_REASON",
+    "HeadLayout",
     "PrunableGroup",
     "Slice",
+    "UnitSlice",
     "apply_plan_",
     "arch_spec",
     "discover_groups",
+    "find_head_layout",
     "replace_parameter_",
+    "shrink_attention_heads_",
+    "shrink_attention_in_features_",
+    "shrink_attention_out_features_",
+    "shrink_conv_in_channels_",
+    "shrink_conv_out_channels_",
+    "shrink_embedding_dim_",
     "shrink_linear_in_features_",
     "shrink_linear_out_features_",
     "shrink_norm_",

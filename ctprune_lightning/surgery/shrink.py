@@ -1,24 +1,28 @@
 """Pure, in-place shrink functions: verb + layer + dimension (Torch-Pruning's naming).
 
 Each takes the module, the sorted indices to *keep* along the pruned dimension, and the optimizers
-whose state must follow. They produce new, smaller tensors (physical shrinking, never masks).
+whose state must follow. They produce new, smaller tensors (physical shrinking, never masks);
+``requires_grad`` of every replaced Parameter is preserved (frozen stays frozen).
 
 Example::
 
     shrink_linear_out_features_(model.fc1, keep, optimizers)
     shrink_linear_in_features_(model.fc2, keep, optimizers)
+    shrink_conv_out_channels_(block.conv1, keep, optimizers); shrink_norm_(block.bn1, keep, optimizers)
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .optim import replace_buffer_, replace_parameter_
 
 NORM_TYPES = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _check_keep(keep: Tensor, size: int, what: str) -> None:
@@ -26,6 +30,17 @@ def _check_keep(keep: Tensor, size: int, what: str) -> None:
         raise ValueError(f"{what}: keep must be a non-empty 1-D index tensor, got shape {tuple(keep.shape)}")
     if int(keep.min()) < 0 or int(keep.max()) >= size:
         raise ValueError(f"{what}: keep indices must lie in [0, {size}), got [{int(keep.min())}, {int(keep.max())}]")
+
+
+def expand_units(keep: Tensor, block: int) -> Tensor:
+    """Unit indices -> element indices when each unit owns ``block`` consecutive elements.
+
+    >>> expand_units(torch.tensor([0, 2]), 3).tolist()
+    [0, 1, 2, 6, 7, 8]
+    """
+    if block == 1:
+        return keep
+    return (keep[:, None] * block + torch.arange(block, device=keep.device)).flatten()
 
 
 def shrink_linear_out_features_(layer: nn.Linear, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
@@ -43,6 +58,40 @@ def shrink_linear_in_features_(layer: nn.Linear, keep: Tensor, optimizers: Itera
     _check_keep(keep, layer.in_features, "shrink_linear_in_features_")
     replace_parameter_(layer, "weight", keep, 1, optimizers)
     layer.in_features = int(keep.numel())
+
+
+def _check_conv(conv: nn.Module, what: str) -> None:
+    if not isinstance(conv, CONV_TYPES):
+        allowed = [t.__name__ for t in CONV_TYPES]
+        raise TypeError(f"{what}: unsupported module {type(conv).__name__}; allowed: {allowed}")
+    if conv.groups != 1:
+        raise ValueError(f"{what}: grouped/depthwise convolution (groups={conv.groups}) is not supported")
+
+
+def shrink_conv_out_channels_(conv: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
+    """Keep only the output channels ``keep`` of a Conv1d/2d/3d with ``groups=1`` (filters and bias)."""
+    _check_conv(conv, "shrink_conv_out_channels_")
+    _check_keep(keep, conv.out_channels, "shrink_conv_out_channels_")
+    optimizers = list(optimizers)
+    replace_parameter_(conv, "weight", keep, 0, optimizers)
+    if conv.bias is not None:
+        replace_parameter_(conv, "bias", keep, 0, optimizers)
+    conv.out_channels = int(keep.numel())
+
+
+def shrink_conv_in_channels_(conv: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
+    """Keep only the input channels ``keep`` of a Conv1d/2d/3d with ``groups=1`` (weight dim 1)."""
+    _check_conv(conv, "shrink_conv_in_channels_")
+    _check_keep(keep, conv.in_channels, "shrink_conv_in_channels_")
+    replace_parameter_(conv, "weight", keep, 1, optimizers)
+    conv.in_channels = int(keep.numel())
+
+
+def shrink_embedding_dim_(embedding: nn.Embedding, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
+    """Keep only the embedding dimensions ``keep`` (weight dim 1); the vocabulary is never cut."""
+    _check_keep(keep, embedding.embedding_dim, "shrink_embedding_dim_")
+    replace_parameter_(embedding, "weight", keep, 1, optimizers)
+    embedding.embedding_dim = int(keep.numel())
 
 
 def shrink_norm_(norm: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:

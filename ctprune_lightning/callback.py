@@ -29,6 +29,7 @@ from .checkpoint import CTPRUNE_KEY, install_checkpoint_hooks, make_spec
 from .controllers import Controller, NoneController, Observation, build_controller
 from .controllers.base import check_number
 from .importance import Importance, build_importance
+from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import plan_widths, select_units
 from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
 
@@ -135,6 +136,7 @@ class ControlPruning(Callback):
         self.history: list[dict[str, Any]] = []
         self._probe: list[Any] = []
         self._meter = FlopMeter(default_loss)
+        self._hankel = HankelImportance()  # SSM layers: scores are Hankel singular values
         self._ref_batch = 1
         self._best: float | None = None
         self._jump: float | None = None
@@ -213,7 +215,10 @@ class ControlPruning(Callback):
         self._last_step = step
         if not self._saturated:
             self.importance.after_optimizer_step(pl_module)
-        if step >= self.start_step and step % self.every_n_steps == 0 and len(self._probe) >= self.probe_batches:
+        due = step % self.every_n_steps == 0
+        if hasattr(self.controller, "due"):  # event-driven controllers (CompreSSM) may ask between intervals
+            due = due or self.controller.due(self._progress(trainer))
+        if step >= self.start_step and due and len(self._probe) >= self.probe_batches:
             self._control(trainer, pl_module)
 
     # ------------------------------------------------------------------------------ control loop
@@ -223,6 +228,10 @@ class ControlPruning(Callback):
     def _probe_on(self, pl_module: nn.Module, i: int) -> Any:
         device = next(pl_module.parameters()).device
         return apply_to_collection(self._probe[i], Tensor, lambda t: t.to(device))
+
+    @staticmethod
+    def _progress(trainer: L.Trainer) -> float:
+        return min(1.0, trainer.global_step / max(1, trainer.estimated_stepping_batches))
 
     def _update_saturation(self, pl_module: nn.Module) -> None:
         """Saturated when even the deepest allowed cut (down to the setpoint) changes no width."""
@@ -250,25 +259,31 @@ class ControlPruning(Callback):
         best = loss if self._best is None else self._best
         damage = max(0.0, loss - best) / max(best, 1e-12)
         self._best = min(best, loss)
-        obs = Observation(step=trainer.global_step, progress=min(1.0, trainer.global_step / max(1, trainer.estimated_stepping_batches)),
-                          compute=compute, damage=damage, jump=self._jump, last_action=self._last_u)
+        obs = Observation(step=trainer.global_step, progress=self._progress(trainer), compute=compute, damage=damage, jump=self._jump, last_action=self._last_u)
         u = min(max(0.0, float(self.controller.step(obs))), max(0.0, compute - self.target))
         self._jump, self._last_u = None, 0.0
-        if u > 0:
-            widths = self.widths(pl_module)
+        widths = self.widths(pl_module)
+        rule = self.controller.rank_event(obs) if hasattr(self.controller, "rank_event") else None
+        if rule is not None:  # CompreSSM event: SSM ranks from the Hankel singular values
+            new = self._ssm_ranks(pl_module, widths, rule)
+        elif u > 0:
             new = plan_widths(widths, per_module, total, self.groups, (compute - u) * dense,
                               self.min_width, self.round_to, floor_flops=self.target * dense)
-            if new != widths:
-                plan = {g.name: select_units(self.importance.scores(pl_module, g), new[g.name])
-                        for g in self.groups if new[g.name] != widths[g.name]}
-                apply_plan_(pl_module, self.groups, plan, trainer.optimizers)
-                self.importance.on_surgery(plan)
-                new_compute = self._flops(pl_module)[0] / dense
-                self._jump = (self._probe_loss(pl_module) - loss) / max(best, 1e-12)
-                self._last_u = compute - new_compute
-                self.history.append({"step": trainer.global_step, "widths": new, "compute": new_compute})
-                self._update_saturation(pl_module)
-                compute = new_compute
+        else:
+            new = widths
+        if new != widths:
+            plan = {g.name: select_units(self._scores(pl_module, g), new[g.name])
+                    for g in self.groups if new[g.name] != widths[g.name]}
+            event: dict[str, Any] = {"step": trainer.global_step, "widths": new}
+            spectra = {n: self._hankel.spectra[n] for n in plan if n in self._hankel.spectra}
+            apply_plan_(pl_module, self.groups, plan, trainer.optimizers)
+            self.importance.on_surgery(plan)
+            new_compute = self._flops(pl_module)[0] / dense
+            self._jump = (self._probe_loss(pl_module) - loss) / max(best, 1e-12)
+            self._last_u = compute - new_compute
+            self.history.append(event | {"compute": new_compute} | ({"hankel_spectra": spectra} if spectra else {}))
+            self._update_saturation(pl_module)
+            compute = new_compute
         self.trace.append({"step": trainer.global_step, "progress": obs.progress, "compute": compute,
                            "damage": damage, "action": self._last_u, "requested": u,
                            "widths": self.widths(pl_module)})
@@ -277,6 +292,19 @@ class ControlPruning(Callback):
         pl_module.log(DAMAGE, damage, on_step=True, on_epoch=False)
         pl_module.log(ACTION, self._last_u, on_step=True, on_epoch=False)
         pl_module.log(PARAMS, float(sum(p.numel() for p in pl_module.parameters())), on_step=True, on_epoch=False)
+
+    def _scores(self, pl_module: nn.Module, group: PrunableGroup) -> Tensor:
+        """SSM state groups are ranked by their Hankel singular values, every other group by the importance."""
+        if group.unit == "state":
+            return self._hankel.scores(pl_module, group)
+        return self.importance.scores(pl_module, group)
+
+    def _ssm_ranks(self, pl_module: nn.Module, widths: dict[str, int], rule: Mapping[str, Any]) -> dict[str, int]:
+        """Widths with each SSM group at the rank that ``rule`` (mode, tau, fraction, gate) gives it."""
+        states = [g for g in self.groups if g.unit == "state"]
+        hsvs = {g.name: self._scores(pl_module, g) for g in states}
+        ranks = plan_lru_ranks(pl_module, hsvs=hsvs, min_rank=self.min_width, **dict(rule))
+        return {**widths, **{n: r for n, r in ranks.items() if n in hsvs}}
 
     # ---------------------------------------------------------------------------- state and report
     def summary(self) -> dict[str, Any]:
@@ -298,6 +326,7 @@ class ControlPruning(Callback):
             "train_time_s": self.ledger.train_time_s,
             "steps": self._last_step,
             "surgeries": len(self.history),
+            "history": list(self.history),
             "trace": list(self.trace),
         }
 

@@ -54,10 +54,13 @@ def predict_flops(
     return total + sum(own[m] * (ratio[m] - 1.0) for m in own if m in ratio)
 
 
-def _scaled(width: int, s: float, min_width: int, round_to: int, nearest: bool = False) -> int:
-    """``width * s`` rounded down (or to the nearest, for coarse units like heads) to a multiple of ``round_to``."""
-    x = width * s / round_to
-    w = (math.floor(x + 0.5) if nearest else math.floor(x)) * round_to
+def _scaled(width: int, s: float, min_width: int, round_to: int) -> int:
+    """``width * s`` rounded to the nearest multiple of ``round_to``, within ``[min_width, width]``.
+
+    Rounding to the nearest (not down) makes the widest groups step first as ``s`` falls, so the
+    smallest cut is one rounding step of the widest group, not of every group at once.
+    """
+    w = math.floor(width * s / round_to + 0.5) * round_to
     return int(min(width, max(min_width, w)))
 
 
@@ -79,13 +82,13 @@ def plan_widths(
     """
     floor = target_flops if floor_flops is None else floor_flops
     limits = {g.name: (min_width if g.min_width is None else g.min_width,
-                       round_to if g.round_to is None else g.round_to, g.unit == "head") for g in groups}
+                       round_to if g.round_to is None else g.round_to) for g in groups}
 
     def new(s: float) -> dict[str, int]:
         out = {}
         for n, w in widths.items():
-            lo, step, nearest = limits.get(n, (min_width, round_to, False))
-            out[n] = _scaled(w, s, min(lo, w), step, nearest)
+            lo, step = limits.get(n, (min_width, round_to))
+            out[n] = _scaled(w, s, min(lo, w), step)
         return out
 
     def flops(s: float) -> float:

@@ -161,4 +161,20 @@ def format_summary(summary: Mapping[str, Any], max_trace_rows: int = 20) -> str:
     if trace:
         lines += ["", f"controller trace ({len(trace)} intervals)"]
         lines += _trace_table(trace, max_trace_rows)
+    lines += _spectra_lines(summary.get("history") or [])
     return "\n".join(lines)
+
+
+def _spectra_lines(history: Sequence[Mapping[str, Any]], top: int = 6) -> list[str]:
+    """Per SSM event: each layer's size change, kept Hankel energy and leading singular values."""
+    out: list[str] = []
+    for event in history:
+        for layer, hsv in (event.get("hankel_spectra") or {}).items():
+            if not hsv:
+                continue
+            r, n = (event.get("widths") or {}).get(layer, len(hsv)), len(hsv)
+            kept = sum(hsv[:r]) / sum(hsv) if sum(hsv) > 0 else 1.0
+            head = " ".join(f"{v:.3g}" for v in hsv[:top])
+            out.append(f"step {event.get('step')}  {layer}: {n} -> {r} states, kept Hankel energy {kept:.3f};"
+                       f" sigma = {head}{' ...' if n > top else ''}")
+    return ["", "Hankel spectra at the SSM events", *out] if out else []

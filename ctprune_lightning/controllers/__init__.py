@@ -13,6 +13,7 @@ import inspect
 from typing import Any
 
 from .base import Controller, Observation
+from .hankel import HankelController
 from .lqr import LQRController, lqr_gain, solve_dare
 from .pid import PIDController
 from .plant import PlantEstimator, RecursiveLeastSquares, linear_system
@@ -22,6 +23,7 @@ __all__ = [
     "CONTROLLERS",
     "Controller",
     "GMPController",
+    "HankelController",
     "LQRController",
     "LinearController",
     "NoneController",
@@ -35,7 +37,7 @@ __all__ = [
     "solve_dare",
 ]
 
-CONTROLLERS = ("none", "gmp", "linear", "pid", "lqr")
+CONTROLLERS = ("none", "gmp", "linear", "pid", "lqr", "hankel")
 
 _REGISTRY: dict[str, type[Controller]] = {
     "none": NoneController,
@@ -43,6 +45,7 @@ _REGISTRY: dict[str, type[Controller]] = {
     "linear": LinearController,
     "pid": PIDController,
     "lqr": LQRController,
+    "hankel": HankelController,
 }
 
 

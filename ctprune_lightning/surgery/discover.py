@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from . import attention as attn
+from .balanced import is_lru_layer
 from .slices import (ATTN_IN, ATTN_OUT, CONV_IN, CONV_OUT, EMBEDDING_DIM, HEADS, IN_KINDS, LINEAR_IN, LINEAR_OUT,
-                     NORM, OUT_KINDS, PrunableGroup, Slice, apply_plan_, tied_parameters)
+                     NORM, OUT_KINDS, SSM_STATE, PrunableGroup, Slice, apply_plan_, tied_parameters)
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,10 @@ def discover_groups(
         why = attn.check_head_layout(module, layout)
         group = PrunableGroup(name, (Slice(name, HEADS, 1, layout.parts),), round_to=1)
         candidates.append((group, None if why is None else f"attention heads: {why}"))
+    for module, name in names.items():
+        if name and is_lru_layer(module):  # SSM state groups: cut by balanced truncation, no coupling outside
+            covered.add(name)
+            candidates.append((PrunableGroup(name, (Slice(name, SSM_STATE),), round_to=1), None))
     for module, name in names.items():
         if isinstance(module, nn.MultiheadAttention):
             skipped[name] = attn.MHA_REASON

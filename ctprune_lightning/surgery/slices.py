@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import attention as attn
+from .balanced import reduce_lru_
 from .shrink import (expand_units, shrink_conv_in_channels_, shrink_conv_out_channels_, shrink_embedding_dim_,
                      shrink_linear_in_features_, shrink_linear_out_features_, shrink_norm_)
 
@@ -30,8 +31,9 @@ LINEAR_OUT, LINEAR_IN, NORM = "linear_out", "linear_in", "norm"
 CONV_OUT, CONV_IN = "conv_out", "conv_in"
 EMBEDDING_DIM = "embedding_dim"
 HEADS, ATTN_IN, ATTN_OUT = "heads", "attention_in", "attention_out"
-KINDS = (LINEAR_OUT, LINEAR_IN, NORM, CONV_OUT, CONV_IN, EMBEDDING_DIM, HEADS, ATTN_IN, ATTN_OUT)
-OUT_KINDS = (LINEAR_OUT, CONV_OUT, EMBEDDING_DIM, HEADS, ATTN_OUT)  # kinds that produce the group's units
+SSM_STATE = "ssm_state"  # the state dimension of a diagonal SSM (LRU) layer, cut by balanced truncation
+KINDS = (LINEAR_OUT, LINEAR_IN, NORM, CONV_OUT, CONV_IN, EMBEDDING_DIM, HEADS, ATTN_IN, ATTN_OUT, SSM_STATE)
+OUT_KINDS = (LINEAR_OUT, CONV_OUT, EMBEDDING_DIM, HEADS, ATTN_OUT, SSM_STATE)  # kinds that produce the units
 IN_KINDS = (LINEAR_IN, CONV_IN, ATTN_IN)  # kinds that consume them
 
 
@@ -87,6 +89,8 @@ class Slice:
             return int(m.get_submodule(self.parts[0]).in_features)
         if self.kind == ATTN_OUT:
             return int(m.get_submodule(self.parts[-1]).out_features)
+        if self.kind == SSM_STATE:
+            return int(m.state_dim)
         raise ValueError(f"unknown slice kind {self.kind!r}; known: {KINDS}")
 
     def unit_slices(self, model: nn.Module) -> list[UnitSlice]:
@@ -120,6 +124,7 @@ class Slice:
         elif self.kind == ATTN_OUT:
             add(f"{self.module}.{self.parts[-1]}", "weight", 0)
             add(f"{self.module}.{self.parts[-1]}", "bias", 0)
+        # SSM_STATE: a unit is a *balanced* state, owning no parameter slice (scores: Hankel singular values)
         return out
 
     def shrink_(self, model: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
@@ -144,6 +149,8 @@ class Slice:
             attn.shrink_attention_in_features_(m, keep, optimizers, self.layout())
         elif self.kind == ATTN_OUT:
             attn.shrink_attention_out_features_(m, keep, optimizers, self.layout())
+        elif self.kind == SSM_STATE:  # keep = balanced states (arange(r) keeps the r largest σ)
+            reduce_lru_(m, keep, optimizers)
         else:
             raise ValueError(f"unknown slice kind {self.kind!r}; known: {KINDS}")
 
@@ -166,8 +173,8 @@ class PrunableGroup:
 
     @property
     def unit(self) -> str:
-        """What one unit is: ``"head"`` or ``"channel"``."""
-        return "head" if self.slices[0].kind == HEADS else "channel"
+        """What one unit is: ``"head"``, ``"state"`` (SSM, balanced basis) or ``"channel"``."""
+        return {HEADS: "head", SSM_STATE: "state"}.get(self.slices[0].kind, "channel")
 
     def width(self, model: nn.Module) -> int:
         """Number of units the group has now."""

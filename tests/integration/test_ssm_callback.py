@@ -1,0 +1,100 @@
+"""SSM layers inside ControlPruning: CompreSSM events and LQR both cut by balanced truncation (issue 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ctprune_lightning import ControlPruning, load_pruned
+from ctprune_lightning.controllers import HankelController, Observation, build_controller
+from ctprune_lightning.data.sequential import SequentialDigitsDataModule
+from ctprune_lightning.models.lru import LRUClassifier
+from ctprune_lightning.surgery.optim import optimizer_params
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fit(callback: ControlPruning, tmp_path: Path, epochs: int = 4, **kwargs):
+    L.seed_everything(0)
+    model = LRUClassifier(input_dim=64, d_model=32, d_state=32, num_blocks=1, dropout=0.0)
+    dm = SequentialDigitsDataModule(batch_size=64)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback], **kwargs)
+    trainer.fit(model, datamodule=dm)
+    return trainer, model
+
+
+def test_compressm_events_cut_by_tolerance_with_the_spectrum_recorded(tmp_path: Path) -> None:
+    ctl = HankelController(tau=0.1, events=4, horizon=0.5)
+    cb = ControlPruning(controller=ctl, every_n_steps=50, min_width=2)
+    trainer, model = fit(cb, tmp_path)
+    total = trainer.global_step  # 21 steps per epoch x 4
+    steps = [h["step"] for h in cb.history]
+    # four events at the first optimizer step at or past progress 0.125, 0.25, 0.375, 0.5
+    assert steps == [next(s for s in range(1, total + 1) if s / total >= 0.5 * k / 4) for k in range(1, 5)]
+    dims = [h["widths"]["blocks.0.lru"] for h in cb.history]
+    assert dims == sorted(dims, reverse=True) and dims[-1] < 32 == cb.dense_widths["blocks.0.lru"]
+    assert model.blocks[0].lru.state_dim == dims[-1] == model.blocks[0].lru.nu_log.numel()
+    for event in cb.history:  # the rank is the tolerance rule's: keep (1 - tau) of the Hankel energy
+        hsv = torch.tensor(event["hankel_spectra"]["blocks.0.lru"])
+        r = event["widths"]["blocks.0.lru"]
+        assert hsv[:r].sum() >= 0.9 * hsv.sum() > hsv[: r - 1].sum()
+    live, in_opt = list(model.parameters()), optimizer_params(trainer.optimizers)
+    assert len(in_opt) == len(live) and all(any(p is q for q in in_opt) for p in live)
+    assert cb.summary()["train_flops_saved"] > 0.2
+
+
+def test_lqr_drives_the_state_dimension_to_the_compute_setpoint(tmp_path: Path) -> None:
+    cb = ControlPruning(controller="lqr", target=0.5, every_n_steps=3, min_width=2)
+    _, model = fit(cb, tmp_path, epochs=2)
+    s = cb.summary()
+    assert 0.5 <= s["flops_fraction"] < 0.6
+    assert s["widths"]["blocks.0.lru"] < 32 and model.blocks[0].lru.state_dim == s["widths"]["blocks.0.lru"]
+    assert all(len(h["hankel_spectra"]["blocks.0.lru"]) > h["widths"]["blocks.0.lru"] for h in cb.history)
+
+
+def test_a_reduced_lru_checkpoint_loads_for_inference(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    cb = ControlPruning(controller=HankelController(mode="fraction", fraction=0.25, events=2, horizon=0.5),
+                        every_n_steps=50, min_width=2)
+    _, model = fit_with(cb, ckpt, tmp_path)
+    loaded = load_pruned(LRUClassifier, tmp_path / "last.ckpt")
+    assert loaded.blocks[0].lru.state_dim == model.blocks[0].lru.state_dim == 18  # 32 -> 24 -> 18
+    x = torch.randn(3, 64, 1)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def fit_with(cb: ControlPruning, ckpt: ModelCheckpoint, tmp_path: Path):
+    L.seed_everything(0)
+    model = LRUClassifier(input_dim=64, d_model=32, d_state=32, num_blocks=1, dropout=0.0)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb, ckpt],
+                        limit_val_batches=0)
+    trainer.fit(model, datamodule=SequentialDigitsDataModule(batch_size=64))
+    return trainer, model
+
+
+def test_hankel_controller_events_and_state() -> None:
+    ctl = build_controller("hankel", target=0.5, tau=0.05)
+    assert ctl.step(Observation(step=1, progress=0.5, compute=1.0, damage=0.0)) == 0.0  # never cuts by compute
+    fired = [p for p in (0.01, 0.025, 0.03, 0.05, 0.2) if ctl.rank_event(Observation(0, p, 1.0, 0.0))]
+    assert fired == [0.025, 0.05, 0.2]  # 0.2 passes the last two points at once: one event
+    assert ctl.done == 4 and not ctl.due(1.0)
+    clone = HankelController()
+    clone.load_state_dict(ctl.state_dict())
+    assert clone.done == 4
+    with pytest.raises(ValueError, match="mode='energy' is not supported; choose one of"):
+        HankelController(mode="energy")
+    with pytest.raises(ValueError, match="`tau` must be in"):
+        HankelController(tau=1.5)

@@ -308,7 +308,7 @@ class ControlPruning(Callback):
 
     # ---------------------------------------------------------------------------- state and report
     def summary(self) -> dict[str, Any]:
-        """Plain-Python report of the run so far (see docs/API_CONTRACT.md)."""
+        """Plain-Python report of the run so far (what train.py writes to summary.json)."""
         dense = self.ledger.dense_step_flops
         last = self.trace[-1]["widths"] if self.trace else dict(self.dense_widths)
         final = self.history[-1]["compute"] if self.history else 1.0

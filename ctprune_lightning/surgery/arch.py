@@ -26,7 +26,7 @@ from torch import nn
 #: Integer size attributes recorded for a module when it has them.
 SIZE_ATTRS = (
     "in_features", "out_features", "in_channels", "out_channels", "num_features", "normalized_shape",
-    "embed_dim", "kdim", "vdim", "num_heads", "n_head", "head_dim", "state_dim",
+    "embedding_dim", "embed_dim", "kdim", "vdim", "num_heads", "n_head", "head_dim", "state_dim",
 )
 
 
@@ -51,9 +51,14 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def capture_arch(model: nn.Module, module_names: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Plain-Python spec of the named modules (default: every module that owns a tensor)."""
+    """Plain-Python spec of the named modules (default: every module that owns a tensor or has a size).
+
+    Modules with a size attribute but no tensor of their own (an attention block's ``n_head``) are
+    recorded too, so a rebuild restores their bookkeeping.
+    """
     if module_names is None:
-        module_names = [n for n, m in model.named_modules() if _tensors(m)]
+        module_names = [n for n, m in model.named_modules()
+                        if _tensors(m) or any(_size(getattr(m, a, None)) is not None for a in SIZE_ATTRS)]
     spec: dict[str, dict[str, Any]] = {}
     for name in module_names:
         module = model.get_submodule(name)
@@ -127,7 +132,8 @@ def apply_arch_(model: nn.Module, spec: Mapping[str, Any], source: str = "spec")
     New tensors are zero-filled placeholders (load the weights afterwards); ``requires_grad`` is kept.
     """
     check_arch(model, spec, source)
-    for name, entry in spec.items():
+    # children first: a parent's size attribute may be derived from (and checked against) its children
+    for name, entry in sorted(spec.items(), key=lambda kv: -kv[0].count(".") - bool(kv[0])):
         module = model.get_submodule(name)
         own = _tensors(module)
         for attr, value in entry.items():

@@ -267,8 +267,8 @@ class ControlPruning(Callback):
         if rule is not None:  # CompreSSM event: SSM ranks from the Hankel singular values
             new = self._ssm_ranks(pl_module, widths, rule)
         elif u > 0:
-            new = plan_widths(widths, per_module, total, self.groups, (compute - u) * dense,
-                              self.min_width, self.round_to, floor_flops=self.target * dense)
+            new = plan_widths(widths, per_module, total, self.groups, (compute - u) * dense, self.min_width,
+                              self.round_to, floor_flops=self.target * dense, reference=self.dense_widths)
         else:
             new = widths
         if new != widths:

@@ -1,9 +1,10 @@
 """Turn "remove this much compute" into a plan ``{group: kept indices}``.
 
-Widths shrink by one common factor ``s`` (each rounded to ``round_to``, never below ``min_width``);
-``s`` is the smallest factor whose *predicted* FLOPs still reach the requested level, so a plan never
-cuts below the controller's floor. Prediction uses the per-module FLOPs of the current architecture:
-a Linear's cost scales with (in-width ratio) × (out-width ratio). Importance picks which units stay.
+Widths step down one rounding step (``round_to``) of one group at a time, the group that has kept the
+largest share of its dense width first, until the *predicted* FLOPs reach the requested level; a
+plan never cuts below the controller's floor. Prediction uses the per-module FLOPs of the current
+architecture: a Linear's cost scales with (in-width ratio) × (out-width ratio). Importance picks
+which units stay.
 
 Example::
 
@@ -13,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
@@ -54,14 +54,11 @@ def predict_flops(
     return total + sum(own[m] * (ratio[m] - 1.0) for m in own if m in ratio)
 
 
-def _scaled(width: int, s: float, min_width: int, round_to: int) -> int:
-    """``width * s`` rounded to the nearest multiple of ``round_to``, within ``[min_width, width]``.
-
-    Rounding to the nearest (not down) makes the widest groups step first as ``s`` falls, so the
-    smallest cut is one rounding step of the widest group, not of every group at once.
-    """
-    w = math.floor(width * s / round_to + 0.5) * round_to
-    return int(min(width, max(min_width, w)))
+def _step_down(width: int, lo: int, step: int) -> int | None:
+    """The next allowed width below ``width``: the largest multiple of ``step`` under it, >= ``lo``."""
+    w = (width - 1) // step * step
+    w = max(lo, w)
+    return w if w < width else None
 
 
 def plan_widths(
@@ -73,40 +70,40 @@ def plan_widths(
     min_width: int = 1,
     round_to: int = 1,
     floor_flops: float | None = None,
+    reference: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """New width per group whose predicted FLOPs come closest to ``target_flops``.
 
-    Of the two width assignments around the target (the deepest cut at or above it, and the next
-    rounding step below it) the closer one wins, but nothing goes below ``floor_flops`` (default: the
-    target itself, i.e. never cut more than asked). Returns the current widths when nothing fits.
+    Greedy, one rounding step of one group at a time: of the steps that stay at or above the target,
+    the group that kept the largest share of its ``reference`` width (default: its current width; the
+    callback passes the dense widths) takes it, so groups shrink in proportion and the granularity is
+    a single step of a single group. When every step would overshoot, the one landing closest is taken
+    if it is closer than no cut, but nothing goes below ``floor_flops`` (default: the target itself,
+    i.e. never cut more than asked). Returns the current widths when nothing fits.
     """
     floor = target_flops if floor_flops is None else floor_flops
+    reference = reference or widths
     limits = {g.name: (min_width if g.min_width is None else g.min_width,
                        round_to if g.round_to is None else g.round_to) for g in groups}
-
-    def new(s: float) -> dict[str, int]:
-        out = {}
-        for n, w in widths.items():
+    new, flops = dict(widths), float(total)
+    while flops > target_flops:
+        trials = []
+        for n, w in new.items():
             lo, step = limits.get(n, (min_width, round_to))
-            out[n] = _scaled(w, s, min(lo, w), step)
-        return out
-
-    def flops(s: float) -> float:
-        return predict_flops(widths, new(s), per_module, total, groups)
-
-    lo, hi = 0.0, 1.0  # flops(hi) >= target always holds (no cut)
-    if flops(lo) >= target_flops:
-        return new(lo)
-    for _ in range(50):
-        mid = 0.5 * (lo + hi)
-        if flops(mid) >= target_flops:
-            hi = mid
-        else:
-            lo = mid
-    above, below = flops(hi), flops(lo)
-    if below >= floor and target_flops - below < above - target_flops:
-        return new(lo)
-    return new(hi)
+            down = _step_down(w, min(lo, w), step)
+            if down is not None:
+                trial = {**new, n: down}
+                trials.append((new[n] / reference[n], w, n, trial, predict_flops(widths, trial, per_module, total, groups)))
+        fitting = [t for t in trials if t[4] >= target_flops]
+        if fitting:  # the group that kept the largest share of its width takes the next step
+            *_, new, flops = max(fitting, key=lambda t: t[:3])
+            continue
+        if trials:  # every step overshoots: take the one landing closest, if closer than no cut and >= floor
+            *_, trial, trial_flops = max(trials, key=lambda t: t[4])
+            if trial_flops >= floor and target_flops - trial_flops < flops - target_flops:
+                new = trial
+        break
+    return new
 
 
 def select_units(scores: Tensor, width: int) -> Tensor:

@@ -82,3 +82,24 @@ def test_plan_rounds_to_the_nearest_step_but_respects_the_floor() -> None:
     assert nearest != under  # here the step below the target is closer
     # with the floor at the target, nothing below it is allowed
     assert plan_widths(widths, per_module, total, groups, target, round_to=8, floor_flops=target) == under
+
+
+def test_small_requests_still_cut_when_groups_differ_in_width() -> None:
+    """One rounding step of one group at a time: no deadlock at a quantisation boundary."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16),
+                          nn.ReLU(), nn.Linear(16, 10))
+    batch = (torch.randn(4, 64), torch.randint(0, 10, (4,)))
+    groups, _ = discover_groups(model, batch[0])
+    dense = {g.name: g.width(model) for g in groups}
+    total, per_module = count_training_flops(model, batch, ce)
+    dense_total, floor = total, 0.3 * total
+    for _ in range(40):  # a controller asking for 3% of the dense FLOPs per interval
+        widths = {g.name: g.width(model) for g in groups}
+        new = plan_widths(widths, per_module, total, groups, max(floor, total - 0.03 * dense_total), min_width=4,
+                          round_to=4, floor_flops=floor, reference=dense)
+        apply_plan_(model, groups, {n: torch.arange(w) for n, w in new.items() if w != widths[n]})
+        total, per_module = count_training_flops(model, batch, ce)
+    widths = {g.name: g.width(model) for g in groups}
+    assert floor <= total < floor + 0.05 * dense_total
+    assert all(w % 4 == 0 for w in widths.values()) and widths["4"] < 16  # the narrow group was cut too

@@ -31,6 +31,7 @@ from .controllers.base import check_number
 from .importance import Importance, build_importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import plan_widths, select_units
+from .rollback import Snapshot
 from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class ControlPruning(Callback):
         self._last_step = -1
         self._saturated = False  # no further cut possible above the setpoint: stop tracking importance
         self._refresh = False
+        self._rollback: dict[str, Any] | None = None  # CompreSSM rollback mode: the event awaiting validation
 
     # ----------------------------------------------------------------------------------- set-up
     @property
@@ -263,9 +265,15 @@ class ControlPruning(Callback):
         u = min(max(0.0, float(self.controller.step(obs))), max(0.0, compute - self.target))
         self._jump, self._last_u = None, 0.0
         widths = self.widths(pl_module)
-        rule = self.controller.rank_event(obs) if hasattr(self.controller, "rank_event") else None
+        rule = None
+        if hasattr(self.controller, "rank_event") and self._rollback is None:  # wait for a pending verdict
+            rule = self.controller.rank_event(obs)
         if rule is not None:  # CompreSSM event: SSM ranks from the Hankel singular values
             new = self._ssm_ranks(pl_module, widths, rule)
+            if new != widths and getattr(self.controller, "rollback", False):
+                monitor = trainer.callback_metrics.get(self.controller.rollback_monitor)
+                self._rollback = {"snapshot": Snapshot.take(pl_module, trainer.optimizers), "step": obs.step,
+                                  "before": None if monitor is None else float(monitor)}
         elif u > 0:
             new = plan_widths(widths, per_module, total, self.groups, (compute - u) * dense, self.min_width,
                               self.round_to, floor_flops=self.target * dense, reference=self.dense_widths)
@@ -292,6 +300,25 @@ class ControlPruning(Callback):
         pl_module.log(DAMAGE, damage, on_step=True, on_epoch=False)
         pl_module.log(ACTION, self._last_u, on_step=True, on_epoch=False)
         pl_module.log(PARAMS, float(sum(p.numel() for p in pl_module.parameters())), on_step=True, on_epoch=False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rollback mode: undo the last SSM event if validation got worse, then stop reducing."""
+        pending, ctl = self._rollback, self.controller
+        if pending is None or trainer.sanity_checking or ctl.rollback_monitor not in trainer.callback_metrics:
+            return
+        self._rollback = None
+        after = float(trainer.callback_metrics[ctl.rollback_monitor])
+        if pending["before"] is None or not ctl.worse(pending["before"], after):
+            return  # an event before any validation is accepted unchecked
+        pending["snapshot"].restore_(pl_module, trainer.optimizers)
+        ctl.stopped = True
+        self.importance.attach(pl_module, self.groups)  # accumulators follow the restored widths
+        compute = self._flops(pl_module)[0] / self.ledger.dense_step_flops
+        self.history.append({"step": trainer.global_step, "widths": self.widths(pl_module), "compute": compute,
+                             "rollback_to_step": pending["step"], "val_before": pending["before"], "val_after": after})
+        self._update_saturation(pl_module)
+        rank_zero_info(f"ControlPruning: validation {ctl.rollback_monitor} went {pending['before']:.4f} -> {after:.4f}; "
+                       f"rolled back the reduction of step {pending['step']} and stopped reducing")
 
     def _scores(self, pl_module: nn.Module, group: PrunableGroup) -> Tensor:
         """SSM state groups are ranked by their Hankel singular values, every other group by the importance."""

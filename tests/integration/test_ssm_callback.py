@@ -98,3 +98,52 @@ def test_hankel_controller_events_and_state() -> None:
         HankelController(mode="energy")
     with pytest.raises(ValueError, match="`tau` must be in"):
         HankelController(tau=1.5)
+
+
+def test_snapshot_restore_grows_back_weights_and_optimizer_state() -> None:
+    from ctprune_lightning.rollback import Snapshot
+    from ctprune_lightning.surgery import apply_plan_, discover_groups
+
+    torch.manual_seed(0)
+    model = LRUClassifier(input_dim=64, d_model=16, d_state=24, num_blocks=1, dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 64, 1), torch.randint(0, 10, (8,))
+
+    def step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    snap = Snapshot.take(model, [opt])
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    exp_avg = opt.state[model.blocks[0].lru.B_re]["exp_avg"].clone()
+    groups, _ = discover_groups(model, model.example_input_array)
+    apply_plan_(model, groups, {"blocks.0.lru": torch.arange(10)}, [opt])
+    step()
+    assert model.blocks[0].lru.state_dim == 10
+    snap.restore_(model, [opt])
+    assert model.blocks[0].lru.state_dim == 24
+    for k, v in weights.items():
+        torch.testing.assert_close(model.state_dict()[k], v, msg=k)
+    torch.testing.assert_close(opt.state[model.blocks[0].lru.B_re]["exp_avg"], exp_avg)
+    live, in_opt = list(model.parameters()), optimizer_params([opt])
+    assert len(in_opt) == len(live) and all(any(p is q for q in in_opt) for p in live)
+    before = model.blocks[0].lru.B_re.detach().clone()
+    step()
+    assert not torch.equal(before, model.blocks[0].lru.B_re)
+
+
+def test_rollback_mode_undoes_an_event_that_hurt_validation_and_stops(tmp_path: Path) -> None:
+    # rollback_tol=-1: only an accuracy gain of over 100 points would pass, so the first checked event is undone
+    ctl = HankelController(mode="fraction", fraction=0.25, events=4, horizon=0.5, rollback=True, rollback_tol=-1.0)
+    cb = ControlPruning(controller=ctl, every_n_steps=100, min_width=2)
+    trainer, model = fit(cb, tmp_path)
+    rollbacks = [h for h in cb.history if "rollback_to_step" in h]
+    assert len(rollbacks) == 1 and ctl.stopped and not ctl.due(1.0)
+    first, undone = cb.history[0], cb.history[1]  # the first event ran before any validation: unchecked
+    assert first["widths"]["blocks.0.lru"] == 24 and undone["widths"]["blocks.0.lru"] == 18
+    assert rollbacks[0]["rollback_to_step"] == undone["step"] and rollbacks[0]["widths"]["blocks.0.lru"] == 24
+    assert len(cb.history) == 3 and model.blocks[0].lru.state_dim == 24
+    live, in_opt = list(model.parameters()), optimizer_params(trainer.optimizers)
+    assert len(in_opt) == len(live) and all(any(p is q for q in in_opt) for p in live)

@@ -21,10 +21,11 @@ import shutil
 import uuid
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import TensorDataset
+
+from .base import SplitDataModule
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return x.mul_(1.0 / (255.0 * FASHION_MNIST_STD)).sub_(FASHION_MNIST_MEAN / FASHION_MNIST_STD)
 
 
-class FashionMNISTDataModule(L.LightningDataModule):
+class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST (55k train / 5k val / 10k test by default), normalised, offline.
 
     Args:
@@ -299,27 +300,3 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if stage in (None, "test", "predict") and self.data_test is None:
             images, labels = load_split(root or self._cache_root(), "test")
             self.data_test = TensorDataset(normalize(images), labels)
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader | list:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        if len(dataset) == 0:
-            return []
-        sampler = (RandomSampler(dataset, generator=torch.Generator().manual_seed(int(self.hparams.seed)))
-                   if shuffle else SequentialSampler(dataset))
-        workers = int(self.hparams.num_workers)
-        # batch_size=None + a BatchSampler as sampler: the TensorDataset is indexed with a whole batch at once.
-        return DataLoader(dataset, sampler=BatchSampler(sampler, self.batch_size, drop_last=False), batch_size=None,
-                          num_workers=workers, persistent_workers=workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.data_val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)

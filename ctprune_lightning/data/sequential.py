@@ -16,11 +16,11 @@ Example::
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from ctprune_lightning.data.base import SplitDataModule
 from ctprune_lightning.data.fashion_mnist import FashionMNISTDataModule
 
 POOLS = (1, 2, 4, 7, 14, 28)
@@ -60,7 +60,7 @@ class SequentialFashionMNISTDataModule(FashionMNISTDataModule):
                 setattr(self, attr, TensorDataset(images_to_sequences(ds.tensors[0], self.pool), ds.tensors[1]))
 
 
-class SequentialDigitsDataModule(L.LightningDataModule):
+class SequentialDigitsDataModule(SplitDataModule):
     """scikit-learn's 8x8 digits as 64-step pixel sequences (1797 samples, 10 classes), standardised.
 
     Args:
@@ -108,23 +108,3 @@ class SequentialDigitsDataModule(L.LightningDataModule):
         mean, std = x[train].mean(), x[train].std()
         x = (x - mean) / std
         self.data_train, self.data_val, self.data_test = (TensorDataset(x[i], y[i]) for i in (train, val, test))
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        workers = int(self.hparams.num_workers)
-        generator = torch.Generator().manual_seed(int(self.hparams.seed)) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=workers, persistent_workers=workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)

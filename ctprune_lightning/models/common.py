@@ -16,10 +16,32 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ctprune_lightning.models.mlp import OPTIMIZERS, SCHEDULERS, WarmupCosine
-
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "WarmupCosine", "check_optim_args", "configure_optimizer_and_scheduler",
            "decay_groups"]
+
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "none")
+
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``.
+
+    A callable object (not a lambda) so ``LambdaLR.state_dict()`` saves and restores it.
+    ``total_steps=None`` keeps the LR constant after warm-up.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int | None) -> None:
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = None if total_steps is None else int(total_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.total_steps is None:
+            return 1.0
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 def check_optim_args(optimizer: str, scheduler: str, lr: float, warmup_steps: int) -> None:

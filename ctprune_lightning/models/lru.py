@@ -22,14 +22,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from ctprune_lightning.models.mlp import WarmupCosine
+from ctprune_lightning.models.classifier import ClassifierModule
+from ctprune_lightning.models.common import WarmupCosine
 from ctprune_lightning.surgery.balanced import SSM_PARAM_NAMES
 
 SCHEDULERS = ("cosine", "none")
@@ -204,7 +203,7 @@ class LRUBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- model
-class LRUClassifier(L.LightningModule):
+class LRUClassifier(ClassifierModule):
     """Encoder Linear(d_input -> d_model), ``num_blocks`` LRU blocks, mean-pool over time, Linear head.
 
     Inputs of shape (B, L, d_input) or anything that reshapes to it, e.g. (B, 1, 28, 28) with d_input=1.
@@ -239,9 +238,7 @@ class LRUClassifier(L.LightningModule):
             LRUBlock(int(d_model), int(d_state), float(dropout), norm, r_min=r_min, r_max=r_max,
                      max_phase=max_phase, chunk=chunk) for _ in range(int(num_blocks)))
         self.decoder = nn.Linear(int(d_model), int(num_classes))
-        self.train_acc = MulticlassAccuracy(num_classes=int(num_classes), average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=int(num_classes), average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=int(num_classes), average="micro")
+        self.init_metrics(int(num_classes))
         self.example_input_array = torch.zeros(2, int(input_dim) // self.d_input, self.d_input)
 
     @property
@@ -257,33 +254,6 @@ class LRUClassifier(L.LightningModule):
         for block in self.blocks:
             h = block(h)
         return self.decoder(h.mean(dim=1))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, prog_bar=True,
-                 sync_dist=True)
-        metric(logits, y)
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).argmax(dim=-1)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The two AdamW groups ("ssm" first); a param is "ssm" if its leaf name is in ``SSM_PARAM_NAMES``."""

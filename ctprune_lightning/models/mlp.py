@@ -8,40 +8,16 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("cosine", "none")
+from ctprune_lightning.models.classifier import ClassifierModule
+from ctprune_lightning.models.common import OPTIMIZERS, SCHEDULERS, configure_optimizer_and_scheduler
+
 NORMS = ("layernorm", "batchnorm")
-
-
-class WarmupCosine:
-    """LR multiplier: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``.
-
-    A callable object (not a lambda) so ``LambdaLR.state_dict()`` saves and restores it.
-    ``total_steps=None`` keeps the LR constant after warm-up.
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int | None) -> None:
-        self.warmup_steps = int(warmup_steps)
-        self.total_steps = None if total_steps is None else int(total_steps)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.total_steps is None:
-            return 1.0
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 def build_mlp(input_dim: int, hidden: Sequence[int], num_classes: int, dropout: float = 0.0,
@@ -63,7 +39,7 @@ def build_mlp(input_dim: int, hidden: Sequence[int], num_classes: int, dropout: 
     return nn.Sequential(*layers)
 
 
-class MLPClassifier(L.LightningModule):
+class MLPClassifier(ClassifierModule):
     """MLP classifier with cross-entropy, accuracy metrics, AdamW/SGD and an optional warm-up + cosine LR.
 
     Accepts inputs of shape (B, input_dim) or any (B, ...) that flattens to it, e.g. (B, 1, 28, 28).
@@ -91,54 +67,12 @@ class MLPClassifier(L.LightningModule):
             raise ValueError(f"need warmup_steps >= 0 and lr > 0; got {warmup_steps=}, {lr=}")
         self.save_hyperparameters()
         self.net = build_mlp(int(input_dim), hidden, int(num_classes), float(dropout), norm)
-        self.train_acc = MulticlassAccuracy(num_classes=int(num_classes), average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=int(num_classes), average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=int(num_classes), average="micro")
+        self.init_metrics(int(num_classes))
         self.example_input_array = torch.zeros(2, int(input_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (B, num_classes)."""
         return self.net(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, prog_bar=True,
-                 sync_dist=True)
-        metric(logits, y)
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).argmax(dim=-1)
-
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        if hp.optimizer == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
-            return opt
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            rank_zero_warn("scheduler='cosine' needs a finite number of steps (set max_epochs or max_steps); "
-                           "keeping the LR constant after warm-up.")
-            total = None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(hp.warmup_steps, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return configure_optimizer_and_scheduler(self)

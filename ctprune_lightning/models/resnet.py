@@ -15,12 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
+from ctprune_lightning.models.classifier import ClassifierModule
 from ctprune_lightning.models.common import check_optim_args, configure_optimizer_and_scheduler, decay_groups
 
 
@@ -72,7 +71,7 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class ResNetClassifier(L.LightningModule):
+class ResNetClassifier(ClassifierModule):
     """ResNet-(6n+2) classifier; logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/*``."""
 
     def __init__(self, depth: int = 20, widths: Sequence[int] = (16, 32, 64), num_classes: int = 10,
@@ -87,9 +86,7 @@ class ResNetClassifier(L.LightningModule):
                              f"{widths=}, {num_classes=}, {in_channels=}")
         self.save_hyperparameters()
         self.net = ResNet(int(depth), widths, int(num_classes), int(in_channels))
-        self.train_acc = MulticlassAccuracy(num_classes=int(num_classes), average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=int(num_classes), average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=int(num_classes), average="micro")
+        self.init_metrics(int(num_classes))
         self.example_input_array = torch.zeros(2, int(in_channels), int(image_size), int(image_size))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,33 +95,6 @@ class ResNetClassifier(L.LightningModule):
             side = int(round(x.shape[1] ** 0.5))
             x = x.view(x.shape[0], 1, side, side)
         return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, prog_bar=True,
-                 sync_dist=True)
-        metric(logits, y)
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).argmax(dim=-1)
 
     def configure_optimizers(self) -> Any:
         return configure_optimizer_and_scheduler(self, decay_groups(self, self.hparams.weight_decay))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from torch import nn
 
 from ctprune_lightning import ControlPruning
 from ctprune_lightning.callback import ACTION, DAMAGE, FLOPS_RATIO, SAVED

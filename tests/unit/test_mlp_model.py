@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ctprune_lightning.data.synthetic import SyntheticDataModule
-from ctprune_lightning.models.mlp import MLPClassifier, WarmupCosine
+from ctprune_lightning.models.common import WarmupCosine
+from ctprune_lightning.models.mlp import MLPClassifier
 
 
 @pytest.fixture(autouse=True)

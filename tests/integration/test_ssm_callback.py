@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -17,12 +16,7 @@ from ctprune_lightning.models.lru import LRUClassifier
 from ctprune_lightning.surgery.optim import optimizer_params
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(callback: ControlPruning, tmp_path: Path, epochs: int = 4, **kwargs):

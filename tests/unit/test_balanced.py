@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import lightning as L
@@ -28,12 +27,7 @@ from ctprune_lightning.surgery.balanced import (LRU_STATE_AXES, MIN_DECAY, Diago
                                                 ranks_for_budget, reduce_lru_, resize_lru_, tail_energy)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_system(seed: int, n: int, h: int, rmax: float = 0.999, real: bool = False) -> DiagonalSystem:

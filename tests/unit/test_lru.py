@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -21,13 +20,7 @@ from ctprune_lightning.models.lru import (GLU, LRUBlock, LRUClassifier, LRULayer
 from ctprune_lightning.surgery.balanced import SSM_PARAM_NAMES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Two shared cores: one intra-op thread is several times faster than two contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_log_lam(n: int, gen: torch.Generator, dtype: torch.dtype = torch.complex128, rmin: float = 0.3,

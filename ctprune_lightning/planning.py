@@ -21,6 +21,10 @@ from torch import Tensor
 
 from .surgery.groups import PrunableGroup
 
+#: A group may take the next step only while its kept share of width is within this of the largest one,
+#: so small requests cannot drive one narrow group to its floor while the others stay wide.
+BALANCE_BAND = 0.15
+
 
 def exclusive_flops(per_module: Mapping[str, int]) -> dict[str, int]:
     """Each module's own FLOPs: its count minus its direct children's (FlopCounterMode counts are inclusive)."""
@@ -75,11 +79,12 @@ def plan_widths(
     """New width per group whose predicted FLOPs come closest to ``target_flops``.
 
     Greedy, one rounding step of one group at a time: of the steps that stay at or above the target,
-    the group that kept the largest share of its ``reference`` width (default: its current width; the
-    callback passes the dense widths) takes it, so groups shrink in proportion and the granularity is
-    a single step of a single group. When every step would overshoot, the one landing closest is taken
-    if it is closer than no cut, but nothing goes below ``floor_flops`` (default: the target itself,
-    i.e. never cut more than asked). Returns the current widths when nothing fits.
+    taken by groups whose kept share of their ``reference`` width (default: the current width; the
+    callback passes the dense widths) is within ``BALANCE_BAND`` of the largest share, the group with
+    the largest share takes the next one, so groups shrink in proportion with the granularity of a
+    single step of a single group. When no such step fits, the leading group's step is taken if it
+    lands closer to the target than no cut, but nothing goes below ``floor_flops`` (default: the
+    target itself, i.e. never cut more than asked). Returns the current widths when nothing fits.
     """
     floor = target_flops if floor_flops is None else floor_flops
     reference = reference or widths
@@ -94,15 +99,23 @@ def plan_widths(
             if down is not None:
                 trial = {**new, n: down}
                 trials.append((new[n] / reference[n], w, n, trial, predict_flops(widths, trial, per_module, total, groups)))
-        fitting = [t for t in trials if t[4] >= target_flops]
-        if fitting:  # the group that kept the largest share of its width takes the next step
+        if not trials:
+            break
+        top = max(t[0] for t in trials)
+        fitting = [t for t in trials if t[4] >= target_flops and t[0] >= top - BALANCE_BAND]
+        if fitting:  # of the groups near the largest kept share, the one with the largest share steps
             *_, new, flops = max(fitting, key=lambda t: t[:3])
             continue
-        if trials:  # every step overshoots: take the one landing closest, if closer than no cut and >= floor
-            *_, trial, trial_flops = max(trials, key=lambda t: t[4])
-            if trial_flops >= floor and target_flops - trial_flops < flops - target_flops:
-                new = trial
-        break
+        # no step fits within the band: the leading group's step, if it lands closer than no cut and >= floor
+        *_, trial, trial_flops = max(trials, key=lambda t: t[:3])
+        if trial_flops >= floor and target_flops - trial_flops < flops - target_flops:
+            new = trial
+            break
+        # else a fitting step of a group that kept at least half the leading share (no deadlock, bounded skew)
+        fitting = [t for t in trials if t[4] >= target_flops and t[0] >= top / 2]
+        if not fitting:
+            break
+        *_, new, flops = max(fitting, key=lambda t: t[:3])
     return new
 
 

@@ -94,9 +94,10 @@ def test_small_requests_still_cut_when_groups_differ_in_width() -> None:
     dense = {g.name: g.width(model) for g in groups}
     total, per_module = count_training_flops(model, batch, ce)
     dense_total, floor = total, 0.3 * total
-    for _ in range(40):  # a controller asking for 3% of the dense FLOPs per interval
+    for _ in range(40):  # a proportional controller: half the remaining error, at most 10% of dense, per interval
         widths = {g.name: g.width(model) for g in groups}
-        new = plan_widths(widths, per_module, total, groups, max(floor, total - 0.03 * dense_total), min_width=4,
+        u = min(0.1 * dense_total, 0.5 * (total - floor))
+        new = plan_widths(widths, per_module, total, groups, max(floor, total - u), min_width=4,
                           round_to=4, floor_flops=floor, reference=dense)
         apply_plan_(model, groups, {n: torch.arange(w) for n, w in new.items() if w != widths[n]})
         total, per_module = count_training_flops(model, batch, ce)

@@ -261,7 +261,8 @@ class ControlPruning(Callback):
         best = loss if self._best is None else self._best
         damage = max(0.0, loss - best) / max(best, 1e-12)
         self._best = min(best, loss)
-        obs = Observation(step=trainer.global_step, progress=self._progress(trainer), compute=compute, damage=damage, jump=self._jump, last_action=self._last_u)
+        obs = Observation(step=trainer.global_step, progress=self._progress(trainer), compute=compute,
+                          damage=damage, jump=self._jump, last_action=self._last_u)
         u = min(max(0.0, float(self.controller.step(obs))), max(0.0, compute - self.target))
         self._jump, self._last_u = None, 0.0
         widths = self.widths(pl_module)

@@ -43,21 +43,31 @@ def expand_units(keep: Tensor, block: int) -> Tensor:
     return (keep[:, None] * block + torch.arange(block, device=keep.device)).flatten()
 
 
+def _shrink_outputs_(module: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer], size_attr: str) -> None:
+    """Rows of ``weight`` (and entries of ``bias``) along dim 0; ``size_attr`` records the new size."""
+    optimizers = list(optimizers)
+    replace_parameter_(module, "weight", keep, 0, optimizers)
+    if module.bias is not None:
+        replace_parameter_(module, "bias", keep, 0, optimizers)
+    setattr(module, size_attr, int(keep.numel()))
+
+
+def _shrink_inputs_(module: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer], size_attr: str) -> None:
+    """Columns of ``weight`` along dim 1; ``size_attr`` records the new size."""
+    replace_parameter_(module, "weight", keep, 1, optimizers)
+    setattr(module, size_attr, int(keep.numel()))
+
+
 def shrink_linear_out_features_(layer: nn.Linear, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
     """Keep only the output features ``keep`` of ``layer`` (rows of weight, entries of bias)."""
     _check_keep(keep, layer.out_features, "shrink_linear_out_features_")
-    optimizers = list(optimizers)
-    replace_parameter_(layer, "weight", keep, 0, optimizers)
-    if layer.bias is not None:
-        replace_parameter_(layer, "bias", keep, 0, optimizers)
-    layer.out_features = int(keep.numel())
+    _shrink_outputs_(layer, keep, optimizers, "out_features")
 
 
 def shrink_linear_in_features_(layer: nn.Linear, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
     """Keep only the input features ``keep`` of ``layer`` (columns of weight)."""
     _check_keep(keep, layer.in_features, "shrink_linear_in_features_")
-    replace_parameter_(layer, "weight", keep, 1, optimizers)
-    layer.in_features = int(keep.numel())
+    _shrink_inputs_(layer, keep, optimizers, "in_features")
 
 
 def _check_conv(conv: nn.Module, what: str) -> None:
@@ -72,19 +82,14 @@ def shrink_conv_out_channels_(conv: nn.Module, keep: Tensor, optimizers: Iterabl
     """Keep only the output channels ``keep`` of a Conv1d/2d/3d with ``groups=1`` (filters and bias)."""
     _check_conv(conv, "shrink_conv_out_channels_")
     _check_keep(keep, conv.out_channels, "shrink_conv_out_channels_")
-    optimizers = list(optimizers)
-    replace_parameter_(conv, "weight", keep, 0, optimizers)
-    if conv.bias is not None:
-        replace_parameter_(conv, "bias", keep, 0, optimizers)
-    conv.out_channels = int(keep.numel())
+    _shrink_outputs_(conv, keep, optimizers, "out_channels")
 
 
 def shrink_conv_in_channels_(conv: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
     """Keep only the input channels ``keep`` of a Conv1d/2d/3d with ``groups=1`` (weight dim 1)."""
     _check_conv(conv, "shrink_conv_in_channels_")
     _check_keep(keep, conv.in_channels, "shrink_conv_in_channels_")
-    replace_parameter_(conv, "weight", keep, 1, optimizers)
-    conv.in_channels = int(keep.numel())
+    _shrink_inputs_(conv, keep, optimizers, "in_channels")
 
 
 def shrink_embedding_dim_(embedding: nn.Embedding, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:

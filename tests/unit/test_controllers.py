@@ -60,33 +60,74 @@ def intervals_to_reach(trace, target=TARGET, tol=0.02):
 # ----------------------------------------------------------------------------- DARE / LQR gain
 
 
+def riccati_residual(A, B, Q, R, P):
+    """``Q + AᵀPA − AᵀPB(R + BᵀPB)⁻¹BᵀPA − P`` (zero at an exact solution)."""
+    BtP = B.T @ P
+    return Q + A.T @ P @ A - A.T @ P @ B @ np.linalg.solve(R + BtP @ B, BtP @ A) - P
+
+
+def dare_error_bound(A, B, R, P, residual):
+    """First-order bound on ‖P − P_exact‖ from a residual: ‖L⁻¹‖·‖res‖ with L(X) = X − A_clᵀ X A_cl.
+
+    The Riccati map's derivative at the solution is the Stein operator L; its inverse's norm is the
+    conditioning that turns a residual (what a solver controls) into an error in P.
+    """
+    K = np.linalg.solve(R + B.T @ P @ B, B.T @ P @ A)
+    Acl = A - B @ K
+    n = A.shape[0]
+    L = np.eye(n * n) - np.kron(Acl.T, Acl.T)
+    return np.linalg.norm(np.linalg.inv(L), 2) * np.linalg.norm(residual, "fro")
+
+
+def check_dare_solution(A, B, Q, R, P):
+    """What matters of a DARE solution, and agreement with scipy within the conditioning's reach."""
+    eps = np.finfo(float).eps
+    scale = np.linalg.norm(Q) + np.linalg.norm(A) ** 2 * np.linalg.norm(P) + np.linalg.norm(P)
+    res = riccati_residual(A, B, Q, R, P)
+    assert np.linalg.norm(res) <= 1e4 * eps * scale, (np.linalg.norm(res), scale)  # backward stable
+    np.testing.assert_allclose(P, P.T, atol=10 * eps * np.abs(P).max())  # symmetric
+    assert np.linalg.eigvalsh(0.5 * (P + P.T)).min() >= -1e3 * eps * np.abs(P).max()  # positive semi-definite
+    K = np.linalg.solve(R + B.T @ P @ B, B.T @ P @ A)
+    assert np.abs(np.linalg.eigvals(A - B @ K)).max() < 1.0  # the stabilising solution
+    P_ref = scipy.linalg.solve_discrete_are(A, B, Q, R)
+    # both are near-solutions: they differ by at most the sum of their first-order error bounds
+    bound = dare_error_bound(A, B, R, P, res) + dare_error_bound(A, B, R, P_ref, riccati_residual(A, B, Q, R, P_ref))
+    tol = 10 * bound + 1e3 * eps * np.linalg.norm(P)
+    assert np.linalg.norm(P - P_ref) <= tol, (np.linalg.norm(P - P_ref), tol)
+
+
 @pytest.mark.parametrize(
     "a,b,q_e,q_d,r",
     [(0.7, 0.5, 1.0, 10.0, 1.0), (0.7, 0.3, 1.0, 20.0, 1.0), (0.0, 0.01, 2.0, 0.0, 0.1),
      (0.99, 5.0, 1.0, 100.0, 10.0), (0.5, 1e-3, 0.5, 1.0, 1e-3)],
 )
-def test_solve_dare_matches_scipy(a, b, q_e, q_d, r):
+def test_solve_dare_residual_and_agreement_with_scipy(a, b, q_e, q_d, r):
     A, B = linear_system(a, b)
     Q, R = np.diag([q_e, q_d]), np.array([[r]])
     P = solve_dare(A, B, Q, R)
-    P_ref = scipy.linalg.solve_discrete_are(A, B, Q, R)
-    np.testing.assert_allclose(P, P_ref, rtol=1e-9, atol=1e-12 * np.abs(P_ref).max())
+    check_dare_solution(A, B, Q, R, P)
     K = lqr_gain(A, B, Q, R)
-    K_ref = np.linalg.solve(R + B.T @ P_ref @ B, B.T @ P_ref @ A)
-    np.testing.assert_allclose(K, K_ref, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(K, np.linalg.solve(R + B.T @ P @ B, B.T @ P @ A), rtol=1e-12, atol=1e-15)
     assert K.shape == (1, 2) and K[0, 0] < 0.0  # cut while compute is above target
     assert K[0, 1] >= 0.0 and (q_d == 0.0 or K[0, 1] > 0.0)  # cut less while damaged
-    assert np.all(np.abs(np.linalg.eigvals(A - B @ K)) < 1.0)  # closed loop stable
 
 
-def test_solve_dare_general_system_matches_scipy():
+def test_solve_dare_general_system_residual_and_agreement_with_scipy():
     rng = np.random.default_rng(3)
     A = rng.normal(size=(4, 4))
     B = rng.normal(size=(4, 2))
     M = rng.normal(size=(4, 4))
     Q, R = M @ M.T + np.eye(4), np.diag([0.5, 2.0])
-    P_ref = scipy.linalg.solve_discrete_are(A, B, Q, R)
-    np.testing.assert_allclose(solve_dare(A, B, Q, R), P_ref, rtol=1e-9)
+    check_dare_solution(A, B, Q, R, solve_dare(A, B, Q, R))
+
+
+def test_dare_check_catches_a_wrong_solution():
+    """The check above must fail for a perturbed or non-stabilising P (else it would pass anything)."""
+    A, B = linear_system(0.7, 0.3)
+    Q, R = np.diag([1.0, 20.0]), np.eye(1)
+    P = solve_dare(A, B, Q, R)
+    with pytest.raises(AssertionError):
+        check_dare_solution(A, B, Q, R, P * (1 + 1e-6))
 
 
 def test_lqr_gain_known_values_and_shape_errors():

@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .surgery.arch import apply_arch_, capture_arch
+from .surgery.optim import swap_in_optimizers_
 
 
 @dataclass
@@ -45,9 +46,6 @@ class Snapshot:
             new = after[name]
             if new is old:
                 continue
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["params"] = [new if p is old else p for p in group["params"]]
-                opt.state.pop(old, None)
+            swap_in_optimizers_(old, new, optimizers, state_fn=None)  # the saved states are loaded next
         for opt, state in zip(optimizers, self.optimizer_states):
             opt.load_state_dict(state)

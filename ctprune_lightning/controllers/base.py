@@ -6,7 +6,7 @@ compute to remove::
     obs = Observation(step=120, progress=0.05, compute=0.82, damage=0.01, jump=0.004, last_action=0.1)
     u = controller.step(obs)          # fraction of DENSE FLOPs per step to remove now, u >= 0
 
-Sign conventions shared by every controller (DESIGN.md §3):
+Sign conventions shared by every controller:
 
 * ``e_k = c_k - c*`` is the compute above the setpoint ``c* = target``; the plant integrates the cut,
   ``e_{k+1} = e_k - u_k``.
@@ -100,16 +100,35 @@ class Controller(ABC):
 
     Args:
         target: compute setpoint ``c*`` as a fraction of dense FLOPs per step, in ``(0, 1]``.
+
+    Event controllers (CompreSSM's schedule) also override :meth:`due` and :meth:`rank_event`, and may
+    set ``rollback`` to have the loop undo an event that made ``rollback_monitor`` worse.
     """
 
     name: str = "base"
+    #: undo an event that made the validation metric ``rollback_monitor`` worse (see :meth:`worse`)
+    rollback: bool = False
+    rollback_monitor: str | None = None
 
     def __init__(self, target: float) -> None:
         self.target = check_number("target", target, 0.0, 1.0, low_open=True)
+        self.stopped = False  # set by the loop after a rollback: no more events
 
     @abstractmethod
     def step(self, obs: Observation) -> float:
         """Return ``u_k >= 0``, the fraction of dense compute to remove this interval."""
+
+    def due(self, progress: float) -> bool:
+        """Whether the controller wants a control interval now, between the regular ones."""
+        return False
+
+    def rank_event(self, obs: Observation) -> dict[str, Any] | None:
+        """A rank rule for the SSM layers to apply now (``mode``, ``tau``, ``fraction``, ``gate``), or None."""
+        return None
+
+    def worse(self, before: float, after: float) -> bool:
+        """Whether the rollback monitor moved from ``before`` to ``after`` the wrong way."""
+        return False
 
     def reset(self) -> None:
         """Forget everything learned since construction (stateless controllers: no-op)."""

@@ -15,6 +15,11 @@ from torch import Tensor, nn
 from ..surgery.groups import PrunableGroup
 
 
+def full(t: Tensor) -> Tensor:
+    """The whole tensor of an FSDP2-sharded DTensor (``full_tensor()``, a collective), else ``t`` itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def reduce_to_units(t: Tensor, dim: int, units: Tensor | None = None, width: int | None = None) -> Tensor:
     """Sum an element-wise tensor over every dimension but ``dim`` -> one value per index of ``dim``.
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..surgery.groups import PrunableGroup
-from .base import AccumulatingImportance, Importance, reduce_to_units
+from .base import AccumulatingImportance, Importance, full, reduce_to_units
 
 
 class MagnitudeImportance(Importance):
@@ -26,7 +26,7 @@ class MagnitudeImportance(Importance):
         width = group.width(model)
         total = torch.zeros(width)
         for _, p, dim, units in group.unit_slices(model):
-            total += reduce_to_units(p.detach().float().pow(2), dim, units, width).cpu()
+            total += reduce_to_units(full(p.detach()).float().pow(2), dim, units, width).cpu()
         return total.sqrt()
 
 
@@ -45,7 +45,8 @@ class TaylorImportance(AccumulatingImportance):
             total = torch.zeros_like(self.acc[g.name])
             for _, p, dim, units in g.unit_slices(model):
                 if p.grad is not None:
-                    total += reduce_to_units((p.detach() * p.grad.detach()).float(), dim, units, total.numel()).cpu()
+                    wg = (full(p.detach()) * full(p.grad.detach())).float()
+                    total += reduce_to_units(wg, dim, units, total.numel()).cpu()
             self.acc[g.name].mul_(self.beta).add_(total.abs(), alpha=1 - self.beta)
 
 
@@ -63,7 +64,7 @@ class TrajectoryImportance(AccumulatingImportance):
         for g in self.groups:
             for qname, p, _, _ in g.unit_slices(model):
                 if qname not in self._saved and p.grad is not None:
-                    self._saved[qname] = (p.detach().clone(), p.grad.detach().clone())
+                    self._saved[qname] = (full(p.detach()).clone(), full(p.grad.detach()).clone())
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         saved = getattr(self, "_saved", {})
@@ -76,12 +77,12 @@ class TrajectoryImportance(AccumulatingImportance):
                     continue
                 if qname not in work:
                     old, grad = saved[qname]
-                    work[qname] = (-grad * (p.detach() - old)).float()
+                    work[qname] = (-grad * (full(p.detach()) - old)).float()
                 self.acc[g.name] += reduce_to_units(work[qname], dim, units, self.acc[g.name].numel()).cpu()
         self._saved = {}
 
     def on_surgery(self, plan) -> None:
-        """Restart the integral at each event, as DESIGN §4 prescribes (the kept units start equal)."""
+        """Restart the integral at each event (the kept units start equal)."""
         for name in self.acc:
             width = plan[name].numel() if name in plan else self.acc[name].numel()
             self.acc[name] = torch.zeros(width)

@@ -46,6 +46,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .optim import swap_parameter_
+
 log = logging.getLogger(__name__)
 
 SSM_PARAM_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im")  # optimiser group "ssm" (no weight decay)
@@ -238,18 +240,7 @@ def swap_parameter_reinit_state_(module: nn.Module, name: str, data: Tensor, opt
     optimizer, with its state re-initialised by ``policy`` (see the module docstring)."""
     if policy not in STATE_POLICIES:
         raise ValueError(f"state_policy={policy!r} is not supported; choose one of {STATE_POLICIES}")
-    old = getattr(module, name)
-    new = nn.Parameter(data.detach().to(device=old.device, dtype=old.dtype).clone(), requires_grad=old.requires_grad)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            params = group["params"]
-            for i, p in enumerate(params):
-                if p is old:
-                    params[i] = new
-        if old in opt.state:
-            opt.state[new] = _reinit_state(opt.state.pop(old), old, new, policy)
-    setattr(module, name, new)
-    return new
+    return swap_parameter_(module, name, data, optimizers, lambda state, old, new: _reinit_state(state, old, new, policy))
 
 
 @dataclass

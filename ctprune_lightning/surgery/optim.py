@@ -1,22 +1,28 @@
-"""Keep optimizers consistent across surgery.
+"""Keep optimizers consistent across surgery: the one place that swaps a Parameter.
 
-A shrunk tensor must be a *new* ``nn.Parameter`` (changing ``param.data`` in place breaks autograd's
-cached accumulators), so every optimizer that held the old Parameter must hold the new one in the same
-slot of the same param group, with its state moved over and sliced with the same indices. The LR
-scheduler is bound to the optimizer, not to parameters, so it keeps its position untouched.
+A shrunk (or grown, or re-parametrised) tensor must be a *new* ``nn.Parameter`` (changing
+``param.data`` in place breaks autograd's cached accumulators), so every optimizer that held the old
+Parameter must hold the new one in the same slot of the same param group, with its state carried
+over by a rule: sliced with the kept indices (:func:`replace_parameter_`), re-initialised
+(balanced truncation), or dropped (a rollback that reloads the optimizer's own state afterwards).
+The LR scheduler is bound to the optimizer, not to parameters, so it keeps its position untouched.
 
 Example::
 
     new = replace_parameter_(layer, "weight", keep, dim=0, optimizers=trainer.optimizers)
+    swap_parameter_(layer, "B_re", data, optimizers, state_fn=lambda state, old, new: {})
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+#: ``state_fn(old_state, old_param, new_param) -> new_state`` says what a swap does to a slot's state.
+StateFn = Callable[[dict, Tensor, Tensor], dict]
 
 
 def slice_state_(state: dict, old: Tensor, keep: Tensor, dim: int) -> dict:
@@ -33,10 +39,11 @@ def slice_state_(state: dict, old: Tensor, keep: Tensor, dim: int) -> dict:
     return out
 
 
-def swap_parameter_in_optimizers_(
-    old: nn.Parameter, new: nn.Parameter, keep: Tensor, dim: int, optimizers: Iterable[Optimizer]
-) -> None:
-    """Put ``new`` where ``old`` was in every optimizer and move its (sliced) state."""
+def swap_in_optimizers_(old: Tensor, new: Tensor, optimizers: Iterable[Optimizer], state_fn: StateFn | None) -> None:
+    """Put ``new`` where ``old`` was in every optimizer; its state becomes ``state_fn(state, old, new)``.
+
+    ``state_fn=None`` drops the state (the slot starts fresh, or the caller loads a state dict next).
+    """
     for opt in optimizers:
         for group in opt.param_groups:
             params = group["params"]
@@ -44,24 +51,33 @@ def swap_parameter_in_optimizers_(
                 if p is old:  # identity: `in` would compare tensors elementwise
                     params[i] = new
         if old in opt.state:  # state is keyed by the tensor's hash (its id)
-            opt.state[new] = slice_state_(opt.state.pop(old), old, keep, dim)
+            state = opt.state.pop(old)
+            if state_fn is not None:
+                opt.state[new] = state_fn(state, old, new)
+
+
+def swap_parameter_(module: nn.Module, name: str, data: Tensor, optimizers: Iterable[Optimizer] = (),
+                    state_fn: StateFn | None = None) -> nn.Parameter:
+    """Replace ``module.<name>`` by a new Parameter holding ``data`` (the old dtype, device and
+    ``requires_grad``: frozen stays frozen), in the old Parameter's optimizer slots; see
+    :func:`swap_in_optimizers_` for ``state_fn``. The old gradient is dropped."""
+    old = getattr(module, name)
+    new = nn.Parameter(data.detach().to(device=old.device, dtype=old.dtype).clone(), requires_grad=old.requires_grad)
+    swap_in_optimizers_(old, new, optimizers, state_fn)
+    setattr(module, name, new)
+    return new
 
 
 def replace_parameter_(
     module: nn.Module, name: str, keep: Tensor, dim: int, optimizers: Iterable[Optimizer] = ()
 ) -> nn.Parameter:
-    """Replace ``module.<name>`` by a new Parameter holding ``index_select(dim, keep)``.
-
-    ``requires_grad`` is preserved (frozen stays frozen); the gradient is dropped.
-    """
+    """Replace ``module.<name>`` by a new Parameter holding ``index_select(dim, keep)``, optimizer
+    state sliced alike (``step`` kept)."""
     old = getattr(module, name)
     keep = keep.to(old.device)
     with torch.no_grad():
-        data = old.detach().index_select(dim, keep).clone()
-    new = nn.Parameter(data, requires_grad=old.requires_grad)
-    swap_parameter_in_optimizers_(old, new, keep, dim, optimizers)
-    setattr(module, name, new)
-    return new
+        data = old.detach().index_select(dim, keep)
+    return swap_parameter_(module, name, data, optimizers, lambda state, o, n: slice_state_(state, o, keep, dim))
 
 
 def replace_buffer_(module: nn.Module, name: str, keep: Tensor, dim: int = 0) -> None:
@@ -75,3 +91,9 @@ def replace_buffer_(module: nn.Module, name: str, keep: Tensor, dim: int = 0) ->
 def optimizer_params(optimizers: Iterable[Optimizer]) -> list[Tensor]:
     """All parameters the optimizers update, in order."""
     return [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+
+
+def live_parameters_missing(model: nn.Module, optimizers: Iterable[Any]) -> list[str]:
+    """Names of trainable parameters of ``model`` that no optimizer holds (a stale optimizer)."""
+    held = {id(p) for p in optimizer_params(optimizers)}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]

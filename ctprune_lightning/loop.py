@@ -1,0 +1,314 @@
+"""The control step, free of Lightning: sense -> decide -> plan, then record what the actuation did.
+
+:class:`ControlLoop` owns what the step needs (groups, probe batches, controller, importance, FLOPs
+meter, compute ledger, trace and history). A :class:`Plan` is plain data, so a distributed strategy
+can broadcast rank 0's plan and every rank can apply the same one. The Lightning callback
+(:mod:`ctprune_lightning.callback`) only adapts hooks, logging and checkpoint state to it::
+
+    loop = ControlLoop(build_controller("lqr", 0.3), build_importance("trajectory"), target=0.3)
+    loop.discover(model, example)
+    loop.add_probe(batch)
+    obs = loop.observe(model, step=120, progress=0.1)
+    plan = loop.decide(model, obs)                  # rank 0; broadcast it
+    if plan.keep:
+        loop.apply_(model, plan, optimizers)        # every rank, at the optimizer-step boundary
+    loop.record(model, obs, plan)
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+
+from .accounting import ComputeLedger, FlopMeter
+from .controllers import Controller, NoneController, Observation
+from .importance import Importance
+from .importance.hankel import HankelImportance, plan_lru_ranks
+from .planning import plan_widths, select_units
+from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def default_loss(model: nn.Module, batch: Any) -> Tensor:
+    """The probe loss: ``model.compute_loss(batch)`` when defined, else cross-entropy on ``(x, y)``."""
+    if hasattr(model, "compute_loss"):
+        return model.compute_loss(batch)
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+        raise TypeError(
+            f"ControlPruning cannot compute a loss on a batch of type {type(batch).__name__}: "
+            "give your LightningModule a `compute_loss(batch) -> Tensor` method, or yield (inputs, targets)."
+        )
+    logits = model(batch[0])
+    return F.cross_entropy(logits.flatten(0, -2) if logits.dim() > 2 else logits, batch[1].flatten())
+
+
+def batch_size(batch: Any) -> int:
+    """Leading dimension of the first tensor of a batch (1 when there is none)."""
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.shape[0]) if isinstance(first, Tensor) else 1
+
+
+def _identity(x: float) -> float:
+    return x
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do at one control interval: plain data, identical on every rank once broadcast.
+
+    Attributes:
+        step: the optimizer step it was decided at.
+        widths: every group's width after the plan.
+        keep: ``{group name: sorted kept unit indices}`` for the groups that change (empty: no cut).
+        requested: the controller's action ``u`` (fraction of dense FLOPs to remove), after capping.
+        snapshot: take a rollback snapshot before actuating (CompreSSM rollback mode).
+        spectra: the Hankel singular values of the SSM groups cut, for the history.
+    """
+
+    step: int
+    widths: dict[str, int]
+    keep: dict[str, list[int]] = field(default_factory=dict)
+    requested: float = 0.0
+    snapshot: bool = False
+    spectra: dict[str, Any] = field(default_factory=dict)
+
+
+class ControlLoop:
+    """Sense, decide and plan; record the effect of each actuation. See the module docstring.
+
+    Args:
+        controller / importance: built objects.
+        target: the compute floor ``c*`` (the dense baseline's is 1).
+        min_width / round_to: planner limits (every group's own limits live on the group).
+        probe_batches: first training batches kept to measure the loss damage.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for the probe and FLOP counting.
+        reduce_mean: averages a float over ranks (identity on one process).
+        flop_view: ``flop_view(model)`` is a context in which ``model`` holds plain (unsharded) modules
+            of the same shapes, for FLOP counting without collectives (FSDP2); none by default.
+    """
+
+    def __init__(self, controller: Controller, importance: Importance, target: float, *, min_width: int = 8,
+                 round_to: int = 1, probe_batches: int = 2, loss_fn: LossFn = default_loss,
+                 reduce_mean: Callable[[float], float] = _identity,
+                 flop_view: Callable[[nn.Module], AbstractContextManager[Any]] = nullcontext) -> None:
+        self.controller, self.importance = controller, importance
+        self.target = 1.0 if isinstance(controller, NoneController) else float(target)
+        self.min_width, self.round_to, self.probe_batches = min_width, round_to, probe_batches
+        self.loss_fn, self.reduce_mean, self.flop_view = loss_fn, reduce_mean, flop_view
+        self.groups: list[PrunableGroup] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.dense_widths: dict[str, int] = {}
+        self.ledger = ComputeLedger()
+        self.trace: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
+        self.probe: list[Any] = []
+        self.meter = FlopMeter(loss_fn)
+        self.hankel = HankelImportance()  # SSM layers: scores are Hankel singular values
+        self.ref_batch = 1
+        self.best: float | None = None
+        self.jump: float | None = None
+        self.last_u = 0.0
+        self.saturated = False  # no further cut possible above the floor: importance tracking stops
+        self._before: tuple[float, float] | None = None  # (probe loss, best) at the last observation
+
+    # ------------------------------------------------------------------------------------ set-up
+    def discover(self, model: nn.Module, example: Any, ignored_layers: Sequence[str | type] = (),
+                 group_limits: Mapping[str | type, int] | None = None, prune_embeddings: bool = False) -> None:
+        """Find the prunable groups; raise ``ValueError`` naming the reasons when there are none."""
+        self.groups, self.skipped = discover_groups(model, example, ignored_layers, self.min_width,
+                                                    round_to=self.round_to, group_limits=group_limits or {},
+                                                    prune_embeddings=prune_embeddings)
+        if not self.groups:
+            reasons = "; ".join(f"{n}: {r}" for n, r in self.skipped) or "no Linear, Conv or attention layers found"
+            raise ValueError(f"ControlPruning: {type(model).__name__} has nothing prunable ({reasons}).")
+        self.dense_widths = self.dense_widths or self.widths(model)
+        self.importance.attach(model, self.groups)
+
+    def widths(self, model: nn.Module) -> dict[str, int]:
+        return {g.name: g.width(model) for g in self.groups}
+
+    @property
+    def ready(self) -> bool:
+        """Whether enough probe batches are kept to run a control interval."""
+        return len(self.probe) >= self.probe_batches
+
+    def add_probe(self, model: nn.Module, batch: Any) -> None:
+        """Keep ``batch`` as a probe batch while fewer than ``probe_batches`` are kept."""
+        if len(self.probe) >= self.probe_batches:
+            return
+        self.probe.append(apply_to_collection(batch, Tensor, lambda t: t.detach().clone()))
+        if len(self.probe) == 1:
+            self.ref_batch = batch_size(batch)
+            if not self.ledger.dense_step_flops:
+                self.ledger.dense_step_flops = self.flops(model)[0]
+
+    def count_batch(self, model: nn.Module, batch: Any) -> None:
+        """Charge one training batch at the current architecture to the ledger."""
+        self.ledger.add_batch(self.flops(model)[0], batch_size(batch) / self.ref_batch)
+
+    # ------------------------------------------------------------------------------- measurements
+    def flops(self, model: nn.Module) -> tuple[int, dict[str, int]]:
+        key = arch_spec(model, self.groups)
+        if key not in self.meter.cache:
+            with self.flop_view(model):
+                self.meter.measure(model, self._probe_on(model, 0), key)
+        return self.meter.cache[key]
+
+    def compute(self, model: nn.Module) -> float:
+        return self.flops(model)[0] / self.ledger.dense_step_flops
+
+    def _probe_on(self, model: nn.Module, i: int) -> Any:
+        device = next(model.parameters()).device
+        return apply_to_collection(self.probe[i], Tensor, lambda t: t.to(device))
+
+    @torch.no_grad()
+    def probe_loss(self, model: nn.Module) -> float:
+        """Mean loss over the probe batches in eval mode, averaged over ranks."""
+        was_training = model.training
+        model.eval()
+        try:
+            losses = [float(self.loss_fn(model, self._probe_on(model, i))) for i in range(len(self.probe))]
+        finally:
+            model.train(was_training)
+        return self.reduce_mean(sum(losses) / len(losses))
+
+    def update_saturation(self, model: nn.Module) -> None:
+        """Saturated when even the deepest allowed cut (down to the floor) changes no width."""
+        total, per_module = self.flops(model)
+        floor = self.target * self.ledger.dense_step_flops
+        widths = self.widths(model)
+        self.saturated = widths == plan_widths(widths, per_module, total, self.groups, floor,
+                                               self.min_width, self.round_to, floor_flops=floor)
+
+    # ------------------------------------------------------------------------------- the control step
+    def observe(self, model: nn.Module, step: int, progress: float) -> Observation:
+        """Sense: compute fraction and the probe-loss damage (every rank)."""
+        loss = self.probe_loss(model)
+        best = loss if self.best is None else self.best
+        damage = max(0.0, loss - best) / max(best, 1e-12)
+        self.best, self._before = min(best, loss), (loss, best)
+        obs = Observation(step=step, progress=progress, compute=self.compute(model), damage=damage,
+                          jump=self.jump, last_action=self.last_u)
+        self.jump, self.last_u = None, 0.0
+        return obs
+
+    def decide(self, model: nn.Module, obs: Observation, events_allowed: bool = True) -> Plan:
+        """Decide: the controller's action, planned into kept unit indices per group."""
+        total, per_module = self.flops(model)
+        dense = self.ledger.dense_step_flops
+        u = min(max(0.0, float(self.controller.step(obs))), max(0.0, obs.compute - self.target))
+        widths = self.widths(model)
+        rule = self.controller.rank_event(obs) if events_allowed else None
+        snapshot = False
+        if rule is not None:  # CompreSSM event: SSM ranks from the Hankel singular values
+            new = self._ssm_ranks(model, widths, rule)
+            snapshot = new != widths and self.controller.rollback
+        elif u > 0:
+            new = plan_widths(widths, per_module, total, self.groups, (obs.compute - u) * dense, self.min_width,
+                              self.round_to, floor_flops=self.target * dense, reference=self.dense_widths)
+        else:
+            new = widths
+        keep = {g.name: select_units(self._scores(model, g), new[g.name]).tolist()
+                for g in self.groups if new[g.name] != widths[g.name]}
+        spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}
+        return Plan(step=obs.step, widths=new, keep=keep, requested=u, snapshot=snapshot, spectra=spectra)
+
+    def apply_(self, model: nn.Module, plan: Plan, optimizers: Sequence[Any]) -> None:
+        """Actuate ``plan`` on this rank's (unwrapped) model; the importance follows the cut."""
+        keep = {name: torch.tensor(idx, dtype=torch.long) for name, idx in plan.keep.items()}
+        apply_plan_(model, self.groups, keep, optimizers)
+        self.importance.on_surgery(keep)
+
+    def record(self, model: nn.Module, obs: Observation, plan: Plan) -> dict[str, Any]:
+        """Re-measure after an actuation (or none) and append the trace row (returned)."""
+        compute = obs.compute
+        if plan.keep:
+            compute = self.compute(model)
+            before, best = self._before if self._before is not None else (self.probe_loss(model),) * 2
+            self.jump = (self.probe_loss(model) - before) / max(best, 1e-12)
+            self.last_u = obs.compute - compute
+            self.history.append({"step": plan.step, "widths": dict(plan.widths), "compute": compute}
+                                | ({"hankel_spectra": plan.spectra} if plan.spectra else {}))
+            self.update_saturation(model)
+        row = {"step": obs.step, "progress": obs.progress, "compute": compute, "damage": obs.damage,
+               "action": self.last_u, "requested": plan.requested, "widths": self.widths(model)}
+        self.trace.append(row)
+        return row
+
+    def record_rollback(self, model: nn.Module, step: int, to_step: int, before: float, after: float) -> None:
+        """After a rollback restored the model: importance and history follow the restored widths."""
+        self.controller.stopped = True
+        self.importance.attach(model, self.groups)
+        self.history.append({"step": step, "widths": self.widths(model), "compute": self.compute(model),
+                             "rollback_to_step": to_step, "val_before": before, "val_after": after})
+        self.update_saturation(model)
+
+    def _scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
+        """SSM state groups are ranked by their Hankel singular values, every other group by the importance."""
+        if group.unit == "state":
+            return self.hankel.scores(model, group)
+        return self.importance.scores(model, group)
+
+    def _ssm_ranks(self, model: nn.Module, widths: dict[str, int], rule: Mapping[str, Any]) -> dict[str, int]:
+        """Widths with each SSM group at the rank that ``rule`` (mode, tau, fraction, gate) gives it."""
+        states = [g for g in self.groups if g.unit == "state"]
+        hsvs = {g.name: self._scores(model, g) for g in states}
+        ranks = plan_lru_ranks(model, hsvs=hsvs, min_rank=self.min_width, **dict(rule))
+        return {**widths, **{n: r for n, r in ranks.items() if n in hsvs}}
+
+    # ------------------------------------------------------------------------------ state and report
+    def summary(self, steps: int) -> dict[str, Any]:
+        """Plain-Python report of the run so far."""
+        last = self.trace[-1]["widths"] if self.trace else dict(self.dense_widths)
+        return {
+            "controller": type(self.controller).__name__,
+            "importance": getattr(self.importance, "name", type(self.importance).__name__),
+            "target": self.target,
+            "widths": last,
+            "dense_widths": dict(self.dense_widths),
+            "dense_step_flops": self.ledger.dense_step_flops,
+            "flops_fraction": self.history[-1]["compute"] if self.history else 1.0,
+            "train_flops": self.ledger.train_flops,
+            "dense_train_flops": self.ledger.dense_train_flops,
+            "train_flops_saved": self.ledger.saved,
+            "train_time_s": self.ledger.train_time_s,
+            "steps": steps,
+            "surgeries": len(self.history),
+            "history": list(self.history),
+            "trace": list(self.trace),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "probe": [apply_to_collection(b, Tensor, lambda t: t.cpu()) for b in self.probe],
+            "ref_batch": self.ref_batch,
+            "controller": self.controller.state_dict(),
+            "importance": self.importance.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "trace": list(self.trace),
+            "history": list(self.history),
+            "dense_widths": dict(self.dense_widths),
+            "best": self.best,
+            "jump": self.jump,
+            "last_u": self.last_u,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.controller.load_state_dict(state.get("controller", {}))
+        self.importance.load_state_dict(state.get("importance", {}))
+        self.ledger.load_state_dict(state.get("ledger", {}))
+        self.trace = list(state.get("trace", []))
+        self.history = list(state.get("history", []))
+        self.dense_widths = dict(state.get("dense_widths", {}))
+        self.best = state.get("best")
+        self.jump = state.get("jump")
+        self.last_u = float(state.get("last_u", 0.0))
+        self.probe = list(state.get("probe", []))
+        self.ref_batch = int(state.get("ref_batch", 1))

@@ -55,15 +55,52 @@ def read_spec(checkpoint: Mapping[str, Any], source: str) -> dict[str, Any] | No
     return dict(spec)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with errors that name the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+#: the file in a sharded (``torch.distributed.checkpoint``) checkpoint folder that holds everything but the tensors
+SHARDED_META = "meta.pt"
+
+
+def _load(path: Path) -> Any:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint (truncated or corrupt file?): {err}") from err
+
+
+def read_checkpoint_spec(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``ctprune`` spec of a checkpoint file or sharded checkpoint folder, without loading its shards."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / SHARDED_META).is_file():
+            raise CheckpointError(f"{path}: a folder, but not a sharded checkpoint (no {SHARDED_META})")
+        return read_spec(_load(path / SHARDED_META), str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+    checkpoint = _load(path)
+    return read_spec(checkpoint, str(path)) if isinstance(checkpoint, Mapping) else None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the problem.
+
+    A sharded checkpoint folder (FSDP2, ``torch.distributed.checkpoint``) is assembled into one full
+    checkpoint in CPU memory, on one process.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / SHARDED_META).is_file():
+        raise CheckpointError(f"{path}: a folder, but not a sharded checkpoint (no {SHARDED_META})")
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        checkpoint = _load(path / SHARDED_META)
+        try:
+            shards = _load_distributed_checkpoint(path)
+        except Exception as err:  # noqa: BLE001 - torch.distributed.checkpoint raises many types
+            raise CheckpointError(f"{path}: its shards cannot be read (incomplete or corrupt?): {err}") from err
+        checkpoint = dict(checkpoint) | {"state_dict": shards.get("state_dict", {})}
+    elif not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    else:
+        checkpoint = _load(path)
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a model checkpoint (no 'state_dict' entry)")
     return dict(checkpoint)
@@ -108,7 +145,8 @@ def install_checkpoint_hooks(trainer: Any) -> None:
         return load_model_state_dict(checkpoint, strict=strict, **kwargs)
 
     strategy.load_checkpoint = load_checkpoint_named
-    strategy.load_model_state_dict = load_model_state_dict_rebuilt
+    if not getattr(strategy, "rebuilds_from_checkpoint", False):  # a pruning FSDP strategy rebuilds itself
+        strategy.load_model_state_dict = load_model_state_dict_rebuilt
     strategy._ctprune_hooks = True
 
 

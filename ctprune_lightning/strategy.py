@@ -157,6 +157,15 @@ class PruningFSDPStrategy(PruningStrategy, ModelParallelStrategy):
             raise TypeError(f"PruningFSDPStrategy: `shard_modules` takes module types or names, got {bad!r}")
         self._templates: dict[str, nn.Module] = {}  # unsharded, meta-device copies of each FSDP root
 
+    #: :meth:`load_checkpoint` rebuilds the model to the checkpoint's shapes before the shards load
+    rebuilds_from_checkpoint = True
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto" and self._tensor_parallel_size != "auto":
+            # every process not used for tensor parallelism does data parallelism
+            self._data_parallel_size = max(1, self.num_nodes * self.num_processes // int(self._tensor_parallel_size))
+        ModelParallelStrategy.setup_environment(self)
+
     # ------------------------------------------------------------------------------ sharding
     def _mesh(self) -> Any:
         return self.device_mesh["data_parallel"]

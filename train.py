@@ -187,10 +187,11 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         (dense_params, _num_params(model)),
     )
     summary["run_dir"] = str(output_dir)
-    path = write_summary(summary, Path(output_dir) / "summary.json")
-    log_summary(loggers, summary, trainer.global_step)
-    print(format_summary(summary))
-    log.info("summary written to %s", path)
+    log_summary(loggers, summary, trainer.global_step)  # loggers write on rank 0 only
+    if trainer.is_global_zero:  # every rank holds the same summary (same plan, all-reduced metrics)
+        path = write_summary(summary, Path(output_dir) / "summary.json")
+        print(format_summary(summary))
+        log.info("summary written to %s", path)
     return summary
 
 
@@ -204,6 +205,14 @@ def finish_wandb(ok: bool) -> None:
         wandb.finish(exit_code=0 if ok else 1)
 
 
+def close_process_group() -> None:
+    """End a distributed run cleanly (gloo's threads abort the interpreter at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     ok = False
@@ -212,6 +221,7 @@ def main(cfg: DictConfig) -> None:
         ok = True
     finally:
         finish_wandb(ok)
+        close_process_group()
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ class ControlPruning(Callback):
         require_pruning_strategy(trainer.strategy, trainer.world_size)
         strategy = trainer.strategy
         self.loop.reduce_mean = lambda x: float(strategy.reduce(torch.tensor(float(x)), reduce_op="mean"))
+        self.loop.world_size = trainer.world_size
         if isinstance(strategy, PruningStrategy):
             self.loop.flop_view = strategy.flop_view
         if pl_module.example_input_array is not None and not self.groups:

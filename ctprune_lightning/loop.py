@@ -112,6 +112,7 @@ class ControlLoop:
         self.meter = FlopMeter(loss_fn)
         self.hankel = HankelImportance()  # SSM layers: scores are Hankel singular values
         self.ref_batch = 1
+        self.world_size = 1  # ranks that each train a batch per step: the job's FLOPs are world_size × a rank's
         self.best: float | None = None
         self.jump: float | None = None
         self.last_u = 0.0
@@ -273,10 +274,11 @@ class ControlLoop:
             "target": self.target,
             "widths": last,
             "dense_widths": dict(self.dense_widths),
-            "dense_step_flops": self.ledger.dense_step_flops,
+            "dense_step_flops": self.ledger.dense_step_flops,  # one rank's batch
             "flops_fraction": self.history[-1]["compute"] if self.history else 1.0,
-            "train_flops": self.ledger.train_flops,
-            "dense_train_flops": self.ledger.dense_train_flops,
+            "train_flops": self.ledger.train_flops * self.world_size,  # the whole job
+            "dense_train_flops": self.ledger.dense_train_flops * self.world_size,
+            "world_size": self.world_size,
             "train_flops_saved": self.ledger.saved,
             "train_time_s": self.ledger.train_time_s,
             "steps": steps,

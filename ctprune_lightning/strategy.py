@@ -191,15 +191,16 @@ class PruningFSDPStrategy(PruningStrategy, ModelParallelStrategy):
         from torch.distributed.tensor import DTensor
 
         model = self.model
-        if any(isinstance(p, DTensor) for p in model.parameters()):
-            raise TypeError("PruningFSDPStrategy applies fully_shard itself (so it can shard again after a "
-                            "surgery): remove fully_shard from configure_model() and pass the modules to shard "
-                            "as units with PruningFSDPStrategy(shard_modules=[MyBlock, ...])")
-        model.to(self.root_device)
-        roots = self._roots(model)
-        self._templates = {r: copy.deepcopy(model.get_submodule(r)).to("meta") for r in roots}
-        self._shard_(model, roots)
-        self.lightning_module.configure_model = lambda: None  # sharded: nothing left for the hook to do
+        if not self._templates:  # first setup (fit, or test/validate alone); a later one finds it sharded
+            if any(isinstance(p, DTensor) for p in model.parameters()):
+                raise TypeError("PruningFSDPStrategy applies fully_shard itself (so it can shard again after a "
+                                "surgery): remove fully_shard from configure_model() and name the modules to "
+                                "shard as units in PruningFSDPStrategy(shard_modules=[MyBlock, 'blocks.0', ...])")
+            model.to(self.root_device)
+            roots = self._roots(model)
+            self._templates = {r: copy.deepcopy(model.get_submodule(r)).to("meta") for r in roots}
+            self._shard_(model, roots)
+            self.lightning_module.configure_model = lambda: None  # sharded: nothing left for the hook to do
         ModelParallelStrategy.setup(self, trainer)
 
     @contextmanager

@@ -36,6 +36,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "train_time_s",
     "fit_time_s",
     "steps",
+    "world_size",
     "trace",
 )
 

@@ -87,6 +87,10 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(runs: dict[str, 
     (single,), (dist0, _) = records(runs["single"]), records(runs[strategy])
     assert dist0["summary"]["widths"] == single["summary"]["widths"] == {"net.1": 32, "net.3": 28}
     assert dist0["summary"]["train_flops_saved"] == pytest.approx(single["summary"]["train_flops_saved"])
+    # forward + backward of one rank's half batch, counted without collectives; the job's total equals one process's
+    assert 2 * dist0["summary"]["dense_step_flops"] == single["summary"]["dense_step_flops"]
+    assert dist0["summary"]["train_flops"] == pytest.approx(single["summary"]["train_flops"])
+    assert dist0["summary"]["world_size"] == 2 and single["summary"]["world_size"] == 1
     for e, s in zip(dist0["events"], single["events"]):
         assert e["step"] == s["step"] and e["widths"] == s["widths"]
         close(e["digest"], s["digest"], rtol=1e-3)  # float32, summed in another order over ranks

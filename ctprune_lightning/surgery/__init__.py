@@ -3,6 +3,7 @@
 from .attention import (MHA_REASON, HeadLayout, find_head_layout, shrink_attention_heads_,
                         shrink_attention_in_features_, shrink_attention_out_features_)
 from .groups import PrunableGroup, Slice, UnitSlice, apply_plan_, arch_spec, discover_groups
+from .mha import PrunableMultiheadAttention, convert_multihead_attention_, shrink_mha_heads_
 from .optim import replace_parameter_, slice_state_
 from .shrink import (shrink_conv_in_channels_, shrink_conv_out_channels_, shrink_embedding_dim_,
                      shrink_linear_in_features_, shrink_linear_out_features_, shrink_norm_)
@@ -11,10 +12,12 @@ __all__ = [
     "MHA_REASON",
     "HeadLayout",
     "PrunableGroup",
+    "PrunableMultiheadAttention",
     "Slice",
     "UnitSlice",
     "apply_plan_",
     "arch_spec",
+    "convert_multihead_attention_",
     "discover_groups",
     "find_head_layout",
     "replace_parameter_",
@@ -26,6 +29,7 @@ __all__ = [
     "shrink_embedding_dim_",
     "shrink_linear_in_features_",
     "shrink_linear_out_features_",
+    "shrink_mha_heads_",
     "shrink_norm_",
     "slice_state_",
 ]

@@ -27,6 +27,8 @@ from torch import nn
 SIZE_ATTRS = (
     "in_features", "out_features", "in_channels", "out_channels", "num_features", "normalized_shape",
     "embedding_dim", "embed_dim", "kdim", "vdim", "num_heads", "n_head", "head_dim", "state_dim",
+    # Hugging Face modules (ctprune_lightning.surgery.hf): Conv1D, GPT-2/BERT attention, a Llama MLP
+    "nf", "nx", "split_size", "num_attention_heads", "attention_head_size", "all_head_size", "intermediate_size",
 )
 
 

@@ -10,7 +10,9 @@ module's input and output widths (the residual stream) do not change.
 ``nn.MultiheadAttention`` is *not* head-prunable: ``F.multi_head_attention_forward`` requires
 ``in_proj_weight`` of shape (3E, E) and ``head_dim = E // num_heads``, where E = ``embed_dim`` is also
 the width of its input and output, so dropping a head would change the residual width. It is left
-dense (see :data:`MHA_REASON`).
+dense (see :data:`MHA_REASON`) unless converted to the drop-in
+:class:`ctprune_lightning.surgery.mha.PrunableMultiheadAttention` (same forward and state dict, free
+inner width) with :func:`ctprune_lightning.surgery.mha.convert_multihead_attention_`.
 
 Example::
 
@@ -31,8 +33,9 @@ from .shrink import _check_keep, expand_units, shrink_linear_in_features_, shrin
 
 MHA_REASON = ("nn.MultiheadAttention heads cannot be pruned without changing embed_dim, its input/output (residual) "
               "width: F.multi_head_attention_forward requires in_proj_weight of shape (3*embed_dim, embed_dim) and "
-              "head_dim = embed_dim // num_heads; left dense (write q/k/v/out projections as Linear children with an "
-              "`n_head` attribute, like ctprune_lightning.models.gpt.CausalSelfAttention, to prune heads)")
+              "head_dim = embed_dim // num_heads; left dense. To prune its heads, convert it before the optimizer is "
+              "built: ctprune_lightning.surgery.convert_multihead_attention_(model) replaces every "
+              "nn.MultiheadAttention by PrunableMultiheadAttention (same forward and state dict)")
 HEAD_COUNT_ATTRS = ("n_head", "num_heads")
 OUT_NAMES = ("c_proj", "out_proj", "o_proj")
 INNER_WIDTH_ATTRS = ("inner_dim", "all_head_size")  # bookkeeping some modules keep; updated when present

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from . import attention as attn
+from . import mha as pmha
+from . import hf
 from .balanced import is_lru_layer
 from .slices import (ATTN_IN, ATTN_OUT, CONV_IN, CONV_OUT, EMBEDDING_DIM, HEADS, IN_KINDS, LINEAR_IN, LINEAR_OUT,
                      NORM, OUT_KINDS, SSM_STATE, PrunableGroup, Slice, apply_plan_, tied_parameters)
@@ -119,11 +121,19 @@ def _slice_kind(module: nn.Module, is_out: bool, layouts: Mapping[nn.Module, att
             return None, (), ("embedding dimension of '{}' (vocabulary and embedding widths are never cut unless "
                               "prune_embeddings=True)")
         return EMBEDDING_DIM, (), None
+    if hf.is_conv1d(module):  # transformers' Conv1D (GPT-2): a Linear with the weight transposed
+        return (hf.CONV1D_OUT if is_out else hf.CONV1D_IN), (), None
+    if hf.find_hf_head_layout(module) is not None:
+        return None, (), hf.RESIDUAL_REASON
     if module in layouts:
         return (ATTN_OUT if is_out else ATTN_IN), layouts[module].parts, None
+    if isinstance(module, pmha.PrunableMultiheadAttention):  # its residual (embed_dim) side
+        why = pmha.embed_refusal(module)
+        return ((ATTN_OUT if is_out else ATTN_IN), pmha.MHA_PARTS, None) if why is None else (
+            None, (), f"coupled to the residual width of attention '{{}}' ({why})")
     if isinstance(module, nn.MultiheadAttention):
         return None, (), ("coupled to nn.MultiheadAttention '{}', whose embed_dim ties its input, q/k/v and output "
-                          "widths (not supported)")
+                          "widths (not supported; convert_multihead_attention_ makes it prunable)")
     return None, (), f"coupled to {type(module).__name__} '{{}}', which cannot be shrunk yet"
 
 
@@ -145,16 +155,30 @@ def _trace(model: nn.Module, example_inputs: Any, layouts: Mapping[nn.Module, at
     import torch_pruning as tp  # heavy import, only when a fit starts
 
     custom = {type(m): _black_box_pruner() for m in layouts}
+    custom.update(pmha.customized_pruners(model))  # PrunableMultiheadAttention, traced as one layer
+    custom.update(hf.customized_pruners(model))  # Conv1D and Hugging Face attention modules
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), hf.opaque_attention(model), pmha.traced_as_one_layer(model):
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                          customized_pruners=custom or None, verbose=False)
+                                                          customized_pruners=custom or None, verbose=False,
+                                                          output_transform=_graph_outputs)
         roots = ROOT_TYPES + tuple(custom)  # an attention output group is named after its output projection
         return graph, list(graph.get_all_groups(ignored_layers=[], root_module_types=roots))
     finally:
         model.train(was_training)
+
+
+def _graph_outputs(out: Any) -> list[torch.Tensor]:
+    """The output tensors to trace from (a ``ModelOutput`` also holds caches and None)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.grad_fn is not None else []
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _graph_outputs(o)]
+    return []
 
 
 def _group_name(producer: Slice) -> str:
@@ -244,6 +268,8 @@ def discover_groups(
     order = {n: i for i, n in enumerate(names.values())}
     ignored = {n for m, n in names.items() if n and _matches(n, m, ignored_layers)}
     layouts = {m: lay for m in names if (lay := attn.find_head_layout(m)) is not None}
+    hf_layouts = {m: lay for m in names if (lay := hf.find_hf_head_layout(m)) is not None}
+    layouts = {m: lay for m, lay in layouts.items() if m not in hf_layouts}
     graph, tp_groups = _trace(model, example_inputs, layouts)
     pnames = {id(p): n for n, p in model.named_parameters()}
     ties = tied_parameters(model)
@@ -266,7 +292,9 @@ def discover_groups(
             covered.add(names[module])
             is_out = getattr(item.dep.handler, "__name__", "") == "prune_out_channels"
             if is_out and not isinstance(module, NORM_TYPES):
-                display = f"{names[module]}.{layouts[module].out}" if module in layouts else names[module]
+                lay = layouts.get(module) or hf_layouts.get(module)  # an attention output: its projection
+                display = f"{names[module]}.{lay.out}" if lay is not None else names[module]
+                display += ".out_proj" if isinstance(module, pmha.PrunableMultiheadAttention) else ""
                 producers.append((order[names[module]], display))
             kind, parts, why = _slice_kind(module, is_out, layouts, prune_embeddings)
             block, why_block = (0, None) if kind is None else _block(item, width, kind)
@@ -291,6 +319,16 @@ def discover_groups(
         why = attn.check_head_layout(module, layout)
         group = PrunableGroup(name, (Slice(name, HEADS, 1, layout.parts),), round_to=1)
         candidates.append((group, None if why is None else f"attention heads: {why}"))
+    for module, layout in hf_layouts.items():  # GPT-2, Llama-style (a unit = a key/value group), BERT
+        name = names[module]
+        covered.update({name} | {n for n in order if n.startswith(name + ".")})
+        why = hf.check_hf_head_layout(module, layout)
+        group = PrunableGroup(name, (Slice(name, hf.HF_HEADS, 1, layout.parts),), round_to=1)
+        candidates.append((group, None if why is None else f"attention heads: {why}"))
+    for module, name in names.items():  # a converted nn.MultiheadAttention: one head group (mha.py)
+        if isinstance(module, pmha.PrunableMultiheadAttention):
+            covered.update({name, f"{name}.out_proj"})
+            candidates.append((PrunableGroup(name, (Slice(name, HEADS, 1, pmha.MHA_PARTS),), round_to=1), None))
     for module, name in names.items():
         if name and is_lru_layer(module):  # SSM state groups: cut by balanced truncation, no coupling outside
             covered.add(name)

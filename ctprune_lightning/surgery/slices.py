@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import attention as attn
+from . import mha as pmha
+from . import hf
 from .balanced import reduce_lru_
 from .shrink import (expand_units, shrink_conv_in_channels_, shrink_conv_out_channels_, shrink_embedding_dim_,
                      shrink_linear_in_features_, shrink_linear_out_features_, shrink_norm_)
@@ -35,6 +37,7 @@ SSM_STATE = "ssm_state"  # the state dimension of a diagonal SSM (LRU) layer, cu
 KINDS = (LINEAR_OUT, LINEAR_IN, NORM, CONV_OUT, CONV_IN, EMBEDDING_DIM, HEADS, ATTN_IN, ATTN_OUT, SSM_STATE)
 OUT_KINDS = (LINEAR_OUT, CONV_OUT, EMBEDDING_DIM, HEADS, ATTN_OUT, SSM_STATE)  # kinds that produce the units
 IN_KINDS = (LINEAR_IN, CONV_IN, ATTN_IN)  # kinds that consume them
+KINDS, OUT_KINDS, IN_KINDS = (*KINDS, *hf.KINDS), (*OUT_KINDS, hf.CONV1D_OUT, hf.HF_HEADS), (*IN_KINDS, hf.CONV1D_IN)
 
 
 class UnitSlice(NamedTuple):
@@ -60,10 +63,12 @@ class Slice:
 
     def scaled_modules(self) -> list[str]:
         """Modules whose own FLOPs scale linearly with this slice's width."""
+        if self.kind in hf.KINDS:
+            return hf.scaled_modules(self.module, self.kind, self.parts)
         if self.kind == HEADS:  # the attention module itself (SDPA), its q/k/v and output projections
             return [self.module] + [f"{self.module}.{p}" for p in self.parts]
-        if self.kind == ATTN_IN:
-            return [f"{self.module}.{p}" for p in self.parts[:-1]]
+        if self.kind == ATTN_IN:  # a PrunableMultiheadAttention projects q/k/v in its own forward
+            return [f"{self.module}.{p}" for p in self.parts[:-1]] or [self.module]
         if self.kind == ATTN_OUT:
             return [f"{self.module}.{self.parts[-1]}"]
         return [self.module]
@@ -71,6 +76,10 @@ class Slice:
     def width(self, model: nn.Module) -> int:
         """Number of units along this slice."""
         m = model.get_submodule(self.module)
+        if self.kind in hf.KINDS:
+            return hf.slice_width(m, self.kind)
+        if isinstance(m, pmha.PrunableMultiheadAttention) and self.kind in (HEADS, ATTN_IN):
+            return int(m.num_heads) if self.kind == HEADS else int(m.embed_dim)
         if self.kind == LINEAR_OUT:
             return int(m.out_features)
         if self.kind == LINEAR_IN:
@@ -110,6 +119,10 @@ class Slice:
             add(self.module, "weight", 1, units)
         elif self.kind == EMBEDDING_DIM:
             add(self.module, "weight", 1)
+        elif isinstance(m, pmha.PrunableMultiheadAttention) and self.kind in (HEADS, ATTN_IN):
+            for pname, dim, units in (pmha.mha_head_slices(m) if self.kind == HEADS else [("in_proj_weight", 1, None)]):
+                owner, _, attr = f"{self.module}.{pname}".rpartition(".")
+                add(owner, attr, dim, units)
         elif self.kind == HEADS:
             n = int(getattr(m, _head_attr(m)))
             dim = m.get_submodule(self.parts[-1]).in_features // n
@@ -124,6 +137,9 @@ class Slice:
         elif self.kind == ATTN_OUT:
             add(f"{self.module}.{self.parts[-1]}", "weight", 0)
             add(f"{self.module}.{self.parts[-1]}", "bias", 0)
+        elif self.kind in hf.KINDS:  # Conv1D, Hugging Face heads: the slices are listed by hf
+            for ps in hf.param_slices(m, self.kind):
+                add(f"{self.module}.{ps.owner}" if ps.owner else self.module, ps.name, ps.dim, ps.units)
         # SSM_STATE: a unit is a *balanced* state, owning no parameter slice (scores: Hankel singular values)
         return out
 
@@ -142,6 +158,9 @@ class Slice:
             shrink_embedding_dim_(m, keep, optimizers)
         elif self.kind == NORM:
             shrink_norm_(m, keep, optimizers)
+        elif isinstance(m, pmha.PrunableMultiheadAttention) and self.kind in (HEADS, ATTN_IN, ATTN_OUT):
+            {HEADS: pmha.shrink_mha_heads_, ATTN_IN: pmha.shrink_mha_embed_in_,
+             ATTN_OUT: pmha.shrink_mha_embed_out_}[self.kind](m, keep, optimizers)
         elif self.kind == HEADS:
             layout = attn.HeadLayout(self.parts[:-1], self.parts[-1], _head_attr(m))
             attn.shrink_attention_heads_(m, keep, optimizers, layout)
@@ -149,6 +168,8 @@ class Slice:
             attn.shrink_attention_in_features_(m, keep, optimizers, self.layout())
         elif self.kind == ATTN_OUT:
             attn.shrink_attention_out_features_(m, keep, optimizers, self.layout())
+        elif self.kind in hf.KINDS:
+            hf.shrink_slice_(m, self.kind, keep, optimizers)
         elif self.kind == SSM_STATE:  # keep = balanced states (arange(r) keeps the r largest σ)
             reduce_lru_(m, keep, optimizers)
         else:
@@ -174,7 +195,7 @@ class PrunableGroup:
     @property
     def unit(self) -> str:
         """What one unit is: ``"head"``, ``"state"`` (SSM, balanced basis) or ``"channel"``."""
-        return {HEADS: "head", SSM_STATE: "state"}.get(self.slices[0].kind, "channel")
+        return {HEADS: "head", hf.HF_HEADS: "head", SSM_STATE: "state"}.get(self.slices[0].kind, "channel")
 
     def width(self, model: nn.Module) -> int:
         """Number of units the group has now."""
@@ -246,6 +267,7 @@ def apply_plan_(
             s.shrink_(model, keep, optimizers)
         if ties:
             _retie_(model, ties, optimizers)
+    hf.sync_sizes_(model)  # per-layer sizes kept beside the tensors (a Llama MLP's intermediate_size)
 
 
 def arch_spec(model: nn.Module, groups: Sequence[PrunableGroup]) -> tuple[tuple[str, int], ...]:

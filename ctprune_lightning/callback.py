@@ -28,9 +28,11 @@ from .checkpoint import CTPRUNE_KEY, install_checkpoint_hooks, make_spec
 from .controllers import Controller, build_controller
 from .controllers.base import check_number
 from .importance import Importance, build_importance
-from .loop import ControlLoop, Plan, default_loss
+from .loop import ControlLoop, default_loss
+from .probe import CallInputs, capture_network_call
 from .rollback import Snapshot
 from .strategy import PruningStrategy, require_pruning_strategy
+from .surgery.mha import convert_multihead_attention_
 
 # Metric keys (logged through Lightning, so W&B / CSV / the progress bar all get them).
 FLOPS_RATIO = "ctprune/flops_ratio"
@@ -63,6 +65,14 @@ class ControlPruning(Callback):
         group_limits: ``{group name, name prefix or module type: minimum width}`` (heads count as
             units of a head group).
         prune_embeddings: also cut embedding / residual widths (never the vocabulary or the output).
+        convert_attention: replace every ``nn.MultiheadAttention`` by the drop-in
+            :class:`~ctprune_lightning.surgery.mha.PrunableMultiheadAttention` at ``setup`` (same forward,
+            same state-dict names) so its heads can be cut; ``False`` leaves them dense.
+
+    Any LightningModule works as it is: the probe loss is ``compute_loss(batch)`` when the module
+    defines it, else its own ``training_step`` (logging silenced, metric states restored); the layers
+    are traced with ``example_input_array`` when set, else with the inputs that ``training_step``
+    passes to its network on the first batch (see :mod:`ctprune_lightning.probe`).
     """
 
     def __init__(
@@ -80,6 +90,7 @@ class ControlPruning(Callback):
         probe_batches: int = 2,
         group_limits: Mapping[str | type, int] | None = None,
         prune_embeddings: bool = False,
+        convert_attention: bool = True,
     ) -> None:
         super().__init__()
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("start_step", start_step, 0),
@@ -114,6 +125,7 @@ class ControlPruning(Callback):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ControlPruning: `group_limits[{key!r}]` must be an integer >= 1, got {value!r}")
         self.prune_embeddings = bool(prune_embeddings)
+        self.convert_attention = bool(convert_attention)
         self.loop = ControlLoop(self.controller, self.importance, self.controller.target, min_width=min_width,
                                 round_to=round_to, probe_batches=probe_batches)
         self.target = self.loop.target  # the dense baseline's setpoint is dense, whatever it was built with
@@ -139,6 +151,10 @@ class ControlPruning(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.convert_attention and not self.groups:  # before the optimizer exists and any checkpoint loads
+            converted = convert_multihead_attention_(pl_module)
+            if converted:
+                rank_zero_info(f"ControlPruning: nn.MultiheadAttention -> PrunableMultiheadAttention in {converted}")
         install_checkpoint_hooks(trainer)  # any stage: validate/test(ckpt_path=...) must rebuild too
         if stage != "fit":
             return
@@ -151,8 +167,23 @@ class ControlPruning(Callback):
         if pl_module.example_input_array is not None and not self.groups:
             self._discover(pl_module, pl_module.example_input_array)
 
+    @torch.no_grad()
+    def _network_call(self, pl_module: L.LightningModule, batch: Any) -> CallInputs:
+        """The call ``training_step`` makes to its network on ``batch`` (recorded in eval mode)."""
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            call = capture_network_call(pl_module, lambda: self.loop.loss_fn(pl_module, batch))
+        finally:
+            pl_module.train(was_training)
+        if call is None:
+            raise ValueError(f"ControlPruning: {type(pl_module).__name__}'s loss on the first batch called no "
+                             "module with parameters; set `example_input_array` or define `compute_loss(batch)`")
+        return call
+
     def _discover(self, pl_module: L.LightningModule, example: Any) -> None:
-        self.loop.discover(pl_module, example, self.ignored_layers, self.group_limits, self.prune_embeddings)
+        with self.loop.flop_view(pl_module):  # FSDP2: trace plain stand-ins of the shards
+            self.loop.discover(pl_module, example, self.ignored_layers, self.group_limits, self.prune_embeddings)
         rows = [f"  {g.name:<24} width {g.width(pl_module):>6}  slices: {', '.join(s.module + ':' + s.kind for s in g.slices)}"
                 for g in self.groups]
         rows += [f"  {n:<24} dense: {r}" for n, r in self.skipped]
@@ -173,7 +204,7 @@ class ControlPruning(Callback):
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.groups:
-            self._discover(pl_module, batch[0] if isinstance(batch, (tuple, list)) else batch)
+            self._discover(pl_module, self._network_call(pl_module, batch))
         if not self.loop.ready:
             first = not self.loop.probe
             self.loop.add_probe(pl_module, batch)

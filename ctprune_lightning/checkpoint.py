@@ -115,6 +115,9 @@ def rebuild_from_checkpoint_(model: nn.Module, checkpoint: Mapping[str, Any], so
     spec = read_spec(checkpoint, source)
     if spec is None:
         return False
+    from .surgery.mha import convert_multihead_attention_
+
+    convert_multihead_attention_(model)  # a checkpoint may hold attention with fewer heads (same state-dict names)
     check_arch(model, spec["arch"], source)
     check_state_dict(model, spec["arch"], checkpoint["state_dict"], source, strict=strict)
     apply_arch_(model, spec["arch"], source)

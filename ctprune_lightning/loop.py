@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
@@ -31,28 +30,13 @@ from .controllers import Controller, NoneController, Observation
 from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import plan_widths, select_units
+from .probe import batch_size, step_loss
 from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
-
-def default_loss(model: nn.Module, batch: Any) -> Tensor:
-    """The probe loss: ``model.compute_loss(batch)`` when defined, else cross-entropy on ``(x, y)``."""
-    if hasattr(model, "compute_loss"):
-        return model.compute_loss(batch)
-    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-        raise TypeError(
-            f"ControlPruning cannot compute a loss on a batch of type {type(batch).__name__}: "
-            "give your LightningModule a `compute_loss(batch) -> Tensor` method, or yield (inputs, targets)."
-        )
-    logits = model(batch[0])
-    return F.cross_entropy(logits.flatten(0, -2) if logits.dim() > 2 else logits, batch[1].flatten())
-
-
-def batch_size(batch: Any) -> int:
-    """Leading dimension of the first tensor of a batch (1 when there is none)."""
-    first = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return int(first.shape[0]) if isinstance(first, Tensor) else 1
+#: the probe loss unless the callback is given another: ``compute_loss(batch)``, else the module's training_step
+default_loss = step_loss
 
 
 def _identity(x: float) -> float:
@@ -88,7 +72,8 @@ class ControlLoop:
         target: the compute floor ``c*`` (the dense baseline's is 1).
         min_width / round_to: planner limits (every group's own limits live on the group).
         probe_batches: first training batches kept to measure the loss damage.
-        loss_fn: ``loss_fn(model, batch) -> scalar`` for the probe and FLOP counting.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for the probe and FLOP counting (default:
+            :func:`~ctprune_lightning.probe.step_loss`, the module's own loss).
         reduce_mean: averages a float over ranks (identity on one process).
         flop_view: ``flop_view(model)`` is a context in which ``model`` holds plain (unsharded) modules
             of the same shapes, for FLOP counting without collectives (FSDP2); none by default.

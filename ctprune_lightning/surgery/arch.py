@@ -108,7 +108,9 @@ def expected_shapes(model: nn.Module, spec: Mapping[str, Any]) -> dict[str, tupl
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for name, entry in spec.items():
         for tname, shape in entry.get("shapes", {}).items():
-            shapes[f"{name}.{tname}" if name else tname] = tuple(int(d) for d in shape)
+            key = f"{name}.{tname}" if name else tname
+            if key in shapes:  # non-persistent buffers (e.g. rotary inv_freq) are not in a state dict
+                shapes[key] = tuple(int(d) for d in shape)
     return shapes
 
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..probe import as_call
 from . import attention as attn
 from . import mha as pmha
 from . import hf
@@ -161,7 +162,7 @@ def _trace(model: nn.Module, example_inputs: Any, layouts: Mapping[nn.Module, at
     model.eval()
     try:
         with torch.enable_grad(), hf.opaque_attention(model), pmha.traced_as_one_layer(model):
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=_forward,
                                                           customized_pruners=custom or None, verbose=False,
                                                           output_transform=_graph_outputs)
         roots = ROOT_TYPES + tuple(custom)  # an attention output group is named after its output projection
@@ -187,11 +188,9 @@ def _group_name(producer: Slice) -> str:
 
 
 def _forward(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
+    """A tensor, a tuple (positional), a dict (keyword inputs) or a :class:`~ctprune_lightning.probe.CallInputs`
+    (a call of one submodule, e.g. the network a LightningModule's ``training_step`` calls)."""
+    return as_call(example_inputs)(model)
 
 
 def _tie_reason(model: nn.Module, group: PrunableGroup, ties: Mapping[int, list[tuple[str, str]]]) -> str | None:

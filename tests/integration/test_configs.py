@@ -12,6 +12,8 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ctprune_lightning import PruningDDPStrategy, PruningFSDPStrategy
+
 import train
 
 CONF = train.CONFIG_DIR
@@ -67,10 +69,51 @@ def test_defaults(hydra_init: None, tmp_path: Path) -> None:
     assert cfg.logger.wandb.save_dir == str(tmp_path)
 
 
+def _leaves(node: object, keys: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
+    """(key path, value) of every leaf of a plain config, lists as leaves."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*keys, str(k)))
+    else:
+        yield keys, node
+
+
+def _expected(group: str, option: str) -> dict:
+    """The literal content an option should compose to: its defaults (other options of its group, or
+    ``override /group: option`` entries, placed under their group) merged under its own body."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"), resolve=False) or {}
+    out = OmegaConf.create({})
+    for entry in raw.pop("defaults", []):
+        if isinstance(entry, str) and (CONF / group / f"{entry}.yaml").exists():
+            out = OmegaConf.merge(out, _expected(group, entry))
+        elif isinstance(entry, dict):
+            for key, sub in entry.items():
+                sub_group = key.removeprefix("override").strip().lstrip("/")
+                if isinstance(sub, str) and (CONF / sub_group / f"{sub}.yaml").exists():
+                    out = OmegaConf.merge(out, {sub_group: _expected(sub_group, sub)})
+    return OmegaConf.to_container(OmegaConf.merge(out, raw), resolve=False)
+
+
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_every_option_composes(hydra_init: None, tmp_path: Path, group: str, option: str) -> None:
+    """The option is the one composed: every literal value of its file is in the result, at its package."""
     cfg = compose_cfg([f"{group}={option}"], tmp_path)
-    assert "trainer" in cfg and "seed" in cfg
+    path = CONF / group / f"{option}.yaml"
+    raw = _expected(group, option)
+    root = cfg if path.read_text().startswith("# @package _global_") else cfg[group]
+    if not raw:  # an empty option (callbacks=none): the group is empty
+        assert not root, root
+        return
+    checked = 0
+    for keys, value in _leaves(raw):
+        if isinstance(value, str) and "${" in value or isinstance(value, list) and "${" in str(value):
+            continue  # interpolations: resolved above (OmegaConf.resolve), their values depend on other groups
+        got = OmegaConf.select(root, ".".join(keys), throw_on_missing=True)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == value, (".".join(keys), got, value)
+        checked += 1
+    assert checked > 0, f"{path.name} has no literal value to check"
+    assert cfg.seed == (raw.get("seed", 0) if root is cfg else 0) and isinstance(cfg.trainer.max_epochs, int)
 
 
 @pytest.mark.parametrize("controller", CONTROLLERS)
@@ -119,9 +162,14 @@ def test_loggers_instantiate_without_network(hydra_init: None, tmp_path: Path, l
 def test_trainers_instantiate(hydra_init: None, tmp_path: Path, trainer: str) -> None:
     cfg = compose_cfg([f"trainer={trainer}"], tmp_path)
     if cfg.trainer.accelerator == "gpu":  # CPU-only CI: check the composed values, don't build it
-        assert cfg.trainer.devices == 1 and cfg.trainer.max_epochs == 8
+        expected = {"gpu": (1, None), "ddp_gpu": ("auto", "ctprune_ddp")}[trainer]
+        assert (cfg.trainer.devices, cfg.trainer.get("strategy")) == expected and cfg.trainer.max_epochs == 8
         return
-    assert instantiate(cfg.trainer, logger=False).max_epochs == 8
+    built = instantiate(cfg.trainer, logger=False)
+    assert built.max_epochs == 8
+    strategy = {"ddp": PruningDDPStrategy, "fsdp": PruningFSDPStrategy}.get(trainer)
+    if strategy is not None:  # the pruning strategies, two CPU processes (not launched here)
+        assert isinstance(built.strategy, strategy) and built.num_devices == 2
 
 
 def test_dataset_options_instantiate(hydra_init: None, tmp_path: Path) -> None:

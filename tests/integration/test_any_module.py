@@ -1,0 +1,225 @@
+"""ControlPruning on LightningModules written in other styles than ours (seconds each).
+
+None of these modules has ``compute_loss`` or ``example_input_array``; several have no ``forward``.
+Each fit must shrink physically, keep every live parameter in the optimizer, keep the loss finite and
+falling, and write a checkpoint that ``load_pruned`` rebuilds to the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ctprune_lightning import ControlPruning, load_pruned
+from ctprune_lightning.probe import CallInputs, batch_size, capture_network_call, step_loss
+from ctprune_lightning.surgery.mha import PrunableMultiheadAttention
+from ctprune_lightning.surgery.optim import live_parameters_missing
+
+DIM, CLASSES, N = 16, 4, 256
+
+
+def blobs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centers = 3 * torch.randn(CLASSES, DIM, generator=g)
+    y = torch.randint(0, CLASSES, (N,), generator=g)
+    return centers[y] + torch.randn(N, DIM, generator=g), y
+
+
+class DictData(Dataset):
+    """Batches are dicts, the way tokenised text arrives."""
+
+    def __init__(self) -> None:
+        self.x, self.y = blobs()
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"features": self.x[i], "mask": torch.ones(DIM), "label": self.y[i]}
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(DIM, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, CLASSES))
+
+
+class Base(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.losses: list[float] = []
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(DictData(), batch_size=32, shuffle=False)
+
+    def record(self, loss: torch.Tensor) -> torch.Tensor:
+        self.losses.append(float(loss))
+        self.log("train/loss", loss)
+        return loss
+
+
+class SeveralArgs(Base):
+    """``forward(features, mask)``: two positional inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(features * mask)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.record(F.cross_entropy(self(batch["features"], batch["mask"]), batch["label"]))
+
+
+class KeywordOnly(Base):
+    """``forward(*, features)`` called with a keyword, and a dict returned by training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, *, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        logits = self(features=batch["features"])
+        return {"loss": self.record(F.cross_entropy(logits, batch["label"]) + 0.01 * logits.pow(2).mean())}
+
+
+class NoForward(Base):
+    """No forward at all: training_step calls a child network and a loss only it knows (label smoothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = mlp()
+        self.temperature = nn.Parameter(torch.ones(()), requires_grad=False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.backbone(batch["features"]) / self.temperature
+        return self.record(F.cross_entropy(logits, batch["label"], label_smoothing=0.1))
+
+
+class Transformer(Base):
+    """``nn.TransformerEncoder`` with ``nn.MultiheadAttention`` (4 heads) over 4 tokens of 16 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model=DIM, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(DIM, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(tokens).mean(dim=1))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        tokens = batch["features"].unsqueeze(1).expand(-1, 4, -1) * torch.linspace(0.5, 1.5, 4)[None, :, None]
+        return self.record(F.cross_entropy(self(tokens), batch["label"]))
+
+
+def fit(module: Base, tmp_path: Path, epochs: int = 3, **kwargs: Any) -> tuple[L.Trainer, ControlPruning]:
+    L.seed_everything(0)
+    cb = ControlPruning(**({"controller": "gmp", "target": 0.4, "every_n_steps": 4, "importance": "magnitude",
+                            "min_width": 4, "controller_kwargs": {"start": 0.0, "end": 0.5}} | kwargs))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[cb, ckpt])
+    trainer.fit(module)
+    return trainer, cb
+
+
+def check_fit(module: Base, trainer: L.Trainer, cb: ControlPruning, tmp_path: Path) -> None:
+    s = cb.summary()
+    assert s["surgeries"] >= 2 and s["train_flops_saved"] > 0.2
+    assert all(s["widths"][g] < s["dense_widths"][g] for g in s["widths"]), s["widths"]
+    assert live_parameters_missing(module, trainer.optimizers) == []
+    held = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+    assert len(held) == len(list(module.parameters()))  # and no dead Parameter
+    losses = torch.tensor(module.losses)
+    assert torch.isfinite(losses).all() and losses[-8:].mean() < 0.7 * losses[:4].mean()
+    rebuilt = load_pruned(type(module), tmp_path / "last.ckpt")
+    for (name, a), (_, b) in zip(module.state_dict().items(), rebuilt.state_dict().items()):
+        assert a.shape == b.shape and torch.equal(a.cpu(), b), name
+
+
+@pytest.mark.parametrize("cls", [SeveralArgs, KeywordOnly, NoForward], ids=lambda c: c.__name__)
+def test_modules_with_any_forward_and_dict_batches_shrink(cls: type[Base], tmp_path: Path) -> None:
+    module = cls()
+    trainer, cb = fit(module, tmp_path)
+    net = module.backbone if isinstance(module, NoForward) else module.net
+    assert {g.name for g in cb.groups} == ({"backbone.0", "backbone.2"} if cls is NoForward else {"net.0", "net.2"})
+    assert net[0].out_features == net[2].in_features == cb.summary()["widths"][cb.groups[0].name] < 64
+    check_fit(module, trainer, cb, tmp_path)
+
+
+def test_transformer_encoder_heads_and_ffn_shrink(tmp_path: Path) -> None:
+    module = Transformer()
+    trainer, cb = fit(module, tmp_path, target=0.5, round_to=1)
+    attn = [m for m in module.modules() if isinstance(m, PrunableMultiheadAttention)]
+    assert len(attn) == 2 and not any(isinstance(m, nn.MultiheadAttention) for m in module.modules())
+    units = {g.name: g.unit for g in cb.groups}
+    assert units["encoder.layers.0.self_attn"] == "head" and "encoder.layers.0.linear1" in units
+    widths = cb.summary()["widths"]
+    for i, (layer, a) in enumerate(zip(module.encoder.layers, attn)):
+        assert a.num_heads == widths[f"encoder.layers.{i}.self_attn"] < 4  # heads physically gone
+        assert a.in_proj_weight.shape == (3 * a.num_heads * a.head_dim, DIM) and a.out_proj.in_features == a.num_heads * 4
+        assert layer.linear1.out_features == layer.linear2.in_features == widths[f"encoder.layers.{i}.linear1"] < 64
+    check_fit(module, trainer, cb, tmp_path)
+
+
+def test_probe_loss_is_the_modules_own_and_leaves_its_metrics_and_logs_alone() -> None:
+    import torchmetrics
+
+    class WithMetric(NoForward):
+        def __init__(self) -> None:
+            super().__init__()
+            self.acc = torchmetrics.classification.MulticlassAccuracy(num_classes=CLASSES)
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            self.acc(self.backbone(batch["features"]), batch["label"])
+            return super().training_step(batch, batch_idx)
+
+    module = WithMetric()
+    batch = next(iter(module.train_dataloader()))
+    module.acc.update(torch.randn(8, CLASSES), torch.zeros(8, dtype=torch.long))
+    before = (module.acc.tp.clone(), module.acc._update_count)
+    loss = step_loss(module, batch)
+    logits = module.backbone(batch["features"])
+    assert torch.allclose(loss, F.cross_entropy(logits, batch["label"], label_smoothing=0.1))
+    assert torch.equal(module.acc.tp, before[0]) and module.acc._update_count == before[1]
+    assert "log" not in module.__dict__ and len(module.losses) == 1  # its own bookkeeping ran once, logging restored
+
+
+def test_network_call_is_recorded_with_its_keyword_inputs() -> None:
+    module = KeywordOnly()
+    batch = next(iter(module.train_dataloader()))
+    call = capture_network_call(module, lambda: step_loss(module, batch))
+    assert isinstance(call, CallInputs) and call.path == "" and list(call.kwargs) == ["features"]
+    assert torch.equal(call(module), module(features=batch["features"]))
+    assert batch_size(batch) == 32 and batch_size({"input_ids": torch.zeros(5, 3)}) == 5
+
+
+def test_manual_optimization_without_compute_loss_is_refused_with_the_reason() -> None:
+    module = NoForward()
+    module.automatic_optimization = False
+    with pytest.raises(TypeError, match="manual optimization.*compute_loss"):
+        step_loss(module, next(iter(module.train_dataloader())))
+
+
+def test_a_target_that_disagrees_with_the_controller_instance_is_refused() -> None:
+    from ctprune_lightning import build_controller
+
+    with pytest.raises(ValueError, match="target=0.5 disagrees.*0.3"):
+        ControlPruning(controller=build_controller("lqr", 0.3), target=0.5)
+    assert ControlPruning(controller=build_controller("lqr", 0.3), target=0.3).target == 0.3
+    assert ControlPruning(controller=build_controller("lqr", 0.25)).target == 0.25

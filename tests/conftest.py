@@ -25,6 +25,14 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 (_TMP / "wandb").mkdir(exist_ok=True)
 
+# Property tests draw the same examples on every machine and run (no example database), so a fresh
+# machine cannot find a new failing example the last one never saw; HYPOTHESIS_PROFILE=random explores.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ctprune", derandomize=True, database=None, print_blob=True)
+_hypothesis_settings.register_profile("random", database=None)
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ctprune"))
+
 # `import train` (the Hydra entry point at the repo root) and the package without an install.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))

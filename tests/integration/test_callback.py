@@ -121,4 +121,78 @@ def test_importance_stops_once_no_cut_is_possible() -> None:
     original = cb.importance.before_optimizer_step
     cb.importance.before_optimizer_step = lambda m: (calls.append(1), original(m))  # type: ignore[method-assign]
     fit(cb, epochs=1)
-    assert calls == [] and cb._saturated
+    assert calls == [] and cb.loop.saturated
+
+
+def test_group_limits_bind_in_a_fit_and_the_trace_never_goes_below_them_or_the_target() -> None:
+    """An exact-name limit (net.3) wins over a prefix limit (net -> net.1); both bind before the target."""
+    cb = ControlPruning(controller="gmp", target=0.1, every_n_steps=2, round_to=4, min_width=4,
+                        importance="magnitude", group_limits={"net.3": 40, "net": 12},
+                        controller_kwargs={"start": 0.0, "end": 0.5})
+    _, model = fit(cb, epochs=1)
+    limits = {"net.1": 12, "net.3": 40}
+    assert [(g.name, g.min_width, g.round_to) for g in cb.groups] == [("net.1", 12, 4), ("net.3", 40, 4)]
+    assert len(cb.trace) == 8 and cb.summary()["surgeries"] >= 2
+    for r in cb.trace:
+        assert all(r["widths"][n] >= lo for n, lo in limits.items()), r
+        assert all(w % 4 == 0 for w in r["widths"].values()), r
+        assert r["compute"] >= 0.1 - 1e-9, r
+    # the limits bind (the target is out of reach): the run ends exactly at them, above the target
+    assert cb.trace[-1]["widths"] == limits == cb.summary()["widths"]
+    assert model.net[3].out_features == 40 and model.net[1].out_features == 12
+    assert cb.summary()["flops_fraction"] > 0.1
+
+
+def test_head_groups_keep_their_own_limit_and_step_one_head_at_a_time_in_a_fit() -> None:
+    """round_to=8 / min_width=8 are for channels: heads step by one head, down to their own limit."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ctprune_lightning.models import GPTLanguageModel
+
+    L.seed_everything(0)
+    model = GPTLanguageModel(vocab_size=13, block_size=8, n_layer=2, n_head=4, n_embd=32, scheduler="none",
+                             warmup_steps=0)
+    ids = torch.randint(0, 13, (64, 9), generator=torch.Generator().manual_seed(0))
+    cb = ControlPruning(controller="gmp", target=0.2, every_n_steps=1, importance="magnitude", round_to=8,
+                        min_width=8, group_limits={"model.blocks.0.attn": 2},
+                        controller_kwargs={"start": 0.0, "end": 0.8})
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(model, DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:]), batch_size=8, shuffle=True))
+    heads, mlps = ("model.blocks.0.attn", "model.blocks.1.attn"), ("model.blocks.0.mlp.c_fc", "model.blocks.1.mlp.c_fc")
+    assert {g.name: (g.min_width, g.round_to) for g in cb.groups} == {
+        heads[0]: (2, 1), heads[1]: (1, 1), mlps[0]: (None, 8), mlps[1]: (None, 8)}
+    seen = {name: [r["widths"][name] for r in cb.trace] for name in heads + mlps}
+    assert all(r["compute"] >= 0.2 - 1e-9 for r in cb.trace)
+    assert min(seen[heads[0]]) == 2 and min(seen[heads[1]]) == 1  # down to each head group's own limit ...
+    assert 2 in seen[heads[1]]  # ... one head at a time (a step of 8 would go 4 -> 1 at once)
+    assert all(w % 8 == 0 and w >= 8 for m in mlps for w in seen[m]) and min(seen[mlps[1]]) == 8
+    assert model.model.blocks[1].attn.n_head == 1 and model.model.blocks[0].attn.n_head == 2
+
+
+@pytest.mark.parametrize("controller", ["none", "gmp"])
+def test_ledger_counts_a_partial_last_batch_by_its_size(controller: str) -> None:
+    """80 samples in batches of 32: each epoch is 32 + 32 + 16 samples, i.e. 2.5 probe-sized batches."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    L.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(80, 32, generator=g), torch.randint(0, 10, (80,), generator=g))
+    model = MLPClassifier(input_dim=32, hidden=(64, 64), num_classes=10, scheduler="none")
+    cb = ControlPruning(controller=controller, target=0.3, every_n_steps=1, importance="magnitude", round_to=4,
+                        controller_kwargs={"start": 0.0, "end": 0.5} if controller == "gmp" else None)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(model, DataLoader(data, batch_size=32, shuffle=False))
+    s = cb.summary()
+    dense = s["dense_step_flops"]
+    assert trainer.global_step == 6 and dense > 0
+    assert s["dense_train_flops"] == pytest.approx(2 * 2.5 * dense, rel=1e-12)
+    # batch k runs at the architecture of the last cut at a step <= k (a cut at step s follows batch s - 1)
+    scales = [1.0, 1.0, 0.5] * 2
+    compute = [next((h["compute"] for h in reversed(s["history"]) if h["step"] <= k), 1.0) for k in range(6)]
+    assert s["train_flops"] == pytest.approx(sum(c * dense * w for c, w in zip(compute, scales)), rel=1e-9)
+    if controller == "gmp":
+        assert s["surgeries"] >= 2 and s["train_flops"] < s["dense_train_flops"]
+    else:
+        assert s["train_flops"] == s["dense_train_flops"] and s["train_flops_saved"] == 0.0

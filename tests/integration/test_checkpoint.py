@@ -117,12 +117,17 @@ def test_resume_restores_optimizer_moments_scheduler_and_controller(tmp_path: Pa
             if not probe:
                 opt = trainer.optimizers[0]
                 probe["exp_avg"] = opt.state[pl_module.net[1].weight]["exp_avg"].clone()
+                probe["exp_avg_sq"] = opt.state[pl_module.net[1].weight]["exp_avg_sq"].clone()
                 probe["lr"] = opt.param_groups[0]["lr"]
                 probe["controller"] = cb.controller.state_dict()
 
     t2.callbacks.append(Peek())
     t2.fit(resumed, train, ckpt_path=tmp_path / "epoch=0-step=8.ckpt")
-    torch.testing.assert_close(probe["exp_avg"], saved["optimizer_states"][0]["state"][0]["exp_avg"])
+    saved_state = saved["optimizer_states"][0]["state"][0]
+    assert probe["exp_avg"].shape[0] < 64  # saved after surgeries: the sliced moments come back
+    for key in ("exp_avg", "exp_avg_sq"):  # exact: a default atol of 1e-5 exceeds Adam's second moments
+        assert float(saved_state[key].abs().max()) > 0
+        torch.testing.assert_close(probe[key], saved_state[key], rtol=0, atol=0, msg=key)
     assert probe["lr"] == pytest.approx(saved["lr_schedulers"][0]["_last_lr"][0])
     assert probe["controller"] == saved["callbacks"][cb.state_key]["controller"]
 
@@ -218,3 +223,47 @@ def test_bad_checkpoints_give_clear_errors_and_load_nothing(pruned_ckpt: Path, t
     with pytest.raises(CheckpointError, match=r"truncated\.ckpt: cannot be read"):
         trainer(tmp_path, make_callback(), max_epochs=3).fit(model, loaders()[0], ckpt_path=truncated)
     _untouched(model, before)
+
+
+class FrozenMLP(MLPClassifier):
+    """The second hidden Linear is frozen in ``__init__``; its inputs (group net.1) and outputs (net.3) are cut."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.net[3].requires_grad_(False)
+
+
+def make_frozen_model() -> FrozenMLP:
+    torch.manual_seed(0)
+    return FrozenMLP(input_dim=32, hidden=(64, 64), num_classes=10, lr=3e-3)
+
+
+def test_resume_and_load_pruned_keep_a_frozen_layer_frozen(tmp_path: Path) -> None:
+    """Rebuilding to the checkpoint's (smaller) shapes must keep requires_grad=False, so the layer never trains."""
+    train, _ = loaders()
+    frozen_init = make_frozen_model().net[3].weight.detach().clone()
+    L.seed_everything(0)
+    model_a = make_frozen_model()
+    trainer(tmp_path / "a", make_callback(), limit_val_batches=0).fit(model_a, train)
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=-1, every_n_epochs=1)
+    trainer(tmp_path / "b", make_callback(), ckpt, StopAfterEpoch(1), limit_val_batches=0).fit(make_frozen_model(), train)
+    stop = tmp_path / "b" / "epoch=1-step=16.ckpt"
+    stopped = read_checkpoint(stop)["ctprune"]["arch"]
+    assert stopped["net.3"]["out_features"] < 64 and stopped["net.3"]["in_features"] < 64  # both sides were cut
+
+    L.seed_everything(0)
+    model_r = make_frozen_model()  # dense: the resume must rebuild net.3 to smaller tensors
+    trainer(tmp_path / "r", make_callback(), limit_val_batches=0).fit(model_r, train, ckpt_path=stop)
+    for model in (model_a, model_r):
+        assert [p.requires_grad for p in model.net[3].parameters()] == [False, False]
+        assert [p.requires_grad for p in model.net[1].parameters()] == [True, True]
+        # frozen = never updated: the surviving entries are exactly the initial ones
+        assert set(model.net[3].weight.flatten().tolist()) <= set(frozen_init.flatten().tolist())
+    torch.testing.assert_close(model_r.net[3].weight, model_a.net[3].weight, rtol=0, atol=0)
+    torch.testing.assert_close(model_r.net[1].weight, model_a.net[1].weight, atol=1e-6, rtol=0)
+
+    loaded = load_pruned(FrozenMLP, stop)
+    assert loaded.net[3].weight.shape == (stopped["net.3"]["out_features"], stopped["net.3"]["in_features"])
+    assert not loaded.net[3].weight.requires_grad and not loaded.net[3].bias.requires_grad
+    assert loaded.net[1].weight.requires_grad

@@ -111,7 +111,7 @@ def test_snapshot_restore_grows_back_weights_and_optimizer_state() -> None:
     step()
     snap = Snapshot.take(model, [opt])
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    exp_avg = opt.state[model.blocks[0].lru.B_re]["exp_avg"].clone()
+    moments = {n: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for n, p in model.named_parameters()}
     groups, _ = discover_groups(model, model.example_input_array)
     apply_plan_(model, groups, {"blocks.0.lru": torch.arange(10)}, [opt])
     step()
@@ -119,8 +119,12 @@ def test_snapshot_restore_grows_back_weights_and_optimizer_state() -> None:
     snap.restore_(model, [opt])
     assert model.blocks[0].lru.state_dim == 24
     for k, v in weights.items():
-        torch.testing.assert_close(model.state_dict()[k], v, msg=k)
-    torch.testing.assert_close(opt.state[model.blocks[0].lru.B_re]["exp_avg"], exp_avg)
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    # exact, every moment: after one AdamW step exp_avg_sq = 1e-3 g², below any default absolute tolerance
+    assert float(moments["blocks.0.lru.B_re"]["exp_avg_sq"].abs().max()) > 0
+    for n, p in model.named_parameters():
+        for k, v in moments[n].items():
+            torch.testing.assert_close(opt.state[p][k], v, rtol=0, atol=0, msg=f"{n}.{k}")
     live, in_opt = list(model.parameters()), optimizer_params([opt])
     assert len(in_opt) == len(live) and all(any(p is q for q in in_opt) for p in live)
     before = model.blocks[0].lru.B_re.detach().clone()

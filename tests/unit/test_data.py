@@ -211,7 +211,12 @@ def test_datamodule_drives_a_lightning_fit(tmp_path: Path) -> None:
     model = MLPClassifier(hidden=(16,))
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2 and "val/acc" in trainer.callback_metrics  # 32 train samples / 16
-    assert 0.0 <= trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"] <= 1.0
+    acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    model.eval()
+    with torch.no_grad():  # the logged accuracy is the model's on exactly the 12 test images
+        pairs = [(model(x).argmax(1), y) for x, y in dm.test_dataloader()]
+    correct = sum(int((p == y).sum()) for p, y in pairs)
+    assert sum(len(y) for _, y in pairs) == 12 and acc == pytest.approx(correct / 12, abs=1e-6)
 
 
 def test_real_fashion_mnist_is_normalised(tmp_path: Path) -> None:

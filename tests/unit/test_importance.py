@@ -93,3 +93,31 @@ def test_trajectory_ranks_the_unit_that_reduced_the_loss() -> None:
 def test_unknown_importance_names_the_choices() -> None:
     with pytest.raises(ValueError, match="Unknown importance 'foo'. Choose one of: magnitude, taylor, trajectory"):
         build_importance("foo")
+
+
+def test_taylor_is_the_ema_of_the_absolute_unit_sum_of_w_times_g() -> None:
+    """Hand-computed: per hidden unit j, s_j = |Σ w·g| over its row of layer 0, its bias and its column of layer 2.
+
+    The values are chosen so the per-element terms cancel: Σ|w·g| would give [5.5, 7, 4] (another ranking).
+    """
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    groups, _ = discover_groups(model, torch.zeros(2, 2))
+    assert [g.name for g in groups] == ["0"]
+    values = {  # parameter: (value, gradient)
+        model[0].weight: ([[1.0, 2.0], [1.0, -1.0], [0.5, 0.5]], [[1.0, -1.0], [2.0, 2.0], [1.0, 1.0]]),
+        model[0].bias: ([1.0, -1.0, 2.0], [0.5, 1.0, -1.0]),
+        model[2].weight: ([[1.0, 1.0, 1.0], [2.0, -1.0, 0.0]], [[1.0, 1.0, 1.0], [0.5, 1.0, 2.0]]),
+        model[2].bias: ([3.0, 3.0], [1.0, 1.0]),  # the output layer's bias belongs to no unit
+    }
+    with torch.no_grad():
+        for p, (value, grad) in values.items():
+            p.copy_(torch.tensor(value))
+            p.grad = torch.tensor(grad)
+    # unit 0: (1 - 2) + 0.5 + (1 + 1) = 1.5; unit 1: (2 - 2) - 1 + (1 - 1) = -1; unit 2: (0.5 + 0.5) - 2 + (1 + 0) = 0
+    per_step = torch.tensor([1.5, 1.0, 0.0])
+    imp = build_importance("taylor", beta=0.75)
+    imp.attach(model, groups)
+    imp.before_optimizer_step(model)
+    torch.testing.assert_close(imp.scores(model, groups[0]), 0.25 * per_step, rtol=0, atol=1e-7)
+    imp.before_optimizer_step(model)  # EMA: 0.75 * previous + 0.25 * this step
+    torch.testing.assert_close(imp.scores(model, groups[0]), torch.tensor([0.65625, 0.4375, 0.0]), rtol=0, atol=1e-7)

@@ -240,12 +240,19 @@ def test_a_pruned_model_is_rebuilt_from_its_recorded_shapes(name: str) -> None:
     from ctprune_lightning.surgery.arch import apply_arch_, capture_arch
 
     torch.manual_seed(0)
-    model = MODELS[name]().eval()
+    model = MODELS[name]()
+    train_steps(model, torch.optim.AdamW(p for p in model.parameters() if p.requires_grad), name)
+    model.eval()  # trained: BatchNorm running statistics are not the 0/1 defaults a lost buffer would still match
     groups, _ = discover_groups(model, model.example_input_array)
     apply_plan_(model, groups, random_plan(model, groups, torch.Generator().manual_seed(6), low=0.1))
     fresh = MODELS[name]().eval()
     apply_arch_(fresh, capture_arch(model))
     fresh.load_state_dict(model.state_dict())
+    # replaced tensors keep requires_grad (StyleNet's frozen body.3 is cut on both sides and stays frozen)
+    assert {n: p.requires_grad for n, p in fresh.named_parameters()} == \
+        {n: p.requires_grad for n, p in MODELS[name]().named_parameters()}
+    if name == "style":
+        assert fresh.body[3].weight.shape != (20, 24) and not fresh.body[3].weight.requires_grad
     x = batch_for(name, n=2)[0]
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x))

@@ -56,6 +56,7 @@ def test_optimizer_continuity(opt_name: str, norm: str | None) -> None:
     before_w = model[1].weight.detach().clone()
     before_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[model[1].weight].items()}
     before_in_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[model[4].weight].items()}
+    norm_state = {k: v.clone() for k, v in model[2].state_dict().items()}  # trained: non-trivial running stats
     apply_plan_(model, groups, {"1": keep1, "4": keep4}, [opt])
 
     live = list(model.parameters())
@@ -64,20 +65,24 @@ def test_optimizer_continuity(opt_name: str, norm: str | None) -> None:
     assert all(any(p is q for q in in_opt) for p in live), "a live parameter is missing from the optimizer"
     assert all(any(p is q for q in live) for p in in_opt), "a dead parameter is still in the optimizer"
     assert set(map(id, opt.state)) <= set(map(id, live))
-    # surviving units keep their moments (same values, sliced)
+    # surviving units keep their moments (the same values, sliced: exact, also for Adam's tiny second moments)
     state = opt.state[model[1].weight]
+    assert set(state) == set(before_state) and (opt_name == "sgd" or "exp_avg_sq" in state)
     for key, value in before_state.items():
         if torch.is_tensor(value) and value.dim() > 0:
-            torch.testing.assert_close(state[key], value[keep1])
+            torch.testing.assert_close(state[key], value[keep1], rtol=0, atol=0)
         else:
             assert state[key] == value  # AdamW's scalar step is kept
     for key, value in before_in_state.items():
         if torch.is_tensor(value) and value.dim() > 0:
-            torch.testing.assert_close(opt.state[model[4].weight][key], value[keep4][:, keep1])
-    torch.testing.assert_close(model[1].weight, before_w[keep1])
+            torch.testing.assert_close(opt.state[model[4].weight][key], value[keep4][:, keep1], rtol=0, atol=0)
+    torch.testing.assert_close(model[1].weight, before_w[keep1], rtol=0, atol=0)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5e-2)  # scheduler position kept
     if norm == "batchnorm":
-        assert model[2].running_mean.shape == (5,)
+        assert not torch.allclose(norm_state["running_var"], torch.ones(32), atol=1e-3)  # not the 0/1 defaults
+        for key, value in model[2].state_dict().items():
+            expected = norm_state[key] if value.dim() == 0 else norm_state[key][keep1]  # num_batches_tracked kept
+            torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=key)
     # the shrunk layers still learn
     w1, w4 = model[1].weight.detach().clone(), model[4].weight.detach().clone()
     train_steps(model, opt, n=1, seed=7)
@@ -89,7 +94,15 @@ def test_optimizer_continuity(opt_name: str, norm: str | None) -> None:
 @pytest.mark.parametrize("norm", [None, "batchnorm"])
 def test_removing_zero_contribution_units_preserves_function(norm: str | None) -> None:
     """(A LayerNorm over the pruned units is not function-preserving: its statistics span them.)"""
-    model = mlp(norm).eval()
+    model = mlp(norm)
+    if norm == "batchnorm":  # non-trivial running statistics and affine parameters (defaults 0/1 would hide a
+        with torch.no_grad():  # BatchNorm sliced with the wrong indices)
+            for _ in range(5):
+                model(3 * torch.randn(64, 20) + 1)
+            nn.init.uniform_(model[2].weight, 0.5, 1.5)
+            nn.init.uniform_(model[2].bias, -0.5, 0.5)
+        assert float((model[2].running_var - 1).abs().min()) > 0.1 and float(model[2].running_mean.abs().max()) > 0.1
+    model.eval()
     groups, _ = discover_groups(model, torch.zeros(2, 20))
     dead1, dead4 = torch.tensor([2, 7, 8, 30]), torch.tensor([0, 5, 23])
     with torch.no_grad():

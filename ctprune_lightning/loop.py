@@ -247,7 +247,8 @@ class ControlLoop:
         states = [g for g in self.groups if g.unit == "state"]
         hsvs = {g.name: self._scores(model, g) for g in states}
         ranks = plan_lru_ranks(model, hsvs=hsvs, min_rank=self.min_width, **dict(rule))
-        return {**widths, **{n: r for n, r in ranks.items() if n in hsvs}}
+        floors = {g.name: max(self.min_width, g.min_width or 0) for g in states}  # group_limits bind here too
+        return {**widths, **{n: min(widths[n], max(r, floors[n])) for n, r in ranks.items() if n in hsvs}}
 
     # ------------------------------------------------------------------------------ state and report
     def summary(self, steps: int) -> dict[str, Any]:

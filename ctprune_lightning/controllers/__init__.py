@@ -1,4 +1,4 @@
-"""Compute controllers: decide how much compute to remove each control interval (DESIGN.md §3).
+"""Compute controllers: decide how much compute to remove each control interval (the plant model is in the README, "Controllers").
 
 >>> ctl = build_controller("lqr", target=0.3, u_max=0.1)
 >>> ctl.step(Observation(step=0, progress=0.0, compute=1.0, damage=0.0))

@@ -1,7 +1,7 @@
 """Hankel-singular-value importance for diagonal SSM (LRU) layers, and the rank plan of CompreSSM.
 
 A unit of an SSM group is one *balanced* state, not a modal index: the scores of the layer named by the
-group are its Hankel singular values σ_1 ≥ … ≥ σ_N (reference/compressm.md §2). Keeping the top-k units
+group are its Hankel singular values σ_1 ≥ … ≥ σ_N (CompreSSM, arXiv 2510.02823). Keeping the top-k units
 is therefore keeping the balanced states ``arange(k)``, and the actuator is balanced truncation
 (:func:`ctprune_lightning.surgery.balanced.reduce_lru_`), not index selection.
 

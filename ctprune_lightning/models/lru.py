@@ -1,4 +1,6 @@
-"""Deep Linear Recurrent Unit (LRU) classifier, the model family of CompreSSM (reference/compressm.md §1).
+"""Deep Linear Recurrent Unit (LRU) classifier, the model family of CompreSSM.
+
+LRU: Orvieto et al., arXiv 2303.06349; CompreSSM: Chahine et al., arXiv 2510.02823.
 
 One LRU layer (state dim N, model dim H) is a diagonal complex linear system, output real part::
 

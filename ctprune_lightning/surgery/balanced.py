@@ -1,4 +1,6 @@
-"""Balanced truncation of diagonal complex SSM layers (LRU), as in CompreSSM (reference/compressm.md §2-3, §9).
+"""Balanced truncation of diagonal complex SSM layers (LRU), as in CompreSSM.
+
+CompreSSM: Chahine et al., arXiv 2510.02823 (ICLR 2026); its reduction follows Forgione et al., arXiv 2403.14833.
 
 An LRU layer is the complex system x_k = Λ x_{k-1} + B u_k, y_k = C x_k (it outputs Re(C x) + D u).
 Its Gramians have a closed form (A = diag λ)::
@@ -240,7 +242,8 @@ def swap_parameter_reinit_state_(module: nn.Module, name: str, data: Tensor, opt
     optimizer, with its state re-initialised by ``policy`` (see the module docstring)."""
     if policy not in STATE_POLICIES:
         raise ValueError(f"state_policy={policy!r} is not supported; choose one of {STATE_POLICIES}")
-    return swap_parameter_(module, name, data, optimizers, lambda state, old, new: _reinit_state(state, old, new, policy))
+    return swap_parameter_(module, name, data, optimizers,
+                           lambda state, old, new: _reinit_state(state, old, new, policy))
 
 
 @dataclass

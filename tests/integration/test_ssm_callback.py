@@ -145,3 +145,15 @@ def test_rollback_mode_undoes_an_event_that_hurt_validation_and_stops(tmp_path: 
     assert len(cb.history) == 3 and model.blocks[0].lru.state_dim == 24
     live, in_opt = list(model.parameters()), optimizer_params(trainer.optimizers)
     assert len(in_opt) == len(live) and all(any(p is q for q in in_opt) for p in live)
+
+
+def test_compressm_events_respect_a_group_limit_on_the_state_dimension(tmp_path: Path) -> None:
+    """τ = 0.5 would cut far below 20 states; the group's own limit (group_limits) holds the rank at 20."""
+    free = ControlPruning(controller=HankelController(tau=0.5, events=2, horizon=0.5), every_n_steps=50, min_width=2)
+    fit(free, tmp_path / "free", epochs=2)
+    assert free.history[-1]["widths"]["blocks.0.lru"] < 20  # the limit below binds, so the test can fail
+    cb = ControlPruning(controller=HankelController(tau=0.5, events=2, horizon=0.5), every_n_steps=50, min_width=2,
+                        group_limits={"blocks.0.lru": 20})
+    _, model = fit(cb, tmp_path / "limited", epochs=2)
+    assert [h["widths"]["blocks.0.lru"] for h in cb.history] == [20]
+    assert model.blocks[0].lru.state_dim == 20

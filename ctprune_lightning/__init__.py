@@ -7,7 +7,8 @@ Public API::
     trainer = L.Trainer(strategy="ctprune_ddp", devices=2, callbacks=[ControlPruning(...)])   # or "ctprune_fsdp"
 """
 
-from .callback import ACTION, DAMAGE, FLOPS_RATIO, PARAMS, SAVED, ControlPruning
+from .callback import (ACTION, DAMAGE, DAMAGE_STD, FINAL_DAMAGE, FLOPS_RATIO, PARAMS, REFERENCE, SAVED,
+                       ControlPruning)
 from .checkpoint import CheckpointError, export_pruned, load_pruned
 from .controllers import CONTROLLERS, Controller, Observation, build_controller
 from .importance import IMPORTANCES, Importance, build_importance
@@ -21,9 +22,12 @@ __all__ = [
     "ACTION",
     "CONTROLLERS",
     "DAMAGE",
+    "DAMAGE_STD",
+    "FINAL_DAMAGE",
     "FLOPS_RATIO",
     "IMPORTANCES",
     "PARAMS",
+    "REFERENCE",
     "SAVED",
     "ArchSpecError",
     "CheckpointError",

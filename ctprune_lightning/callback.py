@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
@@ -26,6 +27,7 @@ from typing_extensions import override
 
 from .checkpoint import CTPRUNE_KEY, install_checkpoint_hooks, make_spec
 from .controllers import Controller, build_controller
+from .controllers.budget import BUDGET_CONTROLLERS, budget_controller
 from .controllers.base import check_number
 from .importance import Importance, build_importance
 from .loop import ControlLoop, default_loss
@@ -40,10 +42,14 @@ SAVED = "ctprune/saved"
 DAMAGE = "ctprune/damage"
 ACTION = "ctprune/action"
 PARAMS = "ctprune/params"
+FINAL_DAMAGE = "ctprune/final_damage"  # with a quality budget: the predicted damage at the end of training
+DAMAGE_STD = "ctprune/damage_std"
+REFERENCE = "ctprune/reference"  # the estimated dense probe loss now
 
 DEFAULT_TARGET = 0.3
 
-__all__ = ["ACTION", "DAMAGE", "FLOPS_RATIO", "PARAMS", "SAVED", "ControlPruning", "default_loss"]
+__all__ = ["ACTION", "DAMAGE", "DAMAGE_STD", "FINAL_DAMAGE", "FLOPS_RATIO", "PARAMS", "REFERENCE", "SAVED",
+           "ControlPruning", "default_loss"]
 
 
 class ControlPruning(Callback):
@@ -65,6 +71,10 @@ class ControlPruning(Callback):
         group_limits: ``{group name, name prefix or module type: minimum width}`` (heads count as
             units of a head group).
         prune_embeddings: also cut embedding / residual widths (never the vocabulary or the output).
+        quality_budget: the quality the user gives up instead of a compute target: the relative excess
+            of the probe loss at the end of training over what the dense run would reach (e.g. 0.01);
+            ``target`` becomes the compute floor. Needs ``controller="lqr"`` or ``"pid"``, which then
+            control the budget slack measured by :mod:`ctprune_lightning.sensing`.
         convert_attention: replace every ``nn.MultiheadAttention`` by the drop-in
             :class:`~ctprune_lightning.surgery.mha.PrunableMultiheadAttention` at ``setup`` (same forward,
             same state-dict names) so its heads can be cut; ``False`` leaves them dense.
@@ -91,6 +101,7 @@ class ControlPruning(Callback):
         group_limits: Mapping[str | type, int] | None = None,
         prune_embeddings: bool = False,
         convert_attention: bool = True,
+        quality_budget: float | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("start_step", start_step, 0),
@@ -104,11 +115,15 @@ class ControlPruning(Callback):
                                  f"{controller.target!r}; pass one of them (or the same value)")
             self.controller = controller
         elif isinstance(controller, str):
-            target = DEFAULT_TARGET if target is None else target
-            self.controller = build_controller(controller, check_number("target", target, 0.0, 1.0, low_open=True),
-                                               **dict(controller_kwargs or {}))
+            target = check_number("target", DEFAULT_TARGET if target is None else target, 0.0, 1.0, low_open=True)
+            if quality_budget is not None and controller in BUDGET_CONTROLLERS:  # kwargs are the budget loop's
+                self.controller = BUDGET_CONTROLLERS[controller](target, quality_budget, **dict(controller_kwargs or {}))
+            else:
+                self.controller = build_controller(controller, target, **dict(controller_kwargs or {}))
         else:
             raise TypeError(f"ControlPruning: `controller` must be a name or a Controller, got {controller!r}")
+        if quality_budget is not None:  # a Controller instance (e.g. from Hydra): its budget counterpart
+            self.controller = budget_controller(self.controller, quality_budget)
         if isinstance(importance, Importance):
             self.importance = importance
         elif isinstance(importance, str):
@@ -193,6 +208,7 @@ class ControlPruning(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ledger.start_clock()
+        self.loop.start_budget(int(trainer.estimated_stepping_batches), self.every_n_steps)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -263,6 +279,9 @@ class ControlPruning(Callback):
         pl_module.log(DAMAGE, row["damage"], on_step=True, on_epoch=False)
         pl_module.log(ACTION, row["action"], on_step=True, on_epoch=False)
         pl_module.log(PARAMS, float(sum(p.numel() for p in pl_module.parameters())), on_step=True, on_epoch=False)
+        for key, name in ((FINAL_DAMAGE, "final_damage"), (DAMAGE_STD, "damage_std"), (REFERENCE, "reference")):
+            if row.get(name) is not None and math.isfinite(row[name]):
+                pl_module.log(key, float(row[name]), on_step=True, on_epoch=False)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

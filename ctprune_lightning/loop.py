@@ -17,6 +17,7 @@ can broadcast rank 0's plan and every rank can apply the same one. The Lightning
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import plan_widths, select_units
 from .probe import batch_size, step_loss
+from .sensing import DamageEstimator
 from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -102,6 +104,7 @@ class ControlLoop:
         self.jump: float | None = None
         self.last_u = 0.0
         self.saturated = False  # no further cut possible above the floor: importance tracking stops
+        self.estimator: DamageEstimator | None = None  # the damage sensor of a quality budget (start_budget)
         self._before: tuple[float, float] | None = None  # (probe loss, best) at the last observation
 
     # ------------------------------------------------------------------------------------ set-up
@@ -138,6 +141,11 @@ class ControlLoop:
     def count_batch(self, model: nn.Module, batch: Any) -> None:
         """Charge one training batch at the current architecture to the ledger."""
         self.ledger.add_batch(self.flops(model)[0], batch_size(batch) / self.ref_batch)
+
+    def start_budget(self, total_steps: int, interval: int) -> None:
+        """With a quality-budget controller: the damage sensor for a run of ``total_steps`` steps."""
+        if getattr(self.controller, "budget", None) is not None and self.estimator is None:
+            self.estimator = DamageEstimator(total_steps=max(1, int(total_steps)), interval=interval)
 
     # ------------------------------------------------------------------------------- measurements
     def flops(self, model: nn.Module) -> tuple[int, dict[str, int]]:
@@ -180,8 +188,15 @@ class ControlLoop:
         best = loss if self.best is None else self.best
         damage = max(0.0, loss - best) / max(best, 1e-12)
         self.best, self._before = min(best, loss), (loss, best)
+        sensed: dict[str, Any] = {}
+        if self.estimator is not None:  # quality budget: loss now vs the dense reference now, and at the end
+            self.estimator.observe(step, loss)
+            r = self.estimator.estimate(step)
+            damage = r["damage"]
+            sensed = {"final_damage": r["final"], "final_std": r["final_std"], "damage_std": r["damage_std"],
+                      "reference": r["reference"], "rho": r["rho"]}
         obs = Observation(step=step, progress=progress, compute=self.compute(model), damage=damage,
-                          jump=self.jump, last_action=self.last_u)
+                          jump=self.jump, last_action=self.last_u, **sensed)
         self.jump, self.last_u = None, 0.0
         return obs
 
@@ -218,13 +233,20 @@ class ControlLoop:
         if plan.keep:
             compute = self.compute(model)
             before, best = self._before if self._before is not None else (self.probe_loss(model),) * 2
-            self.jump = (self.probe_loss(model) - before) / max(best, 1e-12)
+            after = self.probe_loss(model)
+            self.jump = (after - before) / max(best, 1e-12)
+            if self.estimator is not None:
+                self.estimator.add_cut(plan.step, math.log(max(after, 1e-12) / max(before, 1e-12)))
             self.last_u = obs.compute - compute
             self.history.append({"step": plan.step, "widths": dict(plan.widths), "compute": compute}
                                 | ({"hankel_spectra": plan.spectra} if plan.spectra else {}))
             self.update_saturation(model)
         row = {"step": obs.step, "progress": obs.progress, "compute": compute, "damage": obs.damage,
                "action": self.last_u, "requested": plan.requested, "widths": self.widths(model)}
+        if self.estimator is not None:
+            row |= {"damage_std": obs.damage_std, "final_damage": obs.final_damage, "final_std": obs.final_std,
+                    "reference": obs.reference, "rho": obs.rho, "budget": getattr(self.controller, "budget", None),
+                    "reason": getattr(self.controller, "reason", "")}
         self.trace.append(row)
         return row
 
@@ -286,6 +308,7 @@ class ControlLoop:
             "best": self.best,
             "jump": self.jump,
             "last_u": self.last_u,
+            "estimator": None if self.estimator is None else self.estimator.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -300,3 +323,6 @@ class ControlLoop:
         self.last_u = float(state.get("last_u", 0.0))
         self.probe = list(state.get("probe", []))
         self.ref_batch = int(state.get("ref_batch", 1))
+        if state.get("estimator") is not None:
+            self.estimator = self.estimator or DamageEstimator(total_steps=1, interval=1)
+            self.estimator.load_state_dict(state["estimator"])

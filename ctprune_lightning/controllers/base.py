@@ -40,6 +40,11 @@ class Observation:
             (``(L_after - L_before) / L_best`` around that surgery), ``None`` if there was no cut.
         last_action: ``u_{k-1}`` actually applied last interval (after the callback's clamping and
             rounding), ``0.0`` if none.
+        final_damage / final_std / damage_std / reference / rho: with a quality budget, the damage
+            sensor's reading (:mod:`ctprune_lightning.sensing`): the predicted damage at the end of
+            training and its standard deviation, the current damage's, the estimated dense loss now,
+            and the persistent fraction of a cut's damage; ``damage`` is then the sensor's current
+            damage (loss now vs the dense reference now). ``None`` / ``0.0`` without a budget.
     """
 
     step: int
@@ -48,6 +53,11 @@ class Observation:
     damage: float
     jump: float | None = None
     last_action: float = 0.0
+    final_damage: float | None = None
+    final_std: float = 0.0
+    damage_std: float = 0.0
+    reference: float | None = None
+    rho: float | None = None
 
 
 def check_number(

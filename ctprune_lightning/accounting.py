@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._pytree import tree_flatten
@@ -137,17 +138,58 @@ def count_training_flops(
     return int(counter.get_total_flops()), per_module
 
 
+def _leading(batch: object) -> int | None:
+    """Leading dimension of the batch's first tensor (None when there is none)."""
+    first = tree_flatten(batch)[0]
+    first = next((t for t in first if isinstance(t, Tensor) and t.dim() > 0), None)
+    return None if first is None else int(first.shape[0])
+
+
+def _head(batch: object, n: int, k: int) -> object:
+    """The first ``k`` samples: every tensor whose leading dimension is the batch size ``n`` is sliced."""
+    return apply_to_collection(batch, Tensor, lambda t: t[:k] if t.dim() > 0 and t.shape[0] == n else t)
+
+
 @dataclass
 class FlopMeter:
-    """Caches the per-step FLOPs of each architecture the run visits."""
+    """Caches the per-step FLOPs of each architecture the run visits.
+
+    The first architecture is counted on the whole batch, and also on its first 2 and 4 samples: when
+    the line through those two counts gives exactly the whole batch's (the counted ops -- matmul, conv,
+    attention -- are linear in the batch size for almost every model), later architectures are counted
+    on 2 and 4 samples only and extrapolated, per module as in total, which is exact and several times
+    cheaper. A model whose count is not linear in the batch (a loss over pairs of samples) keeps whole
+    batch counts.
+    """
 
     loss_fn: Callable[[nn.Module, object], Tensor]
     cache: dict[Hashable, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    batch_linear: bool | None = None  # None: not checked yet
 
     def measure(self, model: nn.Module, batch: object, key: Hashable) -> tuple[int, dict[str, int]]:
         if key not in self.cache:
-            self.cache[key] = count_training_flops(model, batch, self.loss_fn)
+            self.cache[key] = self._count(model, batch)
         return self.cache[key]
+
+    def _count(self, model: nn.Module, batch: object) -> tuple[int, dict[str, int]]:
+        n = _leading(batch)
+        if self.batch_linear and n is not None and n > 4:
+            return self._extrapolate(model, batch, n)
+        counted = count_training_flops(model, batch, self.loss_fn)
+        if self.batch_linear is None:
+            try:
+                self.batch_linear = n is not None and n > 4 and self._extrapolate(model, batch, n) == counted
+            except Exception:  # noqa: BLE001 -- a model that cannot run on 2 samples: whole batches, always
+                self.batch_linear = False
+        return counted
+
+    def _extrapolate(self, model: nn.Module, batch: object, n: int) -> tuple[int, dict[str, int]]:
+        (t2, m2), (t4, m4) = (count_training_flops(model, _head(batch, n, k), self.loss_fn) for k in (2, 4))
+
+        def line(a: int, b: int) -> int:  # the count at n samples, from the counts at 2 and 4
+            return a + (b - a) * (n - 2) // 2
+
+        return line(t2, t4), {name: line(m2.get(name, 0), m4.get(name, 0)) for name in {**m2, **m4}}
 
 
 @dataclass

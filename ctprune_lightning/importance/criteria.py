@@ -54,17 +54,28 @@ class TrajectoryImportance(AccumulatingImportance):
     """The useful trajectory: Σ_t Σ_p −g_p(t)·Δθ_p(t), the loss decrease the unit's own motion produced.
 
     Accumulated since the last surgery event (Synaptic-Intelligence style path integral). Costs one
-    saved copy of the gradients and parameters of the pruned layers and a product per step.
+    saved copy of the parameters of the pruned layers (into buffers reused every step) and a product per
+    step; the gradient is read in place after the optimizer step.
     """
 
     name = "trajectory"
 
     def before_optimizer_step(self, model: nn.Module) -> None:
-        self._saved: dict[str, tuple[Tensor, Tensor]] = {}
+        # Only the parameters are copied, into buffers kept from step to step (no allocation per step).
+        # The gradient is read again after the step: an optimizer step leaves ``.grad`` alone and the next
+        # ``zero_grad`` comes after ``after_optimizer_step``.
+        self._saved: dict[str, Tensor] = {}
+        buffers: dict[str, Tensor] = getattr(self, "_buffers", {})
         for g in self.groups:
             for qname, p, _, _ in g.unit_slices(model):
-                if qname not in self._saved and p.grad is not None:
-                    self._saved[qname] = (full(p.detach()).clone(), full(p.grad.detach()).clone())
+                if qname in self._saved or p.grad is None:
+                    continue
+                w = full(p.detach())
+                buf = buffers.get(qname)
+                if buf is None or buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device:
+                    buf = buffers[qname] = torch.empty_like(w)
+                self._saved[qname] = buf.copy_(w)
+        self._buffers = buffers
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         saved = getattr(self, "_saved", {})
@@ -73,16 +84,16 @@ class TrajectoryImportance(AccumulatingImportance):
         work: dict[str, Tensor] = {}
         for g in self.groups:
             for qname, p, dim, units in g.unit_slices(model):
-                if qname not in saved or saved[qname][0].shape != p.shape:
+                if qname not in saved or saved[qname].shape != p.shape or p.grad is None:
                     continue
-                if qname not in work:
-                    old, grad = saved[qname]
-                    work[qname] = (-grad * (full(p.detach()) - old)).float()
+                if qname not in work:  # -g·(θ_new − θ_old) = g·(θ_old − θ_new), in place in the snapshot
+                    work[qname] = saved[qname].sub_(full(p.detach())).mul_(full(p.grad.detach())).float()
                 self.acc[g.name] += reduce_to_units(work[qname], dim, units, self.acc[g.name].numel()).cpu()
         self._saved = {}
 
     def on_surgery(self, plan) -> None:
         """Restart the integral at each event (the kept units start equal)."""
+        self._buffers = {}  # the cut layers have new shapes
         for name in self.acc:
             width = plan[name].numel() if name in plan else self.acc[name].numel()
             self.acc[name] = torch.zeros(width)

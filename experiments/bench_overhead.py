@@ -1,0 +1,445 @@
+"""Issue 11, "Wall-clock must follow FLOPs": what the callback costs per step, what one surgery costs, and
+whether step time follows training FLOPs as the networks shrink.
+
+    .venv/bin/python experiments/bench_overhead.py                      # all three sections, 1 thread, 5 repeats
+    .venv/bin/python experiments/bench_overhead.py --sections overhead --repeats 7
+    .venv/bin/python experiments/bench_overhead.py --sections width --models mlp,gpt --threads 2
+
+Sections (every comparison runs its variants side by side in this one process, interleaved round-robin
+with the order rotated each repeat; each table gives min and median over the repeats, and ratios):
+
+1. ``overhead`` -- the reference MLP (784-1024-1024-10, batch 256, AdamW) trained through a Lightning
+   ``Trainer`` on synthetic Fashion-MNIST-shaped data (``SyntheticDataModule``, logger=False, no
+   checkpointing, no validation): no callback vs ``ControlPruning(controller="none")`` vs
+   ``ControlPruning(controller="lqr", start_step=10**9)`` (trajectory importance tracking every step, never
+   a cut), plus a bare PyTorch loop over the same in-memory batches. Step time = wall-clock between
+   consecutive ``on_train_batch_start`` hooks (data fetch, every hook, logging, optimizer), warm-up excluded;
+   the measured window spans whole control intervals (every 20 steps).
+2. ``surgery`` -- per model: build, ``discover_groups``, one AdamW step (so the optimizer has state), then
+   time ``apply_plan_`` of a 30% width cut of every group (fresh model each repeat), and the FLOP recount
+   of the new architecture (``count_training_flops``) that the loop does once per new architecture.
+4. ``proposed`` -- ``bench_overhead_proposed.diff`` applied to temporary copies of accounting.py and
+   importance/criteria.py, imported beside the current modules: the lqr callback before its first cut and
+   while cutting, current vs proposed code, with a check that widths, scores and FLOPs come out identical.
+3. ``width`` -- per model: bare PyTorch training step (forward + backward + AdamW) at 100/75/50/35/25% of
+   every group's dense width (shrunk with the real surgery) next to the training-FLOPs ratio.
+
+Set ``--threads`` to the number of cores you own: on a shared 2-core machine, 2 intra-op threads wait on
+the busy core and step times get 2-8x slower and far noisier (see bench_overhead.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODELS = ("mlp", "resnet", "gpt", "lru")
+FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    if hasattr(model, "compute_loss"):
+        return model.compute_loss(batch)
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def stats(values: list[float]) -> tuple[float, float]:
+    return min(values), statistics.median(values)
+
+
+def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Run every variant once per repeat, order rotated each repeat; each call returns one measurement."""
+    names = list(variants)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            gc.collect()
+            out[n].append(variants[n]())
+    return out
+
+
+def build(name: str, batch: int | None = None, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A model (the experiments' configs) and one random batch of its data shape."""
+    from ctprune_lightning.models import GPTLanguageModel, LRUClassifier, MLPClassifier, ResNetClassifier
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    if name == "mlp":  # conf/model/mlp.yaml on Fashion-MNIST
+        b = batch or 256
+        model = MLPClassifier(input_dim=784, hidden=(1024, 1024), num_classes=10)
+        data = (torch.randn(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g))
+    elif name == "resnet":  # conf/experiment/resnet_fmnist.yaml (batch 256 there)
+        b = batch or 64
+        model = ResNetClassifier(depth=20, widths=(16, 32, 64), num_classes=10)
+        data = (torch.randn(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g))
+    elif name == "gpt":  # conf/experiment/gpt_shakespeare.yaml: 4 x 4 heads x 192, context 128 (batch 64 there)
+        b = batch or 32
+        model = GPTLanguageModel(vocab_size=84, block_size=128, n_layer=4, n_head=4, n_embd=192)
+        data = (torch.randint(0, 84, (b, 128), generator=g), torch.randint(0, 84, (b, 128), generator=g))
+    elif name == "lru":  # conf/experiment/lru_sfmnist.yaml: H=64, N=128, 2 blocks, 49 steps, batch 64
+        b = batch or 64
+        model = LRUClassifier(input_dim=49, d_input=1, num_classes=10, d_model=64, d_state=128, num_blocks=2)
+        data = (torch.randn(b, 49, 1, generator=g), torch.randint(0, 10, (b,), generator=g))
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    return model, data
+
+
+def discover(model: nn.Module, name: str):
+    from ctprune_lightning.surgery.groups import discover_groups
+
+    kwargs = {"round_to": 1}
+    groups, _ = discover_groups(model, model.example_input_array, min_width=1, **kwargs)
+    return groups
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Any) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss_fn(model, batch).backward()
+    opt.step()
+
+
+def keep_plan(model: nn.Module, groups, fraction: float) -> dict[str, torch.Tensor]:
+    """Every group down to round(fraction x its width) units (at least 1); SSM states keep the first r
+    (the largest Hankel singular values after balancing), other units the first r indices."""
+    plan = {}
+    for g in groups:
+        w = g.width(model)
+        r = max(1, int(round(fraction * w)))
+        if r < w:
+            plan[g.name] = torch.arange(r)
+    return plan
+
+
+def widths_str(model: nn.Module, groups) -> str:
+    ws = [g.width(model) for g in groups]
+    distinct = sorted(set(ws), reverse=True)
+    return "/".join(str(w) for w in distinct[:4]) + ("/..." if len(distinct) > 4 else "")
+
+
+# -------------------------------------------------------------------------- 1. callback overhead
+def section_overhead(args: argparse.Namespace) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from ctprune_lightning import ControlPruning
+    from ctprune_lightning.data import SyntheticDataModule
+    from ctprune_lightning.models import MLPClassifier
+
+    warm, n = args.warmup, args.steps  # measure steps [warm, warm + n)
+
+    class StepClock(Callback):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            self.t.append(time.perf_counter())
+
+        def per_step(self) -> float:
+            return (self.t[warm + n] - self.t[warm]) / n
+
+    dm = SyntheticDataModule(num_samples=256 * (warm + n + 1), input_shape=(1, 28, 28), num_classes=10,
+                             batch_size=256, seed=0)
+    dm.setup("fit")
+
+    def lightning_run(callback_factory: Callable[[], list[Any]]) -> Callable[[], float]:
+        def run() -> float:
+            torch.manual_seed(0)
+            model = MLPClassifier(input_dim=784, hidden=(1024, 1024), num_classes=10)
+            clock = StepClock()
+            trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warm + n + 1, max_epochs=1, logger=False,
+                                enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                callbacks=[clock, *callback_factory()])
+            trainer.fit(model, datamodule=dm)
+            return clock.per_step()
+        return run
+
+    def bare_loop() -> float:
+        torch.manual_seed(0)
+        model = MLPClassifier(input_dim=784, hidden=(1024, 1024), num_classes=10)
+        opt = adamw(model)
+        x_all, y_all = dm.data_train.tensors
+        perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(0))
+        t = []
+        for i in range(warm + n + 1):
+            t.append(time.perf_counter())
+            idx = perm[i * 256:(i + 1) * 256]
+            x, y = x_all[idx], y_all[idx]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return (t[warm + n] - t[warm]) / n
+
+    variants = {
+        "bare PyTorch loop": bare_loop,
+        "Lightning, no callback": lightning_run(lambda: []),
+        "+ ControlPruning(controller='none')": lightning_run(lambda: [ControlPruning(controller="none")]),
+        "+ ControlPruning('lqr', start_step beyond run)": lightning_run(
+            lambda: [ControlPruning(controller="lqr", target=0.25, round_to=8, start_step=10**9)]),
+    }
+    res = interleaved(variants, args.repeats)
+    base = statistics.median(res["Lightning, no callback"])
+    base_min = min(res["Lightning, no callback"])
+    print(f"\n## 1. Per-step overhead, MLP 784-1024-1024-10, batch 256, AdamW ({args.repeats} repeats x {n} steps "
+          f"after {warm} warm-up, {torch.get_num_threads()} thread(s))\n")
+    print("| variant | ms/step min | ms/step median | ratio vs Lightning no-callback (min / median) |")
+    print("|---|---|---|---|")
+    for name, v in res.items():
+        lo, med = stats(v)
+        print(f"| {name} | {lo * 1e3:.2f} | {med * 1e3:.2f} | {lo / base_min:.3f} / {med / base:.3f} |")
+    # paired ratios: each repeat's callback run over the same repeat's no-callback run
+    print("\nPaired per-repeat ratios (variant / Lightning no-callback, same repeat):")
+    for name, v in res.items():
+        r = [a / b for a, b in zip(v, res["Lightning, no callback"])]
+        print(f"  {name:<48} min {min(r):.3f}  median {statistics.median(r):.3f}  all {[round(x, 3) for x in r]}")
+
+
+# ------------------------------------------------------- 4. the proposed diff, side by side with the current code
+def load_proposed() -> tuple[type, type]:
+    """The classes of ``bench_overhead_proposed.diff`` applied to temporary copies of today's files, imported
+    beside the current modules (so both run in this one process): (TrajectoryImportance, FlopMeter)."""
+    import importlib.util
+    import pathlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    import ctprune_lightning
+
+    root = pathlib.Path(ctprune_lightning.__file__).resolve().parent.parent
+    diff = pathlib.Path(__file__).resolve().with_name("bench_overhead_proposed.diff")
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ctprune_proposed_"))
+    files = ["ctprune_lightning/accounting.py", "ctprune_lightning/importance/criteria.py"]
+    for f in files:
+        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / f, tmp / f)
+    subprocess.run(["patch", "-s", "-p1", "-d", str(tmp), "-i", str(diff)], check=True)
+    mods = []
+    for f, name in zip(files, ["ctprune_lightning._proposed_accounting",
+                               "ctprune_lightning.importance._proposed_criteria"]):
+        spec = importlib.util.spec_from_file_location(name, tmp / f)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+        mods.append(mod)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return mods[1].TrajectoryImportance, mods[0].FlopMeter
+
+
+def section_proposed(args: argparse.Namespace) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from ctprune_lightning import ControlPruning
+    from ctprune_lightning.data import SyntheticDataModule
+    from ctprune_lightning.models import MLPClassifier
+
+    NewTrajectory, NewFlopMeter = load_proposed()
+    warm, n = args.warmup, args.steps
+    dm = SyntheticDataModule(num_samples=256 * (warm + n + 1), input_shape=(1, 28, 28), num_classes=10,
+                             batch_size=256, seed=0)
+    dm.setup("fit")
+    results: dict[str, Any] = {}
+
+    class StepClock(Callback):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            self.t.append(time.perf_counter())
+
+    def run_with(label: str, proposed: bool, start_step: int) -> Callable[[], float]:
+        def run() -> float:
+            torch.manual_seed(0)
+            model = MLPClassifier(input_dim=784, hidden=(1024, 1024), num_classes=10)
+            cb = ControlPruning(controller="lqr", target=0.25, round_to=8, start_step=start_step,
+                                importance=NewTrajectory() if proposed else "trajectory")
+            if proposed:
+                cb.loop.meter = NewFlopMeter(cb.loop.meter.loss_fn)
+            clock = StepClock()
+            trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warm + n + 1, max_epochs=1, logger=False,
+                                enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                                enable_progress_bar=False, enable_model_summary=False, callbacks=[clock, cb])
+            trainer.fit(model, datamodule=dm)
+            results[label] = (cb.summary()["widths"], dict(cb.importance.acc), cb.ledger.train_flops)
+            return (clock.t[warm + n] - clock.t[warm]) / n
+        return run
+
+    def no_callback() -> float:
+        torch.manual_seed(0)
+        model = MLPClassifier(input_dim=784, hidden=(1024, 1024), num_classes=10)
+        clock = StepClock()
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warm + n + 1, max_epochs=1, logger=False,
+                            enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
+        trainer.fit(model, datamodule=dm)
+        return (clock.t[warm + n] - clock.t[warm]) / n
+
+    variants = {
+        "Lightning, no callback": no_callback,
+        "lqr before its first cut, current": run_with("pre, current", False, 10**9),
+        "lqr before its first cut, proposed": run_with("pre, proposed", True, 10**9),
+        "lqr cutting every 20 steps, current": run_with("cut, current", False, 0),
+        "lqr cutting every 20 steps, proposed": run_with("cut, proposed", True, 0),
+    }
+    res = interleaved(variants, args.repeats)
+    base = res["Lightning, no callback"]
+    print(f"\n## 4. The proposed diff (bench_overhead_proposed.diff) vs the current code, MLP reference "
+          f"({args.repeats} repeats x {n} steps, {torch.get_num_threads()} thread(s))\n")
+    print("| variant | ms/step min | ms/step median | paired ratio vs no callback (median) |")
+    print("|---|---|---|---|")
+    for name, v in res.items():
+        lo, med = stats(v)
+        r = statistics.median(a / b for a, b in zip(v, base))
+        print(f"| {name} | {lo * 1e3:.2f} | {med * 1e3:.2f} | {r:.3f} |")
+    for kind in ("pre", "cut"):
+        (wa, acc_a, fa), (wb, acc_b, fb) = results[f"{kind}, current"], results[f"{kind}, proposed"]
+        same = wa == wb and fa == fb and all(torch.equal(acc_a[k], acc_b[k]) for k in acc_a)
+        print(f"\n{kind}: same widths {wa}, same trajectory scores and train FLOPs as the current code: {same}")
+
+
+# ------------------------------------------------------------------------------------ 2. surgery
+def section_surgery(args: argparse.Namespace) -> None:
+    from ctprune_lightning.accounting import count_training_flops
+    from ctprune_lightning.surgery.groups import apply_plan_
+
+    print(f"\n## 2. One surgery event (30% of every group's width), {args.repeats} repeats, "
+          f"{torch.get_num_threads()} thread(s)\n")
+    print("| model | params | groups | widths before -> after | discover_groups (s) | apply_plan_ ms min / median "
+          "| FLOP recount ms min / median | train step ms (median) | surgery in steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        t_apply, t_flops, t_step, t_disc = [], [], [], []
+        info = ""
+        for r in range(args.repeats):
+            model, batch = build(name, seed=r)
+            t0 = time.perf_counter()
+            groups = discover(model, name)
+            t_disc.append(time.perf_counter() - t0)
+            opt = adamw(model)
+            for _ in range(2):
+                train_step(model, opt, batch)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                train_step(model, opt, batch)
+            t_step.append((time.perf_counter() - t0) / 3)
+            plan = keep_plan(model, groups, 0.7)
+            before = widths_str(model, groups)
+            params = sum(p.numel() for p in model.parameters())
+            gc.collect()
+            t0 = time.perf_counter()
+            apply_plan_(model, groups, plan, [opt])
+            t_apply.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            count_training_flops(model, batch, loss_fn)
+            t_flops.append(time.perf_counter() - t0)
+            train_step(model, opt, batch)  # the optimizer still steps the new Parameters
+            info = (f"{params / 1e6:.2f} M | {len(groups)} | {before} -> {widths_str(model, groups)}")
+        a, f, s = stats(t_apply), stats(t_flops), statistics.median(t_step)
+        print(f"| {name} | {info} | {statistics.median(t_disc):.2f} | {a[0] * 1e3:.1f} / {a[1] * 1e3:.1f} | "
+              f"{f[0] * 1e3:.0f} / {f[1] * 1e3:.0f} | {s * 1e3:.1f} | {(a[1] + f[1]) / s:.1f} |")
+
+
+# -------------------------------------------------------------------------------------- 3. width
+def section_width(args: argparse.Namespace) -> None:
+    from ctprune_lightning.accounting import count_training_flops
+    from ctprune_lightning.surgery.groups import apply_plan_
+
+    print(f"\n## 3. Step time vs width (bare PyTorch forward + backward + AdamW; {args.repeats} repeats, "
+          f"interleaved; {torch.get_num_threads()} thread(s))\n")
+    for name in args.models:
+        variants: dict[str, Callable[[], float]] = {}
+        rows = {}
+        for frac in FRACTIONS:
+            model, batch = build(name)
+            groups = discover(model, name)
+            opt = adamw(model)
+            train_step(model, opt, batch)
+            plan = keep_plan(model, groups, frac)
+            if plan:
+                apply_plan_(model, groups, plan, [opt])
+            flops = count_training_flops(model, batch, loss_fn)[0]
+            for _ in range(2):
+                train_step(model, opt, batch)
+            rows[frac] = (widths_str(model, groups), flops, sum(p.numel() for p in model.parameters()))
+
+            def run(model=model, opt=opt, batch=batch) -> float:
+                t0 = time.perf_counter()
+                for _ in range(args.width_steps):
+                    train_step(model, opt, batch)
+                return (time.perf_counter() - t0) / args.width_steps
+
+            variants[f"{frac:.2f}"] = run
+        # steps per timing block: about args.block_s seconds of the dense model
+        dense = variants["1.00"]
+        args_steps = args.width_steps
+        args.width_steps = 1
+        t1 = dense()
+        args.width_steps = max(2, min(20, round(args.block_s / t1))) if args_steps <= 0 else args_steps
+        res = interleaved(variants, args.repeats)
+        steps = args.width_steps
+        args.width_steps = args_steps
+        dense_f = rows[1.0][1]
+        d_lo, d_med = stats(res["1.00"])
+        print(f"\n### {name} (batch {batch[0].shape[0]}, {steps} steps per timing block)\n")
+        print("| width | widths | params | train GFLOPs/step | FLOPs ratio | ms/step min | ms/step median | "
+              "time ratio (min / median) | time ratio / FLOPs ratio |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for frac in FRACTIONS:
+            w, fl, p = rows[frac]
+            lo, med = stats(res[f"{frac:.2f}"])
+            fr, tr = fl / dense_f, med / d_med
+            print(f"| {frac:.0%} | {w} | {p / 1e6:.3f} M | {fl / 1e9:.3f} | {fr:.3f} | {lo * 1e3:.2f} | {med * 1e3:.2f} | "
+                  f"{lo / d_lo:.3f} / {tr:.3f} | {tr / fr:.2f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="overhead,surgery,width", help="comma list of overhead,surgery,width,proposed")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {','.join(MODELS)}")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; see the docstring)")
+    p.add_argument("--warmup", type=int, default=5, help="overhead: warm-up steps excluded from each run")
+    p.add_argument("--steps", type=int, default=60, help="overhead: measured steps per run (multiple of 20)")
+    p.add_argument("--width-steps", type=int, default=0, help="width: steps per timing block (0: ~--block-s of dense)")
+    p.add_argument("--block-s", type=float, default=0.6, help="width: seconds of dense steps per timing block")
+    args = p.parse_args()
+    args.models = [m for m in args.models.split(",") if m]
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), repeats {args.repeats}")
+    sections = {"overhead": section_overhead, "surgery": section_surgery, "width": section_width,
+                "proposed": section_proposed}
+    for s in args.sections.split(","):
+        if s not in sections:
+            p.error(f"unknown section {s!r}; choose from {list(sections)}")
+        t0 = time.perf_counter()
+        sections[s](args)
+        print(f"\n(section {s}: {time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

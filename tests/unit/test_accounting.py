@@ -1,0 +1,40 @@
+"""FlopMeter: later architectures counted on 2 and 4 samples and extrapolated, exactly, or not at all."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctprune_lightning.accounting import FlopMeter, count_training_flops
+
+
+def ce(model: nn.Module, batch) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def pairwise(model: nn.Module, batch) -> torch.Tensor:
+    """A loss over all pairs of samples: its FLOPs grow with the square of the batch."""
+    z = model(batch[0])
+    return (z @ z.T).mean()
+
+
+def mlp(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 4))
+
+
+def test_extrapolated_counts_equal_whole_batch_counts() -> None:
+    batch = (torch.randn(32, 16), torch.randint(0, 4, (32,)))
+    meter = FlopMeter(ce)
+    meter.measure(mlp(64), batch, key=64)
+    assert meter.batch_linear is True
+    for width in (48, 24):  # counted on 2 + 4 samples now
+        assert meter.measure(mlp(width), batch, key=width) == count_training_flops(mlp(width), batch, ce)
+
+
+def test_a_loss_not_linear_in_the_batch_keeps_whole_batch_counts() -> None:
+    batch = (torch.randn(32, 16), torch.randint(0, 4, (32,)))
+    meter = FlopMeter(pairwise)
+    meter.measure(mlp(64), batch, key=64)
+    assert meter.batch_linear is False
+    assert meter.measure(mlp(24), batch, key=24) == count_training_flops(mlp(24), batch, pairwise)

@@ -1,17 +1,22 @@
-"""Aggregate run summaries into one side-by-side table (markdown), relative to the dense baseline.
+"""Aggregate run summaries into side-by-side tables and plots, relative to the dense baseline.
 
-    python experiments/report.py outputs/**/summary.json            # or run directories
-    python experiments/report.py --baseline none multirun/2026-11-28/12-00-00
+    python experiments/report.py multirun/2026-11-28/12-00-00            # one sweep: a row per run
+    python experiments/report.py --groups experiments/results/mlp_cpu --plots experiments/results/mlp_cpu
+    python experiments/report.py --groups SUITE_DIR --baseline dense --wandb   # also log the plots to W&B
 
-The baseline rows (``controller == --baseline``, default ``none``) give the reference accuracy and
-wall-clock per seed; every row reports its accuracy difference and its training wall-clock ratio to
-the baseline of its own seed (wall-clock ratios are only meaningful for runs made side by side).
+A *group* is a folder directly under the given root (one Hydra multirun per baseline or controller,
+as ``experiments/suite.sh`` lays them out); runs in a group that differ by target are split by it.
+The baseline group (``--baseline``, default ``dense``; in the per-run table, ``controller == none``)
+gives each seed's reference accuracy and wall-clock: every run's Δ accuracy and wall-clock ratio is
+taken against the baseline run of its own seed, so ratios come from runs made side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,12 +55,183 @@ def table(rows: list[dict[str, Any]], baseline: str = "none") -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ groups
+def group_runs(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """``{label: runs}``: a label per folder under ``root``, split by target when a folder holds several."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in load_summaries([str(root)]):
+        rel = Path(run["_path"]).relative_to(root)
+        name = rel.parts[0] if len(rel.parts) > 1 else "runs"
+        groups.setdefault(name, []).append(run)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, runs in groups.items():
+        targets = sorted({r.get("target") for r in runs}, key=lambda t: (t is None, t))
+        for t in targets:
+            label = name if len(targets) == 1 else f"{name} {t:g}"
+            out[label] = [r for r in runs if r.get("target") == t]
+    return out
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _pm(mean: float, std: float, fmt: str) -> str:
+    return "-" if math.isnan(mean) else f"{format(mean, fmt)} ± {format(std, fmt.lstrip('+'))}"
+
+
+def group_stats(groups: dict[str, list[dict[str, Any]]], baseline: str) -> list[dict[str, Any]]:
+    """Per group: means and stds over seeds of quality, FLOPs saved and the per-seed ratios to the baseline."""
+    bases = {r.get("seed"): r for r in groups.get(baseline, [])}
+    out = []
+    for label, runs in groups.items():
+        paired = [(r, bases.get(r.get("seed"))) for r in runs]
+        d_acc = [(r["test_acc"] - b["test_acc"]) * 100 for r, b in paired
+                 if b and r.get("test_acc") is not None and b.get("test_acc") is not None]
+        time_ratio = [r["train_time_s"] / b["train_time_s"] for r, b in paired if b and b.get("train_time_s")]
+        flops_ratio = [r["train_flops"] / b["train_flops"] for r, b in paired
+                       if b and r.get("train_flops") and b.get("train_flops")]
+        out.append({
+            "label": label, "n": len(runs),
+            "acc": _stats([100 * r["test_acc"] for r in runs if r.get("test_acc") is not None]),
+            "loss": _stats([r.get("test_loss") for r in runs]),
+            "d_acc": _stats(d_acc),
+            "flops": _stats(flops_ratio),  # training FLOPs / the dense run's (0.3 = 70% saved)
+            "time": _stats(time_ratio),
+            "final": _stats([r.get("flops_fraction") for r in runs]),
+            "widths": "/".join(str(w) for w in (runs[0].get("widths") or {}).values()),
+            "runs": runs,
+        })
+    return sorted(out, key=lambda g: (g["label"] != baseline, -(g["flops"][0] if not math.isnan(g["flops"][0]) else 1)))
+
+
+def group_table(stats: list[dict[str, Any]]) -> str:
+    head = ("| run | seeds | test acc (%) | Δ acc vs dense (pt) | train FLOPs / dense | wall-clock / dense "
+            "| wall-clock ÷ FLOPs | final FLOPs/step | widths (seed 0) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for g in stats:
+        follow = g["time"][0] / g["flops"][0] if g["flops"][0] else math.nan
+        lines.append("| " + " | ".join([
+            g["label"], str(g["n"]), _pm(*g["acc"], ".2f"), _pm(*g["d_acc"], "+.2f"), _pm(*g["flops"], ".3f"),
+            _pm(*g["time"], ".2f"), "-" if math.isnan(follow) else f"{follow:.2f}", _pm(*g["final"], ".3f"),
+            g["widths"]]) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ plots
+def plot_pareto(stats: list[dict[str, Any]], out: Path, baseline: str) -> list[Path]:
+    """Quality vs training FLOPs and vs wall-clock (each seed a dot, the mean ± std a bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for key, xlabel, name in (("flops", "training FLOPs / dense run's", "pareto_flops.png"),
+                              ("time", "training wall-clock / dense run's (same seed, side by side)",
+                               "pareto_wallclock.png")):
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for i, g in enumerate(stats):
+            color = f"C{i % 10}"
+            mean_x, std_x = g[key]
+            mean_y, std_y = g["acc"]
+            if math.isnan(mean_x):
+                continue
+            ax.errorbar(mean_x, mean_y, xerr=std_x, yerr=std_y, fmt="o", color=color, capsize=3, label=g["label"],
+                        markersize=7 if g["label"] != baseline else 9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_xlim(0, 1.08)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.set_title("mean ± std over seeds; up and left is better")
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def plot_traces(stats: list[dict[str, Any]], out: Path) -> Path | None:
+    """Compute fraction, action, damage and widths over steps, seed 0 of each pruning group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(g["label"], min(g["runs"], key=lambda r: r.get("seed") or 0)) for g in stats]
+    runs = [(label, r) for label, r in runs if r.get("trace") and r.get("surgeries")]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for i, (label, r) in enumerate(runs):
+        steps = [row["step"] for row in r["trace"]]
+        color = f"C{i % 10}"
+        axes[0, 0].plot(steps, [row["compute"] for row in r["trace"]], color=color, label=label)
+        axes[0, 1].plot(steps, [row["action"] for row in r["trace"]], color=color)
+        axes[1, 0].plot(steps, [row["damage"] for row in r["trace"]], color=color)
+        widths = [row["widths"] for row in r["trace"]]
+        for j, name in enumerate(widths[0]):
+            axes[1, 1].plot(steps, [w[name] for w in widths], color=color, linestyle=("-", "--", ":", "-.")[j % 4])
+    for ax, title in zip(axes.flat, ("compute fraction (FLOPs/step ÷ dense)", "controller action u (cut)",
+                                     "damage reading", "group widths (line style: group)")):
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "traces.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def log_to_wandb(files: list[Path], markdown: str, project: str = "ctprune") -> None:
+    """Log the plots and the table to a W&B run (offline without an API key)."""
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+    run = wandb.init(project=project, job_type="report", group="report")
+    try:
+        wandb.log({f.stem: wandb.Image(str(f)) for f in files} | {"table": wandb.Html(f"<pre>{markdown}</pre>")})
+    finally:
+        run.finish()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="summary.json files or directories holding them")
-    parser.add_argument("--baseline", default="none", help="controller name of the reference row")
+    parser.add_argument("paths", nargs="*", help="summary.json files or directories holding them (a row per run)")
+    parser.add_argument("--groups", type=Path, help="a suite folder: one group per sub-folder, mean ± std over seeds")
+    parser.add_argument("--baseline", default=None, help="baseline controller (per run) or group (--groups)")
+    parser.add_argument("--plots", type=Path, help="write pareto_flops.png, pareto_wallclock.png, traces.png here")
+    parser.add_argument("--wandb", action="store_true", help="also log the plots and table to W&B")
     args = parser.parse_args(argv)
-    sys.stdout.write(table(load_summaries(args.paths), args.baseline) + "\n")
+    if args.groups is None:
+        if not args.paths:
+            parser.error("give summary paths or --groups")
+        sys.stdout.write(table(load_summaries(args.paths), args.baseline or "none") + "\n")
+        return
+    baseline = args.baseline or "dense"
+    groups = group_runs(args.groups)
+    if baseline not in groups:
+        raise SystemExit(f"report: no baseline group {baseline!r} under {args.groups}; groups: {sorted(groups)}")
+    stats = group_stats(groups, baseline)
+    markdown = group_table(stats)
+    sys.stdout.write(markdown + "\n")
+    if args.plots is not None:
+        args.plots.mkdir(parents=True, exist_ok=True)
+        files = plot_pareto(stats, args.plots, baseline)
+        trace = plot_traces(stats, args.plots)
+        files += [trace] if trace else []
+        if args.wandb:
+            log_to_wandb(files, markdown)
 
 
 if __name__ == "__main__":

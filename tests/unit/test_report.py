@@ -1,0 +1,50 @@
+"""experiments/report.py: per-seed pairing with the baseline, mean ± std, plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+import report  # noqa: E402
+
+
+def summary(seed: int, acc: float, flops: float, time_s: float, target: float = 1.0, controller: str = "none") -> dict:
+    trace = [{"step": s, "compute": 1 - 0.1 * s, "action": 0.1, "damage": 0.0, "widths": {"a": 10 - s}}
+             for s in range(3)]
+    return {"seed": seed, "test_acc": acc, "train_flops": flops, "train_time_s": time_s, "target": target,
+            "controller": controller, "flops_fraction": flops / 100, "widths": {"a": 8}, "trace": trace,
+            "surgeries": 0 if controller == "none" else 2}
+
+
+def write(root: Path, group: str, i: int, s: dict) -> None:
+    (root / group / str(i)).mkdir(parents=True)
+    (root / group / str(i) / "summary.json").write_text(json.dumps(s))
+
+
+def test_groups_pair_each_seed_with_its_baseline_and_plot(tmp_path: Path) -> None:
+    for seed, (acc, t) in enumerate([(0.90, 10.0), (0.92, 20.0)]):
+        write(tmp_path, "dense", seed, summary(seed, acc, 100.0, t))
+        write(tmp_path, "gmp", seed, summary(seed, acc - 0.01, 30.0, t / 2, target=0.25, controller="gmp"))
+        write(tmp_path, "gmp", seed + 10, summary(seed, acc - 0.03, 20.0, t / 4, target=0.1, controller="gmp"))
+    groups = report.group_runs(tmp_path)
+    assert sorted(groups) == ["dense", "gmp 0.1", "gmp 0.25"]  # a folder with two targets splits
+    stats = {g["label"]: g for g in report.group_stats(groups, "dense")}
+    assert stats["gmp 0.25"]["d_acc"] == pytest.approx((-1.0, 0.0))  # per seed: -1 pt both times
+    assert stats["gmp 0.25"]["time"] == pytest.approx((0.5, 0.0))  # 5/10 and 10/20, not 7.5/15 pooled
+    assert stats["gmp 0.1"]["flops"] == pytest.approx((0.2, 0.0))
+    assert stats["dense"]["acc"] == pytest.approx((91.0, 1.4142135, ), rel=1e-6)
+    md = report.group_table(list(stats.values()))
+    assert "| gmp 0.25 | 2 | 90.00 ± 1.41 | -1.00 ± 0.00 | 0.300 ± 0.000 | 0.50 ± 0.00 | 1.67 |" in md
+    files = report.plot_pareto(list(stats.values()), tmp_path, "dense") + [report.plot_traces(list(stats.values()), tmp_path)]
+    for f in files:
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
+
+
+def test_missing_baseline_group_names_the_groups(tmp_path: Path) -> None:
+    write(tmp_path, "gmp", 0, summary(0, 0.9, 30.0, 5.0, controller="gmp"))
+    with pytest.raises(SystemExit, match="no baseline group 'dense'.*gmp"):
+        report.main(["--groups", str(tmp_path)])

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
 from .checkpoint import CTPRUNE_KEY, install_checkpoint_hooks, make_spec
@@ -208,7 +208,12 @@ class ControlPruning(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ledger.start_clock()
-        self.loop.start_budget(int(trainer.estimated_stepping_batches), self.every_n_steps)
+        if getattr(self.controller, "budget", None) is not None:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("ControlPruning: a quality_budget is judged at the end of training; give the "
+                                 "Trainer a finite schedule (max_epochs or max_steps)")
+            self.loop.start_budget(int(total), self.every_n_steps)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -91,9 +91,10 @@ def group_stats(groups: dict[str, list[dict[str, Any]]], baseline: str) -> list[
         paired = [(r, bases.get(r.get("seed"))) for r in runs]
         d_acc = [(r["test_acc"] - b["test_acc"]) * 100 for r, b in paired
                  if b and r.get("test_acc") is not None and b.get("test_acc") is not None]
-        time_ratio = [r["train_time_s"] / b["train_time_s"] for r, b in paired if b and b.get("train_time_s")]
-        flops_ratio = [r["train_flops"] / b["train_flops"] for r, b in paired
-                       if b and r.get("train_flops") and b.get("train_flops")]
+        # the fit's wall-clock (every run has it, with or without a ControlPruning callback)
+        time_ratio = [r["fit_time_s"] / b["fit_time_s"] for r, b in paired if b and r.get("fit_time_s") and b.get("fit_time_s")]
+        flops_ratio = [(r.get("train_flops") or b["train_flops"]) / b["train_flops"] for r, b in paired
+                       if b and b.get("train_flops")]  # no ledger (masks, no ControlPruning): dense FLOPs
         out.append({
             "label": label, "n": len(runs),
             "acc": _stats([100 * r["test_acc"] for r in runs if r.get("test_acc") is not None]),

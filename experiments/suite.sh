@@ -39,6 +39,7 @@ case $TASK in
     suite
     run small controller=none model.hidden=[424,424]        # lqr's final widths, trained from scratch
     run short controller=none trainer.max_steps=500         # dense, cut to lqr's training FLOPs (29%)
+    run model_pruning controller=none callbacks=model_pruning  # Lightning's ModelPruning (masks)
     ;;
   resnet) suite experiment=resnet_fmnist ;;
   gpt) suite experiment=gpt_shakespeare ;;

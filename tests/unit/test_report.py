@@ -15,7 +15,7 @@ import report  # noqa: E402
 def summary(seed: int, acc: float, flops: float, time_s: float, target: float = 1.0, controller: str = "none") -> dict:
     trace = [{"step": s, "compute": 1 - 0.1 * s, "action": 0.1, "damage": 0.0, "widths": {"a": 10 - s}}
              for s in range(3)]
-    return {"seed": seed, "test_acc": acc, "train_flops": flops, "train_time_s": time_s, "target": target,
+    return {"seed": seed, "test_acc": acc, "train_flops": flops, "fit_time_s": time_s, "target": target,
             "controller": controller, "flops_fraction": flops / 100, "widths": {"a": 8}, "trace": trace,
             "surgeries": 0 if controller == "none" else 2}
 

@@ -196,6 +196,10 @@ class PruningFSDPStrategy(PruningStrategy, ModelParallelStrategy):
                 raise TypeError("PruningFSDPStrategy applies fully_shard itself (so it can shard again after a "
                                 "surgery): remove fully_shard from configure_model() and name the modules to "
                                 "shard as units in PruningFSDPStrategy(shard_modules=[MyBlock, 'blocks.0', ...])")
+            own = [n for n, p in model.named_parameters(recurse=False) if p.requires_grad]
+            if own:  # they would be neither sharded nor gradient-synchronised
+                raise TypeError(f"PruningFSDPStrategy shards the LightningModule's children; its own trainable "
+                                f"parameters {own} would stay unsynchronised: move them into a submodule")
             model.to(self.root_device)
             roots = self._roots(model)
             self._templates = {r: copy.deepcopy(model.get_submodule(r)).to("meta") for r in roots}

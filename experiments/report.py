@@ -123,6 +123,16 @@ def group_table(stats: list[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ plots
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
+
+
+def _style(i: int) -> tuple[Any, str]:
+    """A distinct (colour, marker) per group, for up to 20 x 8 groups."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](i % 20), MARKERS[i % len(MARKERS)]
+
+
 def plot_pareto(stats: list[dict[str, Any]], out: Path, baseline: str) -> list[Path]:
     """Quality vs training FLOPs and vs wall-clock (each seed a dot, the mean ± std a bar)."""
     import matplotlib
@@ -136,13 +146,15 @@ def plot_pareto(stats: list[dict[str, Any]], out: Path, baseline: str) -> list[P
                                "pareto_wallclock.png")):
         fig, ax = plt.subplots(figsize=(7.5, 5))
         for i, g in enumerate(stats):
-            color = f"C{i % 10}"
+            color, marker = _style(i)
             mean_x, std_x = g[key]
             mean_y, std_y = g["acc"]
             if math.isnan(mean_x):
                 continue
-            ax.errorbar(mean_x, mean_y, xerr=std_x, yerr=std_y, fmt="o", color=color, capsize=3, label=g["label"],
-                        markersize=7 if g["label"] != baseline else 9)
+            ax.errorbar(mean_x, mean_y, xerr=std_x, yerr=std_y, fmt=marker, color=color, capsize=3, label=g["label"],
+                        markersize=7 if g["label"] != baseline else 10)
+            ax.annotate(g["label"], (mean_x, mean_y), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                        color=color)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.set_xlim(0, 1.08)
@@ -171,7 +183,7 @@ def plot_traces(stats: list[dict[str, Any]], out: Path) -> Path | None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     for i, (label, r) in enumerate(runs):
         steps = [row["step"] for row in r["trace"]]
-        color = f"C{i % 10}"
+        color, _ = _style(i)
         axes[0, 0].plot(steps, [row["compute"] for row in r["trace"]], color=color, label=label)
         axes[0, 1].plot(steps, [row["action"] for row in r["trace"]], color=color)
         axes[1, 0].plot(steps, [row["damage"] for row in r["trace"]], color=color)

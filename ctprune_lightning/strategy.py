@@ -132,6 +132,17 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _distribute_state(state: dict, old: Tensor, new: Tensor) -> dict:
+    """Optimizer state of a full Parameter ``old`` laid out like its sharded successor ``new`` (a DTensor).
+
+    Every rank holds the same full moments, so each takes its own shard without communication.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    return {k: distribute_tensor(v, new.device_mesh, new.placements, src_data_rank=None)
+            if isinstance(v, Tensor) and v.dim() > 0 and v.shape == old.shape else v for k, v in state.items()}
+
+
 class PruningFSDPStrategy(PruningStrategy, ModelParallelStrategy):
     """FSDP2 (``fully_shard``) data parallelism that can shrink the model mid-training.
 
@@ -242,8 +253,6 @@ class PruningFSDPStrategy(PruningStrategy, ModelParallelStrategy):
 
     def _rewrap_(self, model: nn.Module, optimizers: Sequence[Any]) -> None:
         """Shard the plain roots again; moments re-distributed on the new shards."""
-        from torch.distributed.tensor import distribute_tensor
-
         held = {id(p) for p in optimizer_params(optimizers)}
         before: dict[str, dict[str, nn.Parameter]] = {}
         for root in self._templates:
@@ -258,14 +267,7 @@ class PruningFSDPStrategy(PruningStrategy, ModelParallelStrategy):
         for root, params in before.items():
             sharded = dict(model.get_submodule(root).named_parameters())
             for name, p in params.items():
-                new = sharded[name]
-
-                def distribute(state: dict, old: Tensor, new: Tensor) -> dict:
-                    return {k: distribute_tensor(v, new.device_mesh, new.placements, src_data_rank=None)
-                            if isinstance(v, Tensor) and v.dim() > 0 and v.shape == old.shape else v
-                            for k, v in state.items()}
-
-                swap_in_optimizers_(p, new, optimizers, distribute)
+                swap_in_optimizers_(p, sharded[name], optimizers, _distribute_state)
         self._plain = {}
 
     # ------------------------------------------------------------------------------ checkpoints

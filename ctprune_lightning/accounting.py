@@ -23,6 +23,8 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from .probe import batch_size
+
 
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
     return sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -138,13 +140,6 @@ def count_training_flops(
     return int(counter.get_total_flops()), per_module
 
 
-def _leading(batch: object) -> int | None:
-    """Leading dimension of the batch's first tensor (None when there is none)."""
-    first = tree_flatten(batch)[0]
-    first = next((t for t in first if isinstance(t, Tensor) and t.dim() > 0), None)
-    return None if first is None else int(first.shape[0])
-
-
 def _head(batch: object, n: int, k: int) -> object:
     """The first ``k`` samples: every tensor whose leading dimension is the batch size ``n`` is sliced."""
     return apply_to_collection(batch, Tensor, lambda t: t[:k] if t.dim() > 0 and t.shape[0] == n else t)
@@ -172,13 +167,13 @@ class FlopMeter:
         return self.cache[key]
 
     def _count(self, model: nn.Module, batch: object) -> tuple[int, dict[str, int]]:
-        n = _leading(batch)
-        if self.batch_linear and n is not None and n > 4:
+        n = batch_size(batch)  # 1 when the batch holds no tensor: then whole-batch counts, always
+        if self.batch_linear and n > 4:
             return self._extrapolate(model, batch, n)
         counted = count_training_flops(model, batch, self.loss_fn)
         if self.batch_linear is None:
             try:
-                self.batch_linear = n is not None and n > 4 and self._extrapolate(model, batch, n) == counted
+                self.batch_linear = n > 4 and self._extrapolate(model, batch, n) == counted
             except Exception:  # noqa: BLE001 -- a model that cannot run on 2 samples: whole batches, always
                 self.batch_linear = False
         return counted

@@ -6,13 +6,13 @@ effect of the cuts, whose immediate size is known exactly (the probe loss just b
 each surgery, same weights otherwise)::
 
     y_k = log L_k = f(t_k) + Σ_j s_j · [ρ + (1 − ρ) · a^((t_k − t_j) / Δ)] + ε_k
-    f(t) = θ0 + θ1 · log t + θ2 · t / T                      (the dense reference, unobserved)
+    f(t) = θ0 + θ1 · log t + θ2 · t / T + θ3 · Δ / t          (the dense reference, unobserved)
 
 ``s_j`` is the measured log-jump of cut j at step ``t_j``; a cut's damage recovers at rate ``a`` per
 ``Δ`` steps down to a persistent fraction ``ρ``. For each ``a`` on a grid the model is linear in
-``(θ0, θ1, θ2, ρ)`` and is solved by least squares with a Gaussian prior on ``ρ`` (default
-``ρ ~ N(1, 0.5²)``: a cut is assumed to persist until recovery is seen); the grid point with the
-smallest penalised residual wins. Reported, all relative (log-ratio ≈ relative excess):
+``(ρ, θ)`` and is solved by least squares over the last ``window`` observations (the trend need only
+hold locally), with a Gaussian prior on ``ρ`` (default ``ρ ~ N(1, 0.5²)``: a cut is assumed to
+persist until recovery is seen); the grid point with the smallest penalised residual wins. Reported, all relative (log-ratio ≈ relative excess):
 
 * ``damage``: the cuts' effect now, ``Σ_j s_j [ρ + (1 − ρ) a^τ_kj]`` — loss now vs the dense reference now;
 * ``final``: the same at the end of training ``T`` (what the quality budget is compared with);
@@ -48,6 +48,8 @@ class DamageEstimator:
         rho_prior / rho_prior_std: the Gaussian prior on the persistent fraction ``ρ``.
         min_points: below this many observations the trend is not fitted and every cut is taken
             as persistent (``ρ = rho_prior``).
+        window: observations the fit uses; once the cuts have left it, their last estimate of
+            ``(ρ, a)`` is kept (later data carry no news about them).
     """
 
     def __init__(self, total_steps: int, interval: int, rho_prior: float = 1.0, rho_prior_std: float = 0.5,

@@ -167,6 +167,7 @@ class PruningFSDPStrategy(PruningStrategy, ModelParallelStrategy):
         if bad:
             raise TypeError(f"PruningFSDPStrategy: `shard_modules` takes module types or names, got {bad!r}")
         self._templates: dict[str, nn.Module] = {}  # unsharded, meta-device copies of each FSDP root
+        self._plain: dict[str, dict[str, nn.Parameter]] = {}  # during a surgery: each root's plain Parameters
 
     #: :meth:`load_checkpoint` rebuilds the model to the checkpoint's shapes before the shards load
     rebuilds_from_checkpoint = True
@@ -236,7 +237,7 @@ class PruningFSDPStrategy(PruningStrategy, ModelParallelStrategy):
     # ------------------------------------------------------------------------------ surgery protocol
     def _unwrap_(self, model: nn.Module, optimizers: Sequence[Any]) -> None:
         """Gather every FSDP root into a plain module (weights and optimizer moments in full)."""
-        self._plain: dict[str, dict[str, nn.Parameter]] = {}
+        self._plain = {}
         for root, template in self._templates.items():
             sharded = model.get_submodule(root)
             plain = copy.deepcopy(template)

@@ -12,7 +12,8 @@ each surgery, same weights otherwise)::
 ``Δ`` steps down to a persistent fraction ``ρ``. For each ``a`` on a grid the model is linear in
 ``(ρ, θ)`` and is solved by least squares over the last ``window`` observations (the trend need only
 hold locally), with a Gaussian prior on ``ρ`` (default ``ρ ~ N(1, 0.5²)``: a cut is assumed to
-persist until recovery is seen); the grid point with the smallest penalised residual wins. Reported, all relative (log-ratio ≈ relative excess):
+persist until recovery is seen); the grid point with the smallest penalised residual wins.
+Reported, all relative (log-ratio ≈ relative excess):
 
 * ``damage``: the cuts' effect now, ``Σ_j s_j [ρ + (1 − ρ) a^τ_kj]`` — loss now vs the dense reference now;
 * ``final``: the same at the end of training ``T`` (what the quality budget is compared with);

@@ -237,7 +237,9 @@ class ControlPruning(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if not self.loop.saturated:
+        # The importance is accumulated only where a decision can use it: from one control interval before
+        # `start_step` (each cut restarts it anyway) until no further cut is possible.
+        if not self.loop.saturated and trainer.global_step + self.every_n_steps >= self.start_step:
             self.importance.before_optimizer_step(pl_module)
 
     @override

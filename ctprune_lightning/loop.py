@@ -184,6 +184,8 @@ class ControlLoop:
     # ------------------------------------------------------------------------------- the control step
     def observe(self, model: nn.Module, step: int, progress: float) -> Observation:
         """Sense: compute fraction and the probe-loss damage (every rank)."""
+        if isinstance(self.controller, NoneController):  # the dense baseline never acts: no probe to pay for
+            return Observation(step=step, progress=progress, compute=self.compute(model), damage=0.0)
         loss = self.probe_loss(model)
         best = loss if self.best is None else self.best
         damage = max(0.0, loss - best) / max(best, 1e-12)

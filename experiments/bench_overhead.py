@@ -11,16 +11,14 @@ with the order rotated each repeat; each table gives min and median over the rep
 1. ``overhead`` -- the reference MLP (784-1024-1024-10, batch 256, AdamW) trained through a Lightning
    ``Trainer`` on synthetic Fashion-MNIST-shaped data (``SyntheticDataModule``, logger=False, no
    checkpointing, no validation): no callback vs ``ControlPruning(controller="none")`` vs
-   ``ControlPruning(controller="lqr", start_step=10**9)`` (trajectory importance tracking every step, never
-   a cut), plus a bare PyTorch loop over the same in-memory batches. Step time = wall-clock between
+   ``ControlPruning(controller="lqr", start_step=10**9)`` (attached, waiting for its start step) vs an lqr
+   callback tracking its trajectory importance every step with no control interval in the window (what
+   the cutting phase costs between decisions), plus a bare PyTorch loop over the same in-memory batches. Step time = wall-clock between
    consecutive ``on_train_batch_start`` hooks (data fetch, every hook, logging, optimizer), warm-up excluded;
    the measured window spans whole control intervals (every 20 steps).
 2. ``surgery`` -- per model: build, ``discover_groups``, one AdamW step (so the optimizer has state), then
    time ``apply_plan_`` of a 30% width cut of every group (fresh model each repeat), and the FLOP recount
    of the new architecture (``count_training_flops``) that the loop does once per new architecture.
-4. ``proposed`` -- ``bench_overhead_proposed.diff`` applied to temporary copies of accounting.py and
-   importance/criteria.py, imported beside the current modules: the lqr callback before its first cut and
-   while cutting, current vs proposed code, with a check that widths, scores and FLOPs come out identical.
 3. ``width`` -- per model: bare PyTorch training step (forward + backward + AdamW) at 100/75/50/35/25% of
    every group's dense width (shrunk with the real surgery) next to the training-FLOPs ratio.
 
@@ -194,6 +192,8 @@ def section_overhead(args: argparse.Namespace) -> None:
         "+ ControlPruning(controller='none')": lightning_run(lambda: [ControlPruning(controller="none")]),
         "+ ControlPruning('lqr', start_step beyond run)": lightning_run(
             lambda: [ControlPruning(controller="lqr", target=0.25, round_to=8, start_step=10**9)]),
+        "+ ControlPruning('lqr') tracking trajectory, no interval in window": lightning_run(
+            lambda: [ControlPruning(controller="lqr", target=0.25, round_to=8, every_n_steps=1000)]),
     }
     res = interleaved(variants, args.repeats)
     base = statistics.median(res["Lightning, no callback"])
@@ -210,110 +210,6 @@ def section_overhead(args: argparse.Namespace) -> None:
     for name, v in res.items():
         r = [a / b for a, b in zip(v, res["Lightning, no callback"])]
         print(f"  {name:<48} min {min(r):.3f}  median {statistics.median(r):.3f}  all {[round(x, 3) for x in r]}")
-
-
-# ------------------------------------------------------- 4. the proposed diff, side by side with the current code
-def load_proposed() -> tuple[type, type]:
-    """The classes of ``bench_overhead_proposed.diff`` applied to temporary copies of today's files, imported
-    beside the current modules (so both run in this one process): (TrajectoryImportance, FlopMeter)."""
-    import importlib.util
-    import pathlib
-    import shutil
-    import subprocess
-    import tempfile
-
-    import ctprune_lightning
-
-    root = pathlib.Path(ctprune_lightning.__file__).resolve().parent.parent
-    diff = pathlib.Path(__file__).resolve().with_name("bench_overhead_proposed.diff")
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ctprune_proposed_"))
-    files = ["ctprune_lightning/accounting.py", "ctprune_lightning/importance/criteria.py"]
-    for f in files:
-        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / f, tmp / f)
-    subprocess.run(["patch", "-s", "-p1", "-d", str(tmp), "-i", str(diff)], check=True)
-    mods = []
-    for f, name in zip(files, ["ctprune_lightning._proposed_accounting",
-                               "ctprune_lightning.importance._proposed_criteria"]):
-        spec = importlib.util.spec_from_file_location(name, tmp / f)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up
-        spec.loader.exec_module(mod)
-        mods.append(mod)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return mods[1].TrajectoryImportance, mods[0].FlopMeter
-
-
-def section_proposed(args: argparse.Namespace) -> None:
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-
-    from ctprune_lightning import ControlPruning
-    from ctprune_lightning.data import SyntheticDataModule
-    from ctprune_lightning.models import MLPClassifier
-
-    NewTrajectory, NewFlopMeter = load_proposed()
-    warm, n = args.warmup, args.steps
-    dm = SyntheticDataModule(num_samples=256 * (warm + n + 1), input_shape=(1, 28, 28), num_classes=10,
-                             batch_size=256, seed=0)
-    dm.setup("fit")
-    results: dict[str, Any] = {}
-
-    class StepClock(Callback):
-        def __init__(self) -> None:
-            self.t: list[float] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-            self.t.append(time.perf_counter())
-
-    def run_with(label: str, proposed: bool, start_step: int) -> Callable[[], float]:
-        def run() -> float:
-            torch.manual_seed(0)
-            model = MLPClassifier(input_dim=784, hidden=(1024, 1024), num_classes=10)
-            cb = ControlPruning(controller="lqr", target=0.25, round_to=8, start_step=start_step,
-                                importance=NewTrajectory() if proposed else "trajectory")
-            if proposed:
-                cb.loop.meter = NewFlopMeter(cb.loop.meter.loss_fn)
-            clock = StepClock()
-            trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warm + n + 1, max_epochs=1, logger=False,
-                                enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-                                enable_progress_bar=False, enable_model_summary=False, callbacks=[clock, cb])
-            trainer.fit(model, datamodule=dm)
-            results[label] = (cb.summary()["widths"], dict(cb.importance.acc), cb.ledger.train_flops)
-            return (clock.t[warm + n] - clock.t[warm]) / n
-        return run
-
-    def no_callback() -> float:
-        torch.manual_seed(0)
-        model = MLPClassifier(input_dim=784, hidden=(1024, 1024), num_classes=10)
-        clock = StepClock()
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warm + n + 1, max_epochs=1, logger=False,
-                            enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
-        trainer.fit(model, datamodule=dm)
-        return (clock.t[warm + n] - clock.t[warm]) / n
-
-    variants = {
-        "Lightning, no callback": no_callback,
-        "lqr before its first cut, current": run_with("pre, current", False, 10**9),
-        "lqr before its first cut, proposed": run_with("pre, proposed", True, 10**9),
-        "lqr cutting every 20 steps, current": run_with("cut, current", False, 0),
-        "lqr cutting every 20 steps, proposed": run_with("cut, proposed", True, 0),
-    }
-    res = interleaved(variants, args.repeats)
-    base = res["Lightning, no callback"]
-    print(f"\n## 4. The proposed diff (bench_overhead_proposed.diff) vs the current code, MLP reference "
-          f"({args.repeats} repeats x {n} steps, {torch.get_num_threads()} thread(s))\n")
-    print("| variant | ms/step min | ms/step median | paired ratio vs no callback (median) |")
-    print("|---|---|---|---|")
-    for name, v in res.items():
-        lo, med = stats(v)
-        r = statistics.median(a / b for a, b in zip(v, base))
-        print(f"| {name} | {lo * 1e3:.2f} | {med * 1e3:.2f} | {r:.3f} |")
-    for kind in ("pre", "cut"):
-        (wa, acc_a, fa), (wb, acc_b, fb) = results[f"{kind}, current"], results[f"{kind}, proposed"]
-        same = wa == wb and fa == fb and all(torch.equal(acc_a[k], acc_b[k]) for k in acc_a)
-        print(f"\n{kind}: same widths {wa}, same trajectory scores and train FLOPs as the current code: {same}")
 
 
 # ------------------------------------------------------------------------------------ 2. surgery
@@ -413,7 +309,7 @@ def section_width(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="overhead,surgery,width", help="comma list of overhead,surgery,width,proposed")
+    p.add_argument("--sections", default="overhead,surgery,width", help="comma list of overhead,surgery,width")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {','.join(MODELS)}")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; see the docstring)")
@@ -431,8 +327,7 @@ def main() -> None:
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), repeats {args.repeats}")
-    sections = {"overhead": section_overhead, "surgery": section_surgery, "width": section_width,
-                "proposed": section_proposed}
+    sections = {"overhead": section_overhead, "surgery": section_surgery, "width": section_width}
     for s in args.sections.split(","):
         if s not in sections:
             p.error(f"unknown section {s!r}; choose from {list(sections)}")

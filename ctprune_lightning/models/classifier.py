@@ -34,7 +34,7 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
+        self.train_acc.update(logits.detach(), y)  # accumulate only: no per-batch accuracy computed
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss

@@ -17,9 +17,9 @@ def fit(callback: ControlPruning, epochs: int = 2, hidden=(64, 64), **trainer_kw
     L.seed_everything(0)
     dm = SyntheticDataModule(num_samples=512, input_shape=(32,), batch_size=32)
     model = MLPClassifier(input_dim=32, hidden=hidden, num_classes=10)
+    trainer_kwargs.setdefault("callbacks", [callback])
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
-                        **trainer_kwargs)
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
     trainer.fit(model, datamodule=dm)
     return trainer, model
 
@@ -122,6 +122,27 @@ def test_importance_stops_once_no_cut_is_possible() -> None:
     cb.importance.before_optimizer_step = lambda m: (calls.append(1), original(m))  # type: ignore[method-assign]
     fit(cb, epochs=1)
     assert calls == [] and cb.loop.saturated
+
+
+def test_importance_is_tracked_from_one_interval_before_the_start_step_and_the_dense_run_never_probes() -> None:
+    """Attached but not cutting costs nothing: no tracking before `start_step - every_n_steps`, no probe in `none`."""
+    tracked: list[int] = []
+    cb = ControlPruning(controller="lqr", target=0.5, every_n_steps=4, start_step=12, importance="trajectory")
+    original = cb.importance.before_optimizer_step
+    trainer_ref: list[L.Trainer] = []
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            trainer_ref.append(trainer)
+
+    cb.importance.before_optimizer_step = lambda m: (tracked.append(trainer_ref[0].global_step), original(m))  # type: ignore[method-assign]
+    fit(cb, epochs=1, callbacks=[Clock(), cb])
+    assert tracked and min(tracked) == 8 and cb.history and cb.history[0]["step"] == 12
+
+    dense = ControlPruning(controller="none", every_n_steps=2)
+    dense.loop.probe_loss = lambda model: pytest.fail("the dense baseline ran a probe")  # type: ignore[method-assign]
+    fit(dense, epochs=1)
+    assert dense.trace and all(r["damage"] == 0.0 for r in dense.trace)
 
 
 def test_group_limits_bind_in_a_fit_and_the_trace_never_goes_below_them_or_the_target() -> None:

@@ -5,6 +5,7 @@
     python train.py experiment=mlp_fmnist_lqr
     python train.py -m controller=none,gmp,lqr seed=0,1 # multirun sweep
     python train.py ckpt_path=outputs/.../checkpoints/last.ckpt trainer.max_epochs=10   # resume
+    python train.py controller=none architecture_from=outputs/.../checkpoints/last.ckpt  # that net, from scratch
 
 Writes ``<run dir>/summary.json`` (see ``ctprune_lightning.summary.SUMMARY_KEYS``) and prints the
 summary table. Bad configs exit non-zero: Hydra lists the options of an unknown group choice, and
@@ -29,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from ctprune_lightning.checkpoint import shrink_to_checkpoint_
 from ctprune_lightning.summary import SUMMARY_KEYS, format_summary, write_summary
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,9 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(hparams)
 
+    if cfg.get("architecture_from"):  # the pruned architecture of an earlier run, trained from scratch
+        spec = shrink_to_checkpoint_(model, cfg.architecture_from)
+        log.info("architecture of %s (%d surgeries), fresh weights", cfg.architecture_from, len(spec.get("history", [])))
     dense_params = _num_params(model)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

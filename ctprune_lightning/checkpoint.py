@@ -124,6 +124,32 @@ def rebuild_from_checkpoint_(model: nn.Module, checkpoint: Mapping[str, Any], so
     return True
 
 
+@torch.no_grad()
+def shrink_to_checkpoint_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Shrink a freshly built ``model`` to the architecture recorded in checkpoint ``path``; keep its fresh weights.
+
+    Every cut tensor keeps its first entries along each shrunk dimension: a restriction of the model's
+    own random initialisation (entries are i.i.d., so which units does not matter). The checkpoint's
+    weights are not read. This is the "pruned architecture trained from scratch" baseline of Liu et al.,
+    *Rethinking the Value of Network Pruning* (ICLR 2019). Returns the checkpoint's spec.
+    """
+    spec = read_checkpoint_spec(path)
+    if spec is None:
+        raise CheckpointError(f"{path}: holds no ctprune architecture (written without ControlPruning?)")
+    from .surgery.mha import convert_multihead_attention_
+
+    convert_multihead_attention_(model)
+    fresh = {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
+    apply_arch_(model, spec["arch"], str(path))
+    for name, t in model.state_dict(keep_vars=True).items():
+        old = fresh[name]
+        if t.dim() != old.dim() or any(n > o for n, o in zip(t.shape, old.shape)):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)} there, wider than the fresh model's "
+                                  f"{tuple(old.shape)}; build the model with at least the checkpoint's sizes")
+        t.data.copy_(old[tuple(slice(0, n) for n in t.shape)])
+    return spec
+
+
 def install_checkpoint_hooks(trainer: Any) -> None:
     """Make ``trainer.strategy`` rebuild the architecture before it loads a checkpoint's weights.
 

@@ -1,8 +1,9 @@
 """Baselines that are not ours, in the form a Lightning user would reach for them.
 
 ``HiddenLayerPruning`` is Lightning's own ``ModelPruning`` (masks via ``torch.nn.utils.prune``) set up
-as a fair structured baseline: L2-structured pruning of whole output rows of every hidden ``nn.Linear``
-(the output layer is left alone, as ControlPruning leaves it), ``keep_per_epoch`` of the remaining rows
+as a fair structured baseline: L2-structured pruning of whole output rows / channels of every hidden
+``nn.Linear`` and ``nn.Conv*d`` (the output layer, the model's last Linear, is left alone, as ControlPruning
+leaves it), ``keep_per_epoch`` of the remaining rows
 kept at each of the first ``epochs`` epochs, made permanent at the end. The masked rows are zeros, not
 removed: it saves no FLOPs, which is what its wall-clock measures.
 
@@ -18,7 +19,7 @@ from torch import nn
 
 
 class HiddenLayerPruning(ModelPruning):
-    """``ModelPruning("ln_structured")`` on the rows of every hidden Linear (not the output layer)."""
+    """``ModelPruning("ln_structured")`` on the rows of every hidden Linear and Conv (not the output layer)."""
 
     def __init__(self, keep_per_epoch: float = 0.8, epochs: int = 4, **kwargs: Any) -> None:
         self.epochs = int(epochs)
@@ -27,6 +28,7 @@ class HiddenLayerPruning(ModelPruning):
                          amount=lambda epoch: (1.0 - keep_per_epoch) if epoch < self.epochs else 0.0, **kwargs)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        linears = [m for m in pl_module.modules() if isinstance(m, nn.Linear)]
-        self._parameters_to_prune = [(m, "weight") for m in linears[:-1]]  # the last Linear is the output
+        layers = [m for m in pl_module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        last_linear = max((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), default=None)
+        self._parameters_to_prune = [(m, "weight") for i, m in enumerate(layers) if i != last_linear]
         super().setup(trainer, pl_module, stage)

@@ -1,49 +1,76 @@
 #!/usr/bin/env bash
 # The headline evidence suite: every baseline side by side, 3 seeds, one folder per group.
-#   experiments/suite.sh [mlp|resnet|gpt|lru|all] [OUT]        (SCALE=gpu for the GPU-scale schedules)
+#   experiments/suite.sh [mlp|resnet|gpt|lru|all] [OUT]        (SCALE=gpu: the full schedules on a GPU node)
 #   python experiments/report.py --groups OUT/mlp --plots OUT/mlp
-# Each group is one Hydra multirun over seeds (runs of one seed share the machine's state, so the
-# report pairs every run with the dense run of its own seed). CSV logs; set logger=many for W&B too:
-# W&B groups the runs by experiment (group) and controller (job_type) -- see conf/logger/wandb.yaml.
-# CPU scale (this 2-core machine): the MLP task takes ~25 min; ResNet-20 ~10x, GPT ~5x, LRU ~3x that.
+# Each group is one Hydra multirun over seeds; the report pairs every run with the dense run of its own
+# seed. CSV logs; LOGGER=many adds W&B (offline without a key), grouped by experiment (`group`) and
+# controller (`job_type`) -- see conf/logger/wandb.yaml.
+# CPU scale (the default): 1 intra-op thread per run (OMP_NUM_THREADS, default 1), so two tasks can run side
+# by side on a 2-core machine with stable step times. Per task ~35-45 min here (13-14 groups x 3 seeds); the
+# ResNet, GPT and LRU schedules are shortened (CPU_* below), the MLP is the 8-epoch reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TASK=${1:-mlp}
 OUT=${2:-experiments/results/suite}
 SEEDS=${SEEDS:-0,1,2}
 PY=${PY:-.venv/bin/python}
-GPU=()
-[ "${SCALE:-cpu}" = gpu ] && GPU=(trainer=gpu trainer.max_epochs=30)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-run() {  # run GROUP OVERRIDES...: one multirun into OUT/TASK/GROUP
+# CPU scale: dense ~50-60 s per run at 1 thread here; short epochs (limit_train_batches) so that Lightning's
+# epoch-based ModelPruning can prune at two epoch ends and still fine-tune. GPU scale: longer schedules.
+CPU_MLP=()
+CPU_RESNET=(dataset.batch_size=128 trainer.max_epochs=3 trainer.limit_train_batches=40 trainer.limit_val_batches=10)
+CPU_GPT=(dataset.batch_size=32 model.block_size=64 model.n_embd=128 model.warmup_steps=25 trainer.max_epochs=5
+         trainer.limit_train_batches=50 trainer.val_check_interval=null trainer.limit_val_batches=10)
+CPU_LRU=(trainer.max_epochs=5 trainer.limit_train_batches=110 trainer.limit_val_batches=20)
+if [ "${SCALE:-cpu}" = gpu ]; then
+  CPU_MLP=(trainer=gpu trainer.max_epochs=30); CPU_RESNET=(trainer=gpu trainer.max_epochs=30)
+  CPU_GPT=(trainer=gpu trainer.max_steps=5000 trainer.max_epochs=-1); CPU_LRU=(trainer=gpu trainer.max_epochs=30 dataset.pool=1)
+fi
+MP_EPOCHS=2  # ModelPruning: epochs at whose end 25% of the remaining rows/channels are masked (MLP: 4 of 8)
+
+run() {  # run GROUP OVERRIDES...: one multirun into OUT/TASK/GROUP (skipped when already done: re-run to resume)
   local group=$1; shift
+  local done="$OUT/$TASK/$group.done${SEEDS//,/_}"
+  [ -e "$done" ] && { echo "$TASK/$group done already"; return; }
   mkdir -p "$OUT/$TASK"
-  "$PY" train.py -m logger=csv seed="$SEEDS" hydra.sweep.dir="$OUT/$TASK/$group" "${GPU[@]}" "$@" \
-    > "$OUT/$TASK/$group.log" 2>&1 && echo "$TASK/$group ok" || { echo "$TASK/$group FAILED (see $OUT/$TASK/$group.log)"; exit 1; }
+  "$PY" train.py -m logger="${LOGGER:-csv}" seed="$SEEDS" hydra.sweep.dir="$OUT/$TASK/$group" "$@" \
+    > "$OUT/$TASK/$group.log" 2>&1 && { touch "$done"; echo "$TASK/$group ok $(date +%T)"; } \
+    || { echo "$TASK/$group FAILED (see $OUT/$TASK/$group.log)"; exit 1; }
 }
 
-suite() {  # suite EXPERIMENT_OVERRIDES... (the pruned width for the small-from-scratch baseline is per task)
+lqr_steps() {  # the lqr runs' training FLOPs as dense steps: the schedule of the `short` baseline
+  "$PY" - "$OUT/$TASK/lqr" <<'PY'
+import json, pathlib, statistics, sys
+runs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).rglob("summary.json")]
+print(round(statistics.mean(r["steps"] * r["train_flops"] / r["dense_train_flops"] for r in runs)))
+PY
+}
+
+suite() {  # suite OVERRIDES...: every group of one task
   run dense controller=none "$@"
   run lqr controller=lqr "$@"
   run pid controller=pid "$@"
   run gmp controller=gmp pruning.target=0.25,0.35,0.5 "$@"
   run linear controller=linear "$@"
   run budget controller=lqr pruning.quality_budget=0.01 pruning.target=0.1 "$@"
-  run budget_pid controller=pid pruning.quality_budget=0.01 pruning.target=0.1 "$@"
   run lqr_taylor controller=lqr importance=taylor "$@"
   run lqr_magnitude controller=lqr importance=magnitude "$@"
+  run model_pruning controller=none callbacks=model_pruning callbacks.model_pruning.epochs="$MP_EPOCHS" "$@"
+  run short controller=none trainer.max_steps="$(lqr_steps)" "$@"       # dense, cut to lqr's training FLOPs
+  local seed ckpt                                                       # lqr's final net, from scratch
+  for seed in ${SEEDS//,/ }; do
+    ckpt=$(ls "$OUT/$TASK"/lqr/*seed="$seed"*/checkpoints/last.ckpt)
+    SEEDS=$seed run small controller=none architecture_from="$ckpt" "$@"
+  done
 }
 
 case $TASK in
-  mlp)
-    suite
-    run small controller=none model.hidden=[424,424]        # lqr's final widths, trained from scratch
-    run short controller=none trainer.max_steps=500         # dense, cut to lqr's training FLOPs (29%)
-    run model_pruning controller=none callbacks=model_pruning  # Lightning's ModelPruning (masks)
-    ;;
-  resnet) suite experiment=resnet_fmnist ;;
-  gpt) suite experiment=gpt_shakespeare ;;
-  lru) suite experiment=lru_sfmnist; run hankel controller=hankel experiment=lru_sfmnist ;;
+  mlp) MP_EPOCHS=4 suite "${CPU_MLP[@]}" ;;
+  resnet) suite experiment=resnet_fmnist "${CPU_RESNET[@]}" ;;
+  gpt) suite experiment=gpt_shakespeare "${CPU_GPT[@]}" ;;
+  lru) suite experiment=lru_sfmnist "${CPU_LRU[@]}"
+       run hankel controller=hankel controller.tau=0.15 experiment=lru_sfmnist "${CPU_LRU[@]}" ;;
   all) for t in mlp resnet gpt lru; do "$0" "$t" "$OUT"; done ;;
   *) echo "suite.sh: unknown task '$TASK'; choose mlp, resnet, gpt, lru or all" >&2; exit 2 ;;
 esac

@@ -29,3 +29,19 @@ def test_model_pruning_baseline_zeroes_hidden_rows_and_never_the_output_layer() 
     assert int((model.net[5].weight.abs().sum(dim=1) == 0).sum()) == 0
     assert not any("weight_orig" in n for n, _ in model.named_parameters())  # made permanent at the end
     assert torch.isfinite(model.net[5].weight).all()
+
+
+def test_model_pruning_baseline_masks_conv_channels_too() -> None:
+    from ctprune_lightning.models import ResNetClassifier
+
+    L.seed_everything(0)
+    model = ResNetClassifier(depth=8, widths=[8, 16, 16], num_classes=10, in_channels=1, image_size=8)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[HiddenLayerPruning(keep_per_epoch=0.5, epochs=2)])
+    trainer.fit(model, datamodule=SyntheticDataModule(num_samples=64, input_shape=(1, 8, 8), batch_size=16))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    zeroed = [int((c.weight.flatten(1).abs().sum(dim=1) == 0).sum()) for c in convs]
+    assert all(z >= c.out_channels // 2 for z, c in zip(zeroed, convs))  # 2 epochs at 50% kept
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert int((head.weight.abs().sum(dim=1) == 0).sum()) == 0

@@ -132,3 +132,38 @@ def test_train_py_resumes_from_a_pruned_checkpoint(
     assert all(summary["widths"][k] <= first["widths"][k] for k in first["widths"])
     assert summary["trace"][: len(first["trace"])] == first["trace"]
     assert summary["train_flops"] > first["train_flops"]
+
+
+def test_architecture_from_trains_the_pruned_net_from_fresh_weights(
+    lqr_run: tuple[subprocess.CompletedProcess[str], Path], tmp_path: Path
+) -> None:
+    import torch
+
+    proc, run_dir = lqr_run
+    first = json.loads((run_dir / "summary.json").read_text())
+    last = run_dir / "checkpoints" / "last.ckpt"
+    scratch = run_train("debug=fast", "controller=none", f"architecture_from={last}", run_dir=tmp_path / "s")
+    assert scratch.returncode == 0, scratch.stderr[-3000:]
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["widths"] == summary["dense_widths"] == first["widths"] != first["dense_widths"]
+    assert summary["params"] == first["params"] and summary["surgeries"] == 0
+    # fresh weights: nothing of the pruned run's trained weights was carried over (first steps differ)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    fresh = torch.load(tmp_path / "s" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert ckpt.keys() == fresh.keys() and all(ckpt[k].shape == fresh[k].shape for k in ckpt)
+    assert not torch.allclose(ckpt["net.1.weight"], fresh["net.1.weight"])
+
+    from ctprune_lightning.checkpoint import CheckpointError, shrink_to_checkpoint_
+    from ctprune_lightning.models import MLPClassifier
+
+    hparams = torch.load(last, map_location="cpu", weights_only=True)["hyper_parameters"]
+    model = MLPClassifier(**hparams)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    shrink_to_checkpoint_(model, last)
+    for k, v in model.state_dict().items():  # the model's own init, restricted to the pruned shapes
+        assert v.shape == ckpt[k].shape and torch.equal(v, init[k][tuple(slice(0, n) for n in v.shape)])
+    with pytest.raises(CheckpointError, match="wider than the fresh model"):
+        shrink_to_checkpoint_(MLPClassifier(**(hparams | {"hidden": [4, 4]})), last)
+
+    missing = run_train("debug=fast", "controller=none", f"architecture_from={tmp_path}/nope.ckpt", run_dir=tmp_path / "m")
+    assert missing.returncode != 0 and "nope.ckpt" in missing.stderr and "no such checkpoint" in missing.stderr

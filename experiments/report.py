@@ -91,6 +91,8 @@ def group_stats(groups: dict[str, list[dict[str, Any]]], baseline: str) -> list[
         paired = [(r, bases.get(r.get("seed"))) for r in runs]
         d_acc = [(r["test_acc"] - b["test_acc"]) * 100 for r, b in paired
                  if b and r.get("test_acc") is not None and b.get("test_acc") is not None]
+        d_loss = [(r["test_loss"] / b["test_loss"] - 1) * 100 for r, b in paired
+                  if b and r.get("test_loss") is not None and b.get("test_loss")]
         # the fit's wall-clock (every run has it, with or without a ControlPruning callback)
         time_ratio = [r["fit_time_s"] / b["fit_time_s"] for r, b in paired if b and r.get("fit_time_s") and b.get("fit_time_s")]
         flops_ratio = [(r.get("train_flops") or b["train_flops"]) / b["train_flops"] for r, b in paired
@@ -100,6 +102,7 @@ def group_stats(groups: dict[str, list[dict[str, Any]]], baseline: str) -> list[
             "acc": _stats([100 * r["test_acc"] for r in runs if r.get("test_acc") is not None]),
             "loss": _stats([r.get("test_loss") for r in runs]),
             "d_acc": _stats(d_acc),
+            "d_loss": _stats(d_loss),  # relative test-loss excess over the same seed's baseline, in %
             "flops": _stats(flops_ratio),  # training FLOPs / the dense run's (0.3 = 70% saved)
             "time": _stats(time_ratio),
             "final": _stats([r.get("flops_fraction") for r in runs]),
@@ -109,16 +112,35 @@ def group_stats(groups: dict[str, list[dict[str, Any]]], baseline: str) -> list[
     return sorted(out, key=lambda g: (g["label"] != baseline, -(g["flops"][0] if not math.isnan(g["flops"][0]) else 1)))
 
 
+#: the evidence suite's minimum bar: training FLOPs saved, wall-clock speed-up, quality given up
+BAR = {"flops": 0.4, "time": 0.5, "d_acc": -0.5, "d_loss": 2.0}
+
+
+def meets_bar(g: dict[str, Any]) -> str:
+    """``yes`` when the group's means clear the bar (≥60% FLOPs saved, ≥2x wall-clock, ≤0.5 pt accuracy
+    lost, or ≤2% test loss when there is no accuracy), else what misses it."""
+    misses = []
+    if not g["flops"][0] <= BAR["flops"]:
+        misses.append("FLOPs")
+    if not g["time"][0] <= BAR["time"]:
+        misses.append("wall")
+    if not math.isnan(g["d_acc"][0]):
+        misses += [] if g["d_acc"][0] >= BAR["d_acc"] else ["acc"]
+    elif not g["d_loss"][0] <= BAR["d_loss"]:
+        misses.append("loss")
+    return "yes" if not misses else "no: " + ", ".join(misses)
+
+
 def group_table(stats: list[dict[str, Any]]) -> str:
-    head = ("| run | seeds | test acc (%) | Δ acc vs dense (pt) | train FLOPs / dense | wall-clock / dense "
-            "| wall-clock ÷ FLOPs | final FLOPs/step | widths (seed 0) |")
+    head = ("| run | seeds | test acc (%) | Δ acc vs dense (pt) | Δ test loss vs dense (%) | train FLOPs / dense "
+            "| wall-clock / dense | wall-clock ÷ FLOPs | final FLOPs/step | bar | widths (seed 0) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for g in stats:
         follow = g["time"][0] / g["flops"][0] if g["flops"][0] else math.nan
         lines.append("| " + " | ".join([
-            g["label"], str(g["n"]), _pm(*g["acc"], ".2f"), _pm(*g["d_acc"], "+.2f"), _pm(*g["flops"], ".3f"),
-            _pm(*g["time"], ".2f"), "-" if math.isnan(follow) else f"{follow:.2f}", _pm(*g["final"], ".3f"),
-            g["widths"]]) + " |")
+            g["label"], str(g["n"]), _pm(*g["acc"], ".2f"), _pm(*g["d_acc"], "+.2f"), _pm(*g["d_loss"], "+.2f"),
+            _pm(*g["flops"], ".3f"), _pm(*g["time"], ".2f"), "-" if math.isnan(follow) else f"{follow:.2f}",
+            _pm(*g["final"], ".3f"), meets_bar(g), g["widths"]]) + " |")
     return "\n".join(lines)
 
 
@@ -145,10 +167,11 @@ def plot_pareto(stats: list[dict[str, Any]], out: Path, baseline: str) -> list[P
                               ("time", "training wall-clock / dense run's (same seed, side by side)",
                                "pareto_wallclock.png")):
         fig, ax = plt.subplots(figsize=(7.5, 5))
+        quality = "acc" if any(not math.isnan(g["acc"][0]) for g in stats) else "loss"
         for i, g in enumerate(stats):
             color, marker = _style(i)
             mean_x, std_x = g[key]
-            mean_y, std_y = g["acc"]
+            mean_y, std_y = g[quality]
             if math.isnan(mean_x):
                 continue
             ax.errorbar(mean_x, mean_y, xerr=std_x, yerr=std_y, fmt=marker, color=color, capsize=3, label=g["label"],
@@ -156,11 +179,11 @@ def plot_pareto(stats: list[dict[str, Any]], out: Path, baseline: str) -> list[P
             ax.annotate(g["label"], (mean_x, mean_y), textcoords="offset points", xytext=(5, 4), fontsize=7,
                         color=color)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%)" if quality == "acc" else "test loss (nats/token)")
         ax.set_xlim(0, 1.08)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-        ax.set_title("mean ± std over seeds; up and left is better")
+        ax.set_title(f"mean ± std over seeds; {'up' if quality == 'acc' else 'down'} and left is better")
         fig.tight_layout()
         path = out / name
         fig.savefig(path, dpi=110)

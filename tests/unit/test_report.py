@@ -38,7 +38,10 @@ def test_groups_pair_each_seed_with_its_baseline_and_plot(tmp_path: Path) -> Non
     assert stats["gmp 0.1"]["flops"] == pytest.approx((0.2, 0.0))
     assert stats["dense"]["acc"] == pytest.approx((91.0, 1.4142135, ), rel=1e-6)
     md = report.group_table(list(stats.values()))
-    assert "| gmp 0.25 | 2 | 90.00 ± 1.41 | -1.00 ± 0.00 | 0.300 ± 0.000 | 0.50 ± 0.00 | 1.67 |" in md
+    assert "| gmp 0.25 | 2 | 90.00 ± 1.41 | -1.00 ± 0.00 | - | 0.300 ± 0.000 | 0.50 ± 0.00 | 1.67 |" in md
+    assert "| gmp 0.1 | 2 |" in md and "| no: acc |" in md.split("gmp 0.1")[1].split("\n")[0]
+    assert "| no: acc |" in md.split("| gmp 0.25")[1].split("\n")[0]
+    assert "| no: FLOPs, wall |" in md.split("| dense")[1].split("\n")[0]
     files = report.plot_pareto(list(stats.values()), tmp_path, "dense") + [report.plot_traces(list(stats.values()), tmp_path)]
     for f in files:
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
@@ -48,3 +51,17 @@ def test_missing_baseline_group_names_the_groups(tmp_path: Path) -> None:
     write(tmp_path, "gmp", 0, summary(0, 0.9, 30.0, 5.0, controller="gmp"))
     with pytest.raises(SystemExit, match="no baseline group 'dense'.*gmp"):
         report.main(["--groups", str(tmp_path)])
+
+
+def test_language_model_groups_report_the_relative_test_loss_and_the_bar(tmp_path: Path) -> None:
+    for seed, loss in enumerate([2.0, 2.2]):
+        write(tmp_path, "dense", seed, summary(seed, None, 100.0, 10.0) | {"test_loss": loss})
+        write(tmp_path, "lqr", seed, summary(seed, None, 30.0, 4.0, target=0.3, controller="lqr")
+              | {"test_loss": loss * 1.01})
+        write(tmp_path, "gmp", seed, summary(seed, None, 30.0, 4.0, target=0.3, controller="gmp")
+              | {"test_loss": loss * 1.05})
+    stats = {g["label"]: g for g in report.group_stats(report.group_runs(tmp_path), "dense")}
+    assert stats["lqr"]["d_loss"] == pytest.approx((1.0, 0.0))
+    assert report.meets_bar(stats["lqr"]) == "yes" and report.meets_bar(stats["gmp"]) == "no: loss"
+    files = report.plot_pareto(list(stats.values()), tmp_path, "dense")
+    assert all(f.stat().st_size > 5000 for f in files)

@@ -47,21 +47,21 @@ print(round(statistics.mean(r["steps"] * r["train_flops"] / r["dense_train_flops
 PY
 }
 
-suite() {  # suite OVERRIDES...: every group of one task
-  run dense controller=none "$@"
-  run lqr controller=lqr "$@"
-  run pid controller=pid "$@"
-  run gmp controller=gmp pruning.target=0.25,0.35,0.5 "$@"
-  run linear controller=linear "$@"
-  run budget controller=lqr pruning.quality_budget=0.01 pruning.target=0.1 "$@"
-  run lqr_taylor controller=lqr importance=taylor "$@"
-  run lqr_magnitude controller=lqr importance=magnitude "$@"
-  run model_pruning controller=none callbacks=model_pruning callbacks.model_pruning.epochs="$MP_EPOCHS" "$@"
-  run short controller=none trainer.max_steps="$(lqr_steps)" "$@"       # dense, cut to lqr's training FLOPs
+suite() {  # suite OVERRIDES...: every group of one task (a group's own overrides come last and win)
+  run dense "$@" controller=none
+  run lqr "$@" controller=lqr
+  run pid "$@" controller=pid
+  run gmp "$@" controller=gmp pruning.target=0.25,0.35,0.5
+  run linear "$@" controller=linear
+  run budget "$@" controller=lqr pruning.quality_budget=0.01 pruning.target=0.1
+  run lqr_taylor "$@" controller=lqr importance=taylor
+  run lqr_magnitude "$@" controller=lqr importance=magnitude
+  run model_pruning "$@" controller=none callbacks=model_pruning callbacks.model_pruning.epochs="$MP_EPOCHS"
+  run short "$@" controller=none trainer.max_steps="$(lqr_steps)"       # dense, cut to lqr's training FLOPs
   local seed ckpt                                                       # lqr's final net, from scratch
   for seed in ${SEEDS//,/ }; do
     ckpt=$(ls "$OUT/$TASK"/lqr/*seed="$seed"*/checkpoints/last.ckpt)
-    SEEDS=$seed run small controller=none architecture_from="$ckpt" "$@"
+    SEEDS=$seed run small "$@" controller=none architecture_from="$ckpt"
   done
 }
 

@@ -87,3 +87,11 @@ def test_an_unknown_task_names_the_choices(tmp_path: Path) -> None:
     proc, calls = run_suite(tmp_path, "vit")
     assert proc.returncode == 2 and "unknown task 'vit'" in proc.stderr and "mlp, resnet, gpt, lru" in proc.stderr
     assert calls == []
+
+
+def test_gpu_scale_moves_every_group_to_the_gpu_trainer(tmp_path: Path) -> None:
+    proc, calls = run_suite(tmp_path, "gpt", SEEDS="0", SCALE="gpu")
+    assert proc.returncode == 0, proc.stderr
+    short = next(c for c in calls if group_of(c) == "short")  # its own step count wins over the scale's
+    assert short.index("trainer.max_steps=1500") > short.index("trainer.max_steps=5000")
+    assert all("trainer=gpu" in c and "trainer.limit_train_batches=50" not in c for c in calls)

@@ -29,12 +29,13 @@ if [ "${SCALE:-cpu}" = gpu ]; then
 fi
 MP_EPOCHS=2  # ModelPruning: epochs at whose end 25% of the remaining rows/channels are masked (MLP: 4 of 8)
 
-run() {  # run GROUP OVERRIDES...: one multirun into OUT/TASK/GROUP (skipped when already done: re-run to resume)
+run() {  # run GROUP OVERRIDES...: one multirun into OUT/TASK/GROUP/<job>_seed<seed> (skipped when done: re-run to resume)
   local group=$1; shift
   local done="$OUT/$TASK/$group.done${SEEDS//,/_}"
   [ -e "$done" ] && { echo "$TASK/$group done already"; return; }
   mkdir -p "$OUT/$TASK"
-  "$PY" train.py -m logger="${LOGGER:-csv}" seed="$SEEDS" hydra.sweep.dir="$OUT/$TASK/$group" "$@" \
+  "$PY" train.py -m logger="${LOGGER:-csv}" seed="$SEEDS" hydra.sweep.dir="$OUT/$TASK/$group" \
+    'hydra.sweep.subdir=${hydra.job.num}_seed${seed}' "$@" \
     > "$OUT/$TASK/$group.log" 2>&1 && { touch "$done"; echo "$TASK/$group ok $(date +%T)"; } \
     || { echo "$TASK/$group FAILED (see $OUT/$TASK/$group.log)"; exit 1; }
 }
@@ -60,7 +61,7 @@ suite() {  # suite OVERRIDES...: every group of one task (a group's own override
   run short "$@" controller=none trainer.max_steps="$(lqr_steps)"       # dense, cut to lqr's training FLOPs
   local seed ckpt                                                       # lqr's final net, from scratch
   for seed in ${SEEDS//,/ }; do
-    ckpt=$(ls "$OUT/$TASK"/lqr/*seed="$seed"*/checkpoints/last.ckpt)
+    ckpt=$(ls "$OUT/$TASK"/lqr/*_seed"$seed"/checkpoints/last.ckpt)
     SEEDS=$seed run small "$@" controller=none architecture_from="$ckpt"
   done
 }

@@ -24,7 +24,8 @@ with open(os.environ["CALLS"], "a") as f:
 kv = dict(a.split("=", 1) for a in args if "=" in a)
 sweep = pathlib.Path(kv["hydra.sweep.dir"])
 for i, seed in enumerate(kv["seed"].split(",")):
-    run = sweep / f"{i}_seed={seed}"
+    assert kv["hydra.sweep.subdir"] == "${hydra.job.num}_seed${seed}"  # short: long override lists overflow a name
+    run = sweep / f"{i}_seed{seed}"
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run / "checkpoints" / "last.ckpt").write_text(seed)
     steps = 1000 if "trainer.max_steps" not in kv else int(kv["trainer.max_steps"])

@@ -2,6 +2,7 @@
 # The headline evidence suite: every baseline side by side, 3 seeds, one folder per group.
 #   experiments/suite.sh [mlp|resnet|gpt|lru|all] [OUT]        (SCALE=gpu: the full schedules on a GPU node)
 #   python experiments/report.py --groups OUT/mlp --plots OUT/mlp
+#   experiments/suite.sh overrides TASK       # print the task's overrides at this SCALE, one per line
 # Each group is one Hydra multirun over seeds; the report pairs every run with the dense run of its own
 # seed. CSV logs; LOGGER=many adds W&B (offline without a key), grouped by experiment (`group`) and
 # controller (`job_type`) -- see conf/logger/wandb.yaml.
@@ -27,6 +28,16 @@ if [ "${SCALE:-cpu}" = gpu ]; then
   CPU_MLP=(trainer=gpu trainer.max_epochs=30); CPU_RESNET=(trainer=gpu trainer.max_epochs=30)
   CPU_GPT=(trainer=gpu trainer.max_steps=5000 trainer.max_epochs=-1); CPU_LRU=(trainer=gpu trainer.max_epochs=30 dataset.pool=1)
 fi
+task_overrides() {  # task_overrides TASK: the experiment and scale overrides of a task, one per line
+  case $1 in
+    mlp) if [ ${#CPU_MLP[@]} -gt 0 ]; then printf '%s\n' "${CPU_MLP[@]}"; fi ;;
+    resnet) printf '%s\n' experiment=resnet_fmnist "${CPU_RESNET[@]}" ;;
+    gpt) printf '%s\n' experiment=gpt_shakespeare "${CPU_GPT[@]}" ;;
+    lru) printf '%s\n' experiment=lru_sfmnist "${CPU_LRU[@]}" ;;
+    *) echo "suite.sh: unknown task '$1'; choose mlp, resnet, gpt, lru or all" >&2; exit 2 ;;
+  esac
+}
+if [ "$TASK" = overrides ]; then task_overrides "${2:-mlp}"; exit 0; fi
 MP_EPOCHS=2  # ModelPruning: epochs at whose end 25% of the remaining rows/channels are masked (MLP: 4 of 8)
 
 run() {  # run GROUP OVERRIDES...: one multirun into OUT/TASK/GROUP/<job>_seed<seed> (skipped when done: re-run to resume)
@@ -67,11 +78,12 @@ suite() {  # suite OVERRIDES...: every group of one task (a group's own override
 }
 
 case $TASK in
-  mlp) MP_EPOCHS=4 suite "${CPU_MLP[@]}" ;;
-  resnet) suite experiment=resnet_fmnist "${CPU_RESNET[@]}" ;;
-  gpt) suite experiment=gpt_shakespeare "${CPU_GPT[@]}" ;;
-  lru) suite experiment=lru_sfmnist "${CPU_LRU[@]}"
-       run hankel controller=hankel controller.tau=0.15 experiment=lru_sfmnist "${CPU_LRU[@]}" ;;
+  mlp|resnet|gpt|lru)
+    mapfile -t TASK_ARGS < <(task_overrides "$TASK")
+    if [ "$TASK" = mlp ]; then MP_EPOCHS=4; fi
+    suite ${TASK_ARGS[@]+"${TASK_ARGS[@]}"}
+    if [ "$TASK" = lru ]; then run hankel "${TASK_ARGS[@]}" controller=hankel controller.tau=0.15; fi
+    ;;
   all) for t in mlp resnet gpt lru; do "$0" "$t" "$OUT"; done ;;
   *) echo "suite.sh: unknown task '$TASK'; choose mlp, resnet, gpt, lru or all" >&2; exit 2 ;;
 esac

@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # CPU scale: dense ~50-60 s per run at 1 thread here; short epochs (limit_train_batches) so that Lightning's
 # epoch-based ModelPruning can prune at two epoch ends and still fine-tune. GPU scale: longer schedules.
 CPU_MLP=()
-CPU_RESNET=(dataset.batch_size=128 trainer.max_epochs=3 trainer.limit_train_batches=40 trainer.limit_val_batches=10)
+CPU_RESNET=(dataset.batch_size=64 trainer.max_epochs=3 trainer.limit_train_batches=100 trainer.limit_val_batches=10)
 CPU_GPT=(dataset.batch_size=32 model.block_size=64 model.n_embd=128 model.warmup_steps=25 trainer.max_epochs=5
          trainer.limit_train_batches=50 trainer.val_check_interval=null trainer.limit_val_batches=10)
 CPU_LRU=(trainer.max_epochs=5 trainer.limit_train_batches=110 trainer.limit_val_batches=20)

@@ -59,7 +59,7 @@ def test_a_task_runs_every_baseline_with_three_seeds_and_derives_short_and_small
     assert groups == ["dense", "lqr", "pid", "gmp", "linear", "budget", "lqr_taylor", "lqr_magnitude",
                       "model_pruning", "short", "small", "small", "small"]
     for c in calls:
-        assert "experiment=resnet_fmnist" in c and "trainer.limit_train_batches=40" in c
+        assert "experiment=resnet_fmnist" in c and "trainer.limit_train_batches=100" in c
     assert all("seed=0,1,2" in c for c in calls[:10])
     assert "pruning.target=0.25,0.35,0.5" in calls[3]
     assert "trainer.max_steps=300" in calls[9]  # lqr's 30% of the training FLOPs of 1000 dense steps

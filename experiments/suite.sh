@@ -73,7 +73,7 @@ suite() {  # suite OVERRIDES...: every group of one task (a group's own override
   local seed ckpt                                                       # lqr's final net, from scratch
   for seed in ${SEEDS//,/ }; do
     ckpt=$(ls "$OUT/$TASK"/lqr/*_seed"$seed"/checkpoints/last.ckpt)
-    SEEDS=$seed run small "$@" controller=none architecture_from="$ckpt"
+    SEEDS=$seed run small "$@" controller=none architecture_from="'$ckpt'"  # quoted: Hydra's grammar
   done
 }
 

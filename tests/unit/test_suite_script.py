@@ -66,6 +66,8 @@ def test_a_task_runs_every_baseline_with_three_seeds_and_derives_short_and_small
     for seed, c in zip("012", calls[10:]):  # each seed's small net is that seed's lqr architecture
         assert f"seed={seed}" in c and "controller=none" in c
         ckpt = next(a.split("=", 1)[1] for a in c if a.startswith("architecture_from="))
+        assert ckpt[0] == ckpt[-1] == "'"  # quoted for Hydra's override grammar (a path may hold '=' or ',')
+        ckpt = ckpt[1:-1]
         assert Path(ckpt).read_text() == seed and "/lqr/" in ckpt
     assert "callbacks.model_pruning.epochs=2" in calls[8]
 

@@ -164,9 +164,9 @@ def plot_pareto(stats: list[dict[str, Any]], out: Path, baseline: str) -> list[P
 
     files = []
     for key, xlabel, name in (("flops", "training FLOPs / dense run's", "pareto_flops.png"),
-                              ("time", "training wall-clock / dense run's (same seed, side by side)",
+                              ("time", "training wall-clock / the same seed's dense run's",
                                "pareto_wallclock.png")):
-        fig, ax = plt.subplots(figsize=(7.5, 5))
+        fig, ax = plt.subplots(figsize=(9.5, 5))
         quality = "acc" if any(not math.isnan(g["acc"][0]) for g in stats) else "loss"
         for i, g in enumerate(stats):
             color, marker = _style(i)
@@ -182,7 +182,7 @@ def plot_pareto(stats: list[dict[str, Any]], out: Path, baseline: str) -> list[P
         ax.set_ylabel("test accuracy (%)" if quality == "acc" else "test loss (nats/token)")
         ax.set_xlim(0, 1.08)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over a point
         ax.set_title(f"mean ± std over seeds; {'up' if quality == 'acc' else 'down'} and left is better")
         fig.tight_layout()
         path = out / name

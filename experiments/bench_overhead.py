@@ -19,6 +19,8 @@ with the order rotated each repeat; each table gives min and median over the rep
 2. ``surgery`` -- per model: build, ``discover_groups``, one AdamW step (so the optimizer has state), then
    time ``apply_plan_`` of a 30% width cut of every group (fresh model each repeat), and the FLOP recount
    of the new architecture (``count_training_flops``) that the loop does once per new architecture.
+3b. ``align`` -- ResNet-20 at stage channel counts that are, or are not, multiples of 8 (the SIMD width
+   of fp32 AVX2 convolution kernels): is a width-4 rounding a wall-clock trap on CPU?
 3. ``width`` -- per model: bare PyTorch training step (forward + backward + AdamW) at 100/75/50/35/25% of
    every group's dense width (shrunk with the real surgery) next to the training-FLOPs ratio.
 
@@ -255,6 +257,51 @@ def section_surgery(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------------- 3. width
+RESNET_CHANNELS = ((16, 32, 64), (12, 24, 48), (12, 20, 36), (8, 16, 32), (8, 16, 24), (8, 8, 16), (4, 8, 16))
+
+
+def section_align(args: argparse.Namespace) -> None:
+    """ResNet-20 step time at stage channel counts that are, or are not, multiples of 8."""
+    from ctprune_lightning.accounting import count_training_flops
+    from ctprune_lightning.surgery.groups import apply_plan_
+
+    variants: dict[str, Callable[[], float]] = {}
+    flops: dict[str, int] = {}
+    for channels in RESNET_CHANNELS:
+        model, batch = build("resnet")
+        groups = discover(model, "resnet")
+        opt = adamw(model)
+        train_step(model, opt, batch)
+        stage = {16: 0, 32: 1, 64: 2}
+        plan = {g.name: torch.arange(channels[stage[g.width(model)]]) for g in groups
+                if channels[stage[g.width(model)]] < g.width(model)}
+        if plan:
+            apply_plan_(model, groups, plan, [opt])
+        label = "/".join(map(str, channels))
+        flops[label] = count_training_flops(model, batch, loss_fn)[0]
+        for _ in range(2):
+            train_step(model, opt, batch)
+
+        def run(model=model, opt=opt, batch=batch) -> float:
+            t0 = time.perf_counter()
+            for _ in range(5):
+                train_step(model, opt, batch)
+            return (time.perf_counter() - t0) / 5
+
+        variants[label] = run
+    res = interleaved(variants, args.repeats)
+    dense = "16/32/64"
+    print(f"\n## 3b. ResNet-20 channel alignment (batch 64, 5 steps per block, {args.repeats} repeats, "
+          f"{torch.get_num_threads()} thread(s))\n")
+    print("| stage channels | all multiples of 8 | FLOPs ratio | ms/step median | time ratio | time ratio / FLOPs ratio |")
+    print("|---|---|---|---|---|---|")
+    for label, v in res.items():
+        fr, tr = flops[label] / flops[dense], statistics.median(v) / statistics.median(res[dense])
+        aligned = all(int(c) % 8 == 0 for c in label.split("/"))
+        print(f"| {label} | {'yes' if aligned else 'no'} | {fr:.3f} | {statistics.median(v) * 1e3:.1f} | {tr:.3f} | "
+              f"{tr / fr:.2f} |")
+
+
 def section_width(args: argparse.Namespace) -> None:
     from ctprune_lightning.accounting import count_training_flops
     from ctprune_lightning.surgery.groups import apply_plan_
@@ -309,7 +356,7 @@ def section_width(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="overhead,surgery,width", help="comma list of overhead,surgery,width")
+    p.add_argument("--sections", default="overhead,surgery,width", help="comma list of overhead,surgery,width,align")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {','.join(MODELS)}")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; see the docstring)")
@@ -327,7 +374,8 @@ def main() -> None:
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), repeats {args.repeats}")
-    sections = {"overhead": section_overhead, "surgery": section_surgery, "width": section_width}
+    sections = {"overhead": section_overhead, "surgery": section_surgery, "width": section_width,
+                "align": section_align}
     for s in args.sections.split(","):
         if s not in sections:
             p.error(f"unknown section {s!r}; choose from {list(sections)}")

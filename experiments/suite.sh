@@ -82,6 +82,8 @@ case $TASK in
     mapfile -t TASK_ARGS < <(task_overrides "$TASK")
     if [ "$TASK" = mlp ]; then MP_EPOCHS=4; fi
     suite ${TASK_ARGS[@]+"${TASK_ARGS[@]}"}
+    if [ "$TASK" = mlp ]; then  # the same small net built at its size (PyTorch's init at 424 wide, not a slice)
+      run small_native ${TASK_ARGS[@]+"${TASK_ARGS[@]}"} controller=none 'model.hidden=[424,424]'; fi
     if [ "$TASK" = lru ]; then run hankel "${TASK_ARGS[@]}" controller=hankel controller.tau=0.15; fi
     ;;
   all) for t in mlp resnet gpt lru; do "$0" "$t" "$OUT"; done ;;

@@ -82,6 +82,7 @@ def test_lru_adds_the_hankel_group_and_mlp_masks_over_four_epochs(tmp_path: Path
     assert group_of(calls[-1]) == "hankel" and "controller=hankel" in calls[-1]
     proc, calls = run_suite(tmp_path / "mlp", "mlp", SEEDS="0")
     assert proc.returncode == 0, proc.stderr
+    assert group_of(calls[-1]) == "small_native" and "model.hidden=[424,424]" in calls[-1]
     mp = next(c for c in calls if group_of(c) == "model_pruning")
     assert "callbacks.model_pruning.epochs=4" in mp and not any(a.startswith("experiment=") for a in mp)
 

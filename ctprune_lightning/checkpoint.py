@@ -139,14 +139,19 @@ def shrink_to_checkpoint_(model: nn.Module, path: str | os.PathLike) -> dict[str
     from .surgery.mha import convert_multihead_attention_
 
     convert_multihead_attention_(model)
+    check_arch(model, spec["arch"], str(path))
+    for module_name, entry in spec["arch"].items():  # refuse before changing anything: no half-shrunk model
+        module = model.get_submodule(module_name)
+        for tname, shape in entry.get("shapes", {}).items():
+            have = tuple(getattr(module, tname).shape)
+            if len(shape) != len(have) or any(int(n) > o for n, o in zip(shape, have)):
+                name = f"{module_name}.{tname}" if module_name else tname
+                raise CheckpointError(f"{path}: {name} has shape {tuple(shape)} there, wider than the fresh model's "
+                                      f"{have}; build the model with at least the checkpoint's sizes")
     fresh = {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
     apply_arch_(model, spec["arch"], str(path))
     for name, t in model.state_dict(keep_vars=True).items():
-        old = fresh[name]
-        if t.dim() != old.dim() or any(n > o for n, o in zip(t.shape, old.shape)):
-            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)} there, wider than the fresh model's "
-                                  f"{tuple(old.shape)}; build the model with at least the checkpoint's sizes")
-        t.data.copy_(old[tuple(slice(0, n) for n in t.shape)])
+        t.data.copy_(fresh[name][tuple(slice(0, n) for n in t.shape)])
     return spec
 
 

@@ -34,7 +34,6 @@ import argparse
 import gc
 import logging
 import statistics
-import sys
 import time
 import warnings
 from typing import Any, Callable

@@ -64,8 +64,8 @@ def bench_task(task: str, variants: list[str], repeats: int, threads: int, tmp: 
             print(f"  {task} repeat {rep} {v:<6} fit {s['fit_time_s']:.1f} s", file=sys.stderr, flush=True)
     dense = runs["dense"]
     lines = [f"### {task} ({repeats} repeats, {threads} thread(s); overrides: `{' '.join(args) or '(none)'}`)", "",
-             "| variant | fit s min | fit s median | wall-clock / dense (median of paired; all) | train FLOPs / dense "
-             "| wall-clock ÷ FLOPs |", "|---|---|---|---|---|---|"]
+             ("| variant | fit s min | fit s median | wall-clock / dense (median of paired; all) | train FLOPs / dense "
+              "| wall-clock ÷ FLOPs |"), "|---|---|---|---|---|---|"]
     for v in variants:
         times = [s["fit_time_s"] for s in runs[v]]
         ratios = [s["fit_time_s"] / d["fit_time_s"] for s, d in zip(runs[v], dense)]

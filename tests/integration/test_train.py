@@ -139,7 +139,7 @@ def test_architecture_from_trains_the_pruned_net_from_fresh_weights(
 ) -> None:
     import torch
 
-    proc, run_dir = lqr_run
+    _, run_dir = lqr_run
     first = json.loads((run_dir / "summary.json").read_text())
     last = run_dir / "checkpoints" / "last.ckpt"
     scratch = run_train("debug=fast", "controller=none", f"architecture_from={last}", run_dir=tmp_path / "s")
@@ -162,8 +162,12 @@ def test_architecture_from_trains_the_pruned_net_from_fresh_weights(
     shrink_to_checkpoint_(model, last)
     for k, v in model.state_dict().items():  # the model's own init, restricted to the pruned shapes
         assert v.shape == ckpt[k].shape and torch.equal(v, init[k][tuple(slice(0, n) for n in v.shape)])
+    narrow = MLPClassifier(**(hparams | {"hidden": [4, 4]}))
+    before = {k: v.clone() for k, v in narrow.state_dict().items()}
     with pytest.raises(CheckpointError, match="wider than the fresh model"):
-        shrink_to_checkpoint_(MLPClassifier(**(hparams | {"hidden": [4, 4]})), last)
+        shrink_to_checkpoint_(narrow, last)
+    after = narrow.state_dict()  # refused before anything changed
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
     missing = run_train("debug=fast", "controller=none", f"architecture_from={tmp_path}/nope.ckpt", run_dir=tmp_path / "m")
     assert missing.returncode != 0 and "nope.ckpt" in missing.stderr and "no such checkpoint" in missing.stderr

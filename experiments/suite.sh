@@ -84,6 +84,8 @@ case $TASK in
     suite ${TASK_ARGS[@]+"${TASK_ARGS[@]}"}
     if [ "$TASK" = mlp ]; then  # the same small net built at its size (PyTorch's init at 424 wide, not a slice)
       run small_native ${TASK_ARGS[@]+"${TASK_ARGS[@]}"} controller=none 'model.hidden=[424,424]'; fi
+    if [ "$TASK" = resnet ]; then  # widths on multiples of 8: the fast CPU conv kernels (bench_overhead.md 3b)
+      run lqr_round8 "${TASK_ARGS[@]}" controller=lqr pruning.round_to=8; fi
     if [ "$TASK" = lru ]; then run hankel "${TASK_ARGS[@]}" controller=hankel controller.tau=0.15; fi
     ;;
   all) for t in mlp resnet gpt lru; do "$0" "$t" "$OUT"; done ;;

@@ -56,7 +56,7 @@ def test_a_task_runs_every_baseline_with_three_seeds_and_derives_short_and_small
     assert proc.returncode == 0, proc.stderr
     groups = [group_of(c) for c in calls]
     assert groups == ["dense", "lqr", "pid", "gmp", "linear", "budget", "lqr_taylor", "lqr_magnitude",
-                      "model_pruning", "short", "small", "small", "small"]
+                      "model_pruning", "short", "small", "small", "small", "lqr_round8"]
     for c in calls:
         assert "experiment=resnet_fmnist" in c and "trainer.limit_train_batches=100" in c
     assert all("seed=0,1,2" in c for c in calls[:10])
@@ -69,10 +69,11 @@ def test_a_task_runs_every_baseline_with_three_seeds_and_derives_short_and_small
         ckpt = ckpt[1:-1]
         assert Path(ckpt).read_text() == seed and "/lqr/" in ckpt
     assert "callbacks.model_pruning.epochs=2" in calls[8]
+    assert calls[-1][-1] == "pruning.round_to=8"
 
     # a second call resumes: every group is done already, nothing runs again
     proc2, calls2 = run_suite(tmp_path, "resnet")
-    assert proc2.returncode == 0 and len(calls2) == len(calls) and proc2.stdout.count("done already") == 13
+    assert proc2.returncode == 0 and len(calls2) == len(calls) and proc2.stdout.count("done already") == 14
 
 
 def test_lru_adds_the_hankel_group_and_mlp_masks_over_four_epochs(tmp_path: Path) -> None:

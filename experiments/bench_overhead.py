@@ -256,38 +256,53 @@ def section_surgery(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------------- 3. width
+def shrunk(name: str, plan_of: Callable[[nn.Module, Any], dict[str, torch.Tensor]]):
+    """A fresh model with AdamW state, cut by ``plan_of(model, groups)`` and warmed up:
+    ``(model, groups, optimizer, batch, train FLOPs per step)``."""
+    from ctprune_lightning.accounting import count_training_flops
+    from ctprune_lightning.surgery.groups import apply_plan_
+
+    model, batch = build(name)
+    groups = discover(model, name)
+    opt = adamw(model)
+    train_step(model, opt, batch)
+    plan = plan_of(model, groups)
+    if plan:
+        apply_plan_(model, groups, plan, [opt])
+    flops = count_training_flops(model, batch, loss_fn)[0]
+    for _ in range(2):
+        train_step(model, opt, batch)
+    return model, groups, opt, batch, flops
+
+
+def block_timer(model: nn.Module, opt: torch.optim.Optimizer, batch: Any, steps: Callable[[], int]) -> Callable[[], float]:
+    """Seconds per training step over a block of ``steps()`` steps (read at each call)."""
+    def run() -> float:
+        n = steps()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            train_step(model, opt, batch)
+        return (time.perf_counter() - t0) / n
+    return run
+
+
 RESNET_CHANNELS = ((16, 32, 64), (12, 24, 48), (12, 20, 36), (8, 16, 32), (8, 16, 24), (8, 8, 16), (4, 8, 16))
+RESNET_STAGE = {16: 0, 32: 1, 64: 2}  # dense width of a ResNet-20 group -> its stage
 
 
 def section_align(args: argparse.Namespace) -> None:
     """ResNet-20 step time at stage channel counts that are, or are not, multiples of 8."""
-    from ctprune_lightning.accounting import count_training_flops
-    from ctprune_lightning.surgery.groups import apply_plan_
-
     variants: dict[str, Callable[[], float]] = {}
     flops: dict[str, int] = {}
     for channels in RESNET_CHANNELS:
-        model, batch = build("resnet")
-        groups = discover(model, "resnet")
-        opt = adamw(model)
-        train_step(model, opt, batch)
-        stage = {16: 0, 32: 1, 64: 2}
-        plan = {g.name: torch.arange(channels[stage[g.width(model)]]) for g in groups
-                if channels[stage[g.width(model)]] < g.width(model)}
-        if plan:
-            apply_plan_(model, groups, plan, [opt])
+        def plan_of(model, groups, channels=channels):  # noqa: ANN001
+            return {g.name: torch.arange(channels[RESNET_STAGE[g.width(model)]]) for g in groups
+                    if channels[RESNET_STAGE[g.width(model)]] < g.width(model)}
+
+        model, _, opt, batch, fl = shrunk("resnet", plan_of)
         label = "/".join(map(str, channels))
-        flops[label] = count_training_flops(model, batch, loss_fn)[0]
-        for _ in range(2):
-            train_step(model, opt, batch)
-
-        def run(model=model, opt=opt, batch=batch) -> float:
-            t0 = time.perf_counter()
-            for _ in range(5):
-                train_step(model, opt, batch)
-            return (time.perf_counter() - t0) / 5
-
-        variants[label] = run
+        flops[label] = fl
+        variants[label] = block_timer(model, opt, batch, lambda: 5)
     res = interleaved(variants, args.repeats)
     dense = "16/32/64"
     print(f"\n## 3b. ResNet-20 channel alignment (batch 64, 5 steps per block, {args.repeats} repeats, "
@@ -302,34 +317,15 @@ def section_align(args: argparse.Namespace) -> None:
 
 
 def section_width(args: argparse.Namespace) -> None:
-    from ctprune_lightning.accounting import count_training_flops
-    from ctprune_lightning.surgery.groups import apply_plan_
-
     print(f"\n## 3. Step time vs width (bare PyTorch forward + backward + AdamW; {args.repeats} repeats, "
           f"interleaved; {torch.get_num_threads()} thread(s))\n")
     for name in args.models:
         variants: dict[str, Callable[[], float]] = {}
         rows = {}
         for frac in FRACTIONS:
-            model, batch = build(name)
-            groups = discover(model, name)
-            opt = adamw(model)
-            train_step(model, opt, batch)
-            plan = keep_plan(model, groups, frac)
-            if plan:
-                apply_plan_(model, groups, plan, [opt])
-            flops = count_training_flops(model, batch, loss_fn)[0]
-            for _ in range(2):
-                train_step(model, opt, batch)
+            model, groups, opt, batch, flops = shrunk(name, lambda m, g, frac=frac: keep_plan(m, g, frac))
             rows[frac] = (widths_str(model, groups), flops, sum(p.numel() for p in model.parameters()))
-
-            def run(model=model, opt=opt, batch=batch) -> float:
-                t0 = time.perf_counter()
-                for _ in range(args.width_steps):
-                    train_step(model, opt, batch)
-                return (time.perf_counter() - t0) / args.width_steps
-
-            variants[f"{frac:.2f}"] = run
+            variants[f"{frac:.2f}"] = block_timer(model, opt, batch, lambda: args.width_steps)
         # steps per timing block: about args.block_s seconds of the dense model
         dense = variants["1.00"]
         args_steps = args.width_steps

@@ -125,7 +125,8 @@ def meets_bar(g: dict[str, Any]) -> str:
     if not g["time"][0] <= BAR["time"]:
         misses.append("wall")
     if not math.isnan(g["d_acc"][0]):
-        misses += [] if g["d_acc"][0] >= BAR["d_acc"] else ["acc"]
+        if not g["d_acc"][0] >= BAR["d_acc"]:
+            misses.append("acc")
     elif not g["d_loss"][0] <= BAR["d_loss"]:
         misses.append("loss")
     return "yes" if not misses else "no: " + ", ".join(misses)

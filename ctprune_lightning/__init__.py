@@ -7,8 +7,8 @@ Public API::
     trainer = L.Trainer(strategy="ctprune_ddp", devices=2, callbacks=[ControlPruning(...)])   # or "ctprune_fsdp"
 """
 
-from .callback import (ACTION, DAMAGE, DAMAGE_STD, FINAL_DAMAGE, FLOPS_RATIO, PARAMS, REFERENCE, SAVED,
-                       ControlPruning)
+from .callback import (ACTION, BUDGET, DAMAGE, DAMAGE_STD, FINAL_DAMAGE, FINAL_STD, FLOPS_RATIO, PARAMS, REFERENCE,
+                       SAVED, ControlPruning)
 from .checkpoint import CheckpointError, export_pruned, load_pruned
 from .controllers import CONTROLLERS, Controller, Observation, build_controller
 from .importance import IMPORTANCES, Importance, build_importance
@@ -20,10 +20,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTION",
+    "BUDGET",
     "CONTROLLERS",
     "DAMAGE",
     "DAMAGE_STD",
     "FINAL_DAMAGE",
+    "FINAL_STD",
     "FLOPS_RATIO",
     "IMPORTANCES",
     "PARAMS",

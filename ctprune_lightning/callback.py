@@ -15,13 +15,14 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -44,12 +45,15 @@ ACTION = "ctprune/action"
 PARAMS = "ctprune/params"
 FINAL_DAMAGE = "ctprune/final_damage"  # with a quality budget: the predicted damage at the end of training
 DAMAGE_STD = "ctprune/damage_std"
+FINAL_STD = "ctprune/final_std"  # the standard deviation of the predicted final damage
+BUDGET = "ctprune/budget"
 REFERENCE = "ctprune/reference"  # the estimated dense probe loss now
 
 DEFAULT_TARGET = 0.3
+PROBE_DATA = ("auto", "train", "val")  # where the probe loss is measured ("auto": validation data for a budget)
 
-__all__ = ["ACTION", "DAMAGE", "DAMAGE_STD", "FINAL_DAMAGE", "FLOPS_RATIO", "PARAMS", "REFERENCE", "SAVED",
-           "ControlPruning", "default_loss"]
+__all__ = ["ACTION", "BUDGET", "DAMAGE", "DAMAGE_STD", "FINAL_DAMAGE", "FINAL_STD", "FLOPS_RATIO", "PARAMS",
+           "REFERENCE", "SAVED", "ControlPruning", "default_loss"]
 
 
 class ControlPruning(Callback):
@@ -67,7 +71,11 @@ class ControlPruning(Callback):
         round_to: widths are multiples of this (hardware-friendly), unless ``min_width`` binds.
         ignored_layers: qualified module names (prefixes) or module types left dense.
         controller_kwargs / importance_kwargs: passed to the builder when given by name.
-        probe_batches: number of first training batches kept to measure the loss damage.
+        probe_batches: number of batches kept to measure the loss damage.
+        probe_data: where those batches come from: ``"train"`` (the first training batches), ``"val"``
+            (the first validation batches: held-out data, as the quality the user keeps is judged), or
+            ``"auto"`` (the default: validation batches for a ``quality_budget`` when the trainer has
+            validation data, training batches otherwise). FLOPs are always counted on training batches.
         group_limits: ``{group name, name prefix or module type: minimum width}`` (heads count as
             units of a head group).
         prune_embeddings: also cut embedding / residual widths (never the vocabulary or the output).
@@ -102,8 +110,12 @@ class ControlPruning(Callback):
         prune_embeddings: bool = False,
         convert_attention: bool = True,
         quality_budget: float | None = None,
+        probe_data: str = "auto",
     ) -> None:
         super().__init__()
+        if probe_data not in PROBE_DATA:
+            raise ValueError(f"ControlPruning: `probe_data` must be one of {', '.join(PROBE_DATA)}, got {probe_data!r}")
+        self.probe_data = probe_data
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("start_step", start_step, 0),
                                  ("min_width", min_width, 1), ("round_to", round_to, 1),
                                  ("probe_batches", probe_batches, 1)):
@@ -214,6 +226,25 @@ class ControlPruning(Callback):
                 raise ValueError("ControlPruning: a quality_budget is judged at the end of training; give the "
                                  "Trainer a finite schedule (max_epochs or max_steps)")
             self.loop.start_budget(int(total), self.every_n_steps)
+        if not self.loop.held_out and (self.probe_data == "val" or (self.probe_data == "auto" and self.loop.estimator)):
+            self._hold_out(trainer, pl_module)
+
+    def _hold_out(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Keep the first validation batches as the probe (``probe_data``); "auto" falls back to training ones."""
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        batches = list(itertools.islice(loaders, self.probe_batches)) if loaders is not None else []
+        try:
+            if not batches:
+                raise ValueError("the trainer has no validation batches (no val_dataloader, or limit_val_batches=0)")
+            self.loop.set_held_out(pl_module, batches)
+        except ValueError as err:
+            if self.probe_data == "val":
+                raise ValueError(f"ControlPruning: probe_data='val': {err}") from err
+            rank_zero_warn(f"ControlPruning: {err}; the budget sensor reads training batches instead")
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -286,7 +317,8 @@ class ControlPruning(Callback):
         pl_module.log(DAMAGE, row["damage"], on_step=True, on_epoch=False)
         pl_module.log(ACTION, row["action"], on_step=True, on_epoch=False)
         pl_module.log(PARAMS, float(sum(p.numel() for p in pl_module.parameters())), on_step=True, on_epoch=False)
-        for key, name in ((FINAL_DAMAGE, "final_damage"), (DAMAGE_STD, "damage_std"), (REFERENCE, "reference")):
+        for key, name in ((FINAL_DAMAGE, "final_damage"), (FINAL_STD, "final_std"), (DAMAGE_STD, "damage_std"),
+                          (REFERENCE, "reference"), (BUDGET, "budget")):
             if row.get(name) is not None and math.isfinite(row[name]):
                 pl_module.log(key, float(row[name]), on_step=True, on_epoch=False)
 

@@ -31,7 +31,7 @@ from .controllers import Controller, NoneController, Observation
 from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import plan_widths, select_units
-from .probe import batch_size, step_loss
+from .probe import batch_size, batch_statistics, step_loss
 from .sensing import DamageEstimator
 from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
 
@@ -96,6 +96,7 @@ class ControlLoop:
         self.trace: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
         self.probe: list[Any] = []
+        self.held_out: list[Any] = []  # the budget sensor's probe batches from validation data (set_held_out)
         self.meter = FlopMeter(loss_fn)
         self.hankel = HankelImportance()  # SSM layers: scores are Hankel singular values
         self.ref_batch = 1
@@ -105,6 +106,7 @@ class ControlLoop:
         self.last_u = 0.0
         self.saturated = False  # no further cut possible above the floor: importance tracking stops
         self.estimator: DamageEstimator | None = None  # the damage sensor of a quality budget (start_budget)
+        self.batch_stats = False  # the probe reads BatchNorm with batch statistics (the budget sensor does)
         self._before: tuple[float, float] | None = None  # (probe loss, best) at the last observation
 
     # ------------------------------------------------------------------------------------ set-up
@@ -138,6 +140,21 @@ class ControlLoop:
             if not self.ledger.dense_step_flops:
                 self.ledger.dense_step_flops = self.flops(model)[0]
 
+    def set_held_out(self, model: nn.Module, batches: Sequence[Any]) -> None:
+        """Measure the probe loss on these (validation) batches instead of training batches.
+
+        The FLOP count keeps using the training probe. Raises ``ValueError`` naming the error when the
+        loss cannot be computed on them (nothing is kept then).
+        """
+        kept = [apply_to_collection(b, Tensor, lambda t: t.detach().clone()) for b in batches]
+        if not kept:
+            raise ValueError("ControlLoop.set_held_out: no batches given")
+        try:
+            self._mean_loss(model, kept[:1])
+        except Exception as err:  # any user loss may fail on a batch it was not written for
+            raise ValueError(f"the probe loss fails on a validation batch ({type(err).__name__}: {err})") from err
+        self.held_out = kept
+
     def count_batch(self, model: nn.Module, batch: Any) -> None:
         """Charge one training batch at the current architecture to the ledger."""
         self.ledger.add_batch(self.flops(model)[0], batch_size(batch) / self.ref_batch)
@@ -146,6 +163,7 @@ class ControlLoop:
         """With a quality-budget controller: the damage sensor for a run of ``total_steps`` steps."""
         if getattr(self.controller, "budget", None) is not None and self.estimator is None:
             self.estimator = DamageEstimator(total_steps=max(1, int(total_steps)), interval=interval)
+        self.batch_stats = self.estimator is not None
 
     # ------------------------------------------------------------------------------- measurements
     def flops(self, model: nn.Module) -> tuple[int, dict[str, int]]:
@@ -158,20 +176,30 @@ class ControlLoop:
     def compute(self, model: nn.Module) -> float:
         return self.flops(model)[0] / self.ledger.dense_step_flops
 
-    def _probe_on(self, model: nn.Module, i: int) -> Any:
+    def _probe_on(self, model: nn.Module, i: int, batches: Sequence[Any] | None = None) -> Any:
         device = next(model.parameters()).device
-        return apply_to_collection(self.probe[i], Tensor, lambda t: t.to(device))
+        return apply_to_collection((self.probe if batches is None else batches)[i], Tensor, lambda t: t.to(device))
 
     @torch.no_grad()
     def probe_loss(self, model: nn.Module) -> float:
-        """Mean loss over the probe batches in eval mode, averaged over ranks."""
+        """Mean loss over the probe batches (the held-out ones when set) in eval mode, averaged over ranks.
+
+        With a quality budget BatchNorm layers use the probe's batch statistics
+        (:func:`~ctprune_lightning.probe.batch_statistics`): a cut's jump is then the change of the function,
+        not the lag of the running statistics of the layers after it.
+        """
+        return self.reduce_mean(self._mean_loss(model, self.held_out or self.probe))
+
+    @torch.no_grad()
+    def _mean_loss(self, model: nn.Module, batches: Sequence[Any]) -> float:
         was_training = model.training
         model.eval()
         try:
-            losses = [float(self.loss_fn(model, self._probe_on(model, i))) for i in range(len(self.probe))]
+            with batch_statistics(model) if self.batch_stats else nullcontext():
+                losses = [float(self.loss_fn(model, self._probe_on(model, i, batches))) for i in range(len(batches))]
         finally:
             model.train(was_training)
-        return self.reduce_mean(sum(losses) / len(losses))
+        return sum(losses) / len(losses)
 
     def update_saturation(self, model: nn.Module) -> None:
         """Saturated when even the deepest allowed cut (down to the floor) changes no width."""
@@ -300,6 +328,7 @@ class ControlLoop:
     def state_dict(self) -> dict[str, Any]:
         return {
             "probe": [apply_to_collection(b, Tensor, lambda t: t.cpu()) for b in self.probe],
+            "held_out": [apply_to_collection(b, Tensor, lambda t: t.cpu()) for b in self.held_out],
             "ref_batch": self.ref_batch,
             "controller": self.controller.state_dict(),
             "importance": self.importance.state_dict(),
@@ -324,7 +353,9 @@ class ControlLoop:
         self.jump = state.get("jump")
         self.last_u = float(state.get("last_u", 0.0))
         self.probe = list(state.get("probe", []))
+        self.held_out = list(state.get("held_out", []))
         self.ref_batch = int(state.get("ref_batch", 1))
         if state.get("estimator") is not None:
             self.estimator = self.estimator or DamageEstimator(total_steps=1, interval=1)
             self.estimator.load_state_dict(state["estimator"])
+            self.batch_stats = True

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CallInputs", "as_call", "batch_size", "capture_network_call", "silenced", "step_loss"]
+__all__ = ["CallInputs", "as_call", "batch_size", "batch_statistics", "capture_network_call", "silenced", "step_loss"]
 
 
 @dataclass
@@ -83,6 +83,32 @@ def silenced(model: nn.Module) -> Iterator[None]:
             for a, v in states.items():
                 setattr(m, a, v)
             m._update_count, m._computed = count, computed
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise with the batch's own statistics, their running statistics untouched.
+
+    In eval mode a BatchNorm layer uses running statistics that lag the weights (early in training, and
+    for the layers after a cut, whose inputs changed). A probe read this way measures the function of
+    the current weights. Each layer runs in train mode with ``momentum=0`` (its running estimate is
+    left as it was) and its ``num_batches_tracked`` is restored on exit.
+    """
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
+            tracked = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
+            saved.append((m, m.training, m.momentum, tracked))
+            m.train(True)
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, training, momentum, tracked in saved:
+            m.train(training)
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def step_loss(model: nn.Module, batch: Any) -> Tensor:

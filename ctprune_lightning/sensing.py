@@ -12,13 +12,16 @@ each surgery, same weights otherwise)::
 ``Δ`` steps down to a persistent fraction ``ρ``. For each ``a`` on a grid the model is linear in
 ``(ρ, θ)`` and is solved by least squares over the last ``window`` observations (the trend need only
 hold locally), with a Gaussian prior on ``ρ`` (default ``ρ ~ N(1, 0.5²)``: a cut is assumed to
-persist until recovery is seen); the grid point with the smallest penalised residual wins.
+persist until recovery is seen). The grid points are averaged with weights ``exp(−cost/2)`` (their
+penalised residual and noise): where the data cannot tell a fast recovery from a persistent level
+shift, the readings keep both and the spread shows in ``final_std`` instead of one fit winning on noise.
 Reported, all relative (log-ratio ≈ relative excess):
 
 * ``damage``: the cuts' effect now, ``Σ_j s_j [ρ + (1 − ρ) a^τ_kj]`` — loss now vs the dense reference now;
 * ``final``: the same at the end of training ``T`` (what the quality budget is compared with);
-* ``final_std``: its standard deviation from the posterior of ``ρ`` (residual noise included);
-* ``reference``: ``exp f(t_k)``, the estimated dense loss now.
+* ``final_std``: its standard deviation over the mixture and the posterior of ``ρ``; cuts that happened
+  to lower the loss do not cancel the uncertainty of those that raised it (``Σ |s_j|``);
+* ``reference``: ``exp f(t_k)``, the estimated dense loss now (best grid point).
 
 Example::
 
@@ -65,7 +68,8 @@ class DamageEstimator:
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.cuts: list[tuple[int, float]] = []  # (step, log-jump)
-        self._posterior: tuple[float, float, float] | None = None  # (ρ, var ρ, a) while cuts were in view
+        self._posterior: list[tuple[float, float, float, float]] | None = None  # [(weight, ρ, var ρ, a)]: the last
+        # mixture fitted while a cut was in view
 
     # ------------------------------------------------------------------------------------ data
     def observe(self, step: int, loss: float) -> None:
@@ -85,10 +89,11 @@ class DamageEstimator:
         u = t / self.total_steps
         return np.stack([np.ones_like(t), np.log(t), u, self.interval / t], axis=1)
 
-    def _cut_terms(self, t: np.ndarray, a: float) -> tuple[np.ndarray, np.ndarray]:
-        """``(Σ s_j a^τ, Σ s_j (1 − a^τ))`` at each time, over the cuts made before it."""
+    def _cut_terms(self, t: np.ndarray, a: float, absolute: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(Σ s_j a^τ, Σ s_j (1 − a^τ))`` at each time, over the cuts made before it (``|s_j|``: absolute)."""
         recovering, persistent = np.zeros(len(t)), np.zeros(len(t))
         for tj, s in self.cuts:
+            s = abs(s) if absolute else s
             tau = (t - tj) / self.interval
             on = tau > 0
             decay = np.where(on, np.power(a, np.maximum(tau, 0.0)), 0.0)
@@ -116,6 +121,18 @@ class DamageEstimator:
         cost = float(np.sum((A @ coef - b) ** 2)) + len(y) * math.log(noise)
         return cost, coef, cov, noise
 
+    def _mixture(self) -> tuple[list[tuple[float, float, float, float]], np.ndarray, float, float]:
+        """Fits over the recovery grid, weighted by their evidence: ``[(weight, ρ, var ρ, a)]``, the best
+        fit's coefficients, its noise variance and its recovery rate."""
+        fits = [(self._fit(a), a) for a in RECOVERY_GRID]
+        costs = np.array([f[0] for f, _ in fits])
+        weights = np.exp(-(costs - costs.min()) / 2.0)
+        weights /= weights.sum()
+        components = [(float(w), min(max(float(coef[0]), 0.0), RHO_MAX), float(cov[0, 0]), a)  # never heals past 0
+                      for w, ((_, coef, cov, _), a) in zip(weights, fits)]
+        (_, coef, _, noise), a = fits[int(np.argmin(costs))]
+        return components, coef, noise, a
+
     def estimate(self, step: int) -> dict[str, Any]:
         """The sensor's reading at ``step`` (plain floats)."""
         step = int(step)
@@ -126,39 +143,47 @@ class DamageEstimator:
                     "rho": self.rho_prior, "recovery": None, "jumps": 0.0}
         if len(self.steps) < self.min_points:  # too little history: every cut persists
             rho = self.rho_prior
-            return {"damage": jumps, "final": jumps * rho, "final_std": abs(jumps) * self.rho_prior_std,
-                    "damage_std": abs(jumps) * self.rho_prior_std, "reference": float("nan"), "rho": rho,
-                    "recovery": None, "jumps": jumps}
-        fits = [(self._fit(a), a) for a in RECOVERY_GRID]
-        (cost, coef, cov, noise), a = min(fits, key=lambda f: f[0][0])
-        rho, rho_var = min(max(float(coef[0]), 0.0), RHO_MAX), float(cov[0, 0])  # damage never heals past 0
-        window = np.asarray(self.steps[-self.window:], dtype=float)
-        informative = float(np.ptp(self._cut_terms(window, a)[1])) > 1e-9 if len(window) else False
-        if informative:  # the window still sees a cut's transient: the estimate of (ρ, a) is news
-            self._posterior = (rho, rho_var, a)
+            spread = sum(abs(s) for _, s in self.cuts) * self.rho_prior_std  # jumps of both signs do not cancel
+            return {"damage": jumps, "final": jumps * rho, "final_std": spread, "damage_std": spread,
+                    "reference": float("nan"), "rho": rho, "recovery": None, "jumps": jumps}
+        components, coef, noise, best_a = self._mixture()
+        start = self.steps[-self.window:][0]
+        if any(tj > start for tj, _ in self.cuts):  # a cut's transient is in view: its (ρ, a) is news
+            self._posterior = components
         elif self._posterior is not None:  # cuts have left the window: keep what they taught
-            rho, rho_var, a = self._posterior
+            components = self._posterior
         now, end = np.array([float(step)]), np.array([float(self.total_steps)])
-        rec_now, per_now = (v[0] for v in self._cut_terms(now, a))
-        rec_end, per_end = (v[0] for v in self._cut_terms(end, a))
-        damage = rec_now + rho * per_now
-        final = rec_end + rho * per_end
+        damage, final, final_sq, rho = 0.0, 0.0, 0.0, 0.0
+        per_now_mean = 0.0
+        for w, rho_i, var_i, a in components:  # the mixture's moments
+            rec_now, per_now = (v[0] for v in self._cut_terms(now, a))
+            rec_end, per_end = (v[0] for v in self._cut_terms(end, a))
+            spread_now, spread_end = (self._cut_terms(x, a, absolute=True)[1][0] for x in (now, end))
+            f = rec_end + rho_i * per_end
+            damage += w * (rec_now + rho_i * per_now)
+            final += w * f
+            final_sq += w * (f * f + spread_end ** 2 * var_i)
+            rho += w * rho_i
+            per_now_mean += w * spread_now * math.sqrt(var_i)
         reference = float(math.exp(float(self._features(now)[0] @ coef[1:])))
-        return {"damage": float(damage), "final": float(final), "final_std": float(abs(per_end) * math.sqrt(rho_var)),
-                "damage_std": float(math.sqrt(abs(per_now) ** 2 * rho_var + noise)), "reference": reference,
-                "rho": rho, "recovery": a, "jumps": float(jumps)}
+        final_std = math.sqrt(max(final_sq - final * final, 0.0))
+        return {"damage": float(damage), "final": float(final), "final_std": final_std,
+                "damage_std": float(math.sqrt(per_now_mean ** 2 + noise)), "reference": reference,
+                "rho": float(rho), "recovery": best_a, "jumps": float(jumps)}
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "losses": list(self.losses), "cuts": [list(c) for c in self.cuts],
                 "total_steps": self.total_steps, "interval": self.interval,
-                "posterior": None if self._posterior is None else list(self._posterior)}
+                "posterior": None if self._posterior is None else [list(c) for c in self._posterior]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.total_steps = int(state.get("total_steps", self.total_steps))
         self.interval = int(state.get("interval", self.interval))
         post = state.get("posterior")
-        self._posterior = None if post is None else (float(post[0]), float(post[1]), float(post[2]))
+        if post is not None and post and not isinstance(post[0], (list, tuple)):  # one fit (older checkpoints)
+            post = [[1.0, *post]]
+        self._posterior = None if post is None else [tuple(float(v) for v in c) for c in post]
         self.steps = [int(s) for s in state.get("steps", [])]
         self.losses = [float(v) for v in state.get("losses", [])]
         self.cuts = [(int(s), float(j)) for s, j in state.get("cuts", [])]

@@ -33,8 +33,9 @@ class _BudgetController(Controller):
     """Shared: the slack, the identified cost per cut, the reasons."""
 
     def __init__(self, target: float, budget: float = 0.01, margin: float = 2.0, u_max: float = 0.1,
-                 b_prior: float = 0.1) -> None:
+                 b_prior: float = 0.1, warmup: float = 0.1) -> None:
         super().__init__(target)
+        self.warmup = check_number("warmup", warmup, 0.0, 1.0, high_open=True)
         self.budget = check_number("quality_budget", budget, 0.0, 1.0, low_open=True)
         self.margin = check_number("margin", margin, 0.0)
         self.u_max = check_number("u_max", u_max, 0.0, 1.0, low_open=True)
@@ -64,13 +65,16 @@ class _BudgetController(Controller):
         return rate * rho
 
     def slack(self, obs: Observation) -> float:
+        """The budget left, in budgets; a predicted improvement (negative damage) is not banked."""
         final = obs.final_damage if obs.final_damage is not None else obs.damage
-        return (self.budget - float(final) - self.margin * float(obs.final_std)) / self.budget
+        return (self.budget - max(float(final), 0.0) - self.margin * float(obs.final_std)) / self.budget
 
     def _hold(self, obs: Observation, x: float) -> str:
         e = obs.compute - self.target
         if e <= 1e-9:
             return "at the compute floor"
+        if obs.progress < self.warmup:
+            return f"warm-up: the sensor learns the dense curve first (progress {obs.progress:.2f} < {self.warmup:g})"
         if not math.isfinite(x):
             return "damage estimate not finite"
         if x <= 0:

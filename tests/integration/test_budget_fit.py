@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+import torch
+from torch import nn
 
 from ctprune_lightning import FINAL_DAMAGE, ControlPruning
 from ctprune_lightning.data import SyntheticDataModule
@@ -40,3 +42,45 @@ def test_the_budget_loop_stops_short_of_a_floor_that_breaks_the_budget() -> None
     assert held and all(r["reason"].startswith("budget:") for r in held[-5:])  # and says why it held
     assert all(r["final_damage"] + 2 * r["final_std"] >= budget for r in held[-5:])
     assert FINAL_DAMAGE in logged
+
+
+def short_fit(cb: ControlPruning, **trainer_kwargs) -> tuple[SyntheticDataModule, MLPClassifier]:
+    L.seed_everything(0)
+    dm = SyntheticDataModule(num_samples=512, input_shape=(32,), batch_size=64)
+    model = MLPClassifier(input_dim=32, hidden=(64, 64), num_classes=10, lr=3e-3)
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb], **trainer_kwargs)
+    trainer.fit(model, datamodule=dm)
+    return dm, model
+
+
+def test_the_budget_sensor_probes_held_out_validation_batches() -> None:
+    cb = ControlPruning(controller="lqr", target=0.1, quality_budget=0.01, every_n_steps=2, probe_batches=2)
+    dm, model = short_fit(cb)
+    val = list(dm.val_dataloader())[:2]
+    assert len(cb.loop.held_out) == 2
+    for kept, batch in zip(cb.loop.held_out, val):
+        assert all(torch.equal(a, b) for a, b in zip(kept, batch))  # the first validation batches
+    train_x = cb.loop.probe[0][0]
+    assert not any(torch.equal(train_x, b[0]) for b in val)  # FLOPs still counted on a training batch
+    model.eval()
+    with torch.no_grad():
+        expected = sum(float(nn.functional.cross_entropy(model(x), y)) for x, y in val) / 2
+    assert cb.loop.probe_loss(model) == pytest.approx(expected, rel=1e-6)
+    restored = ControlPruning(controller="lqr", target=0.1, quality_budget=0.01)
+    restored.load_state_dict(cb.state_dict())  # the held-out probe travels in the checkpoint
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(restored.loop.held_out, cb.loop.held_out))
+
+
+def test_probe_data_choices_and_missing_validation_data() -> None:
+    with pytest.raises(ValueError, match="probe_data.*auto, train, val.*'test'"):
+        ControlPruning(controller="lqr", probe_data="test")
+    with pytest.raises(ValueError, match="probe_data='val'.*no validation batches"):
+        short_fit(ControlPruning(controller="lqr", probe_data="val", every_n_steps=2), limit_val_batches=0)
+    cb = ControlPruning(controller="lqr", target=0.1, quality_budget=0.01, every_n_steps=2)
+    with pytest.warns(UserWarning, match="reads training batches instead"):
+        short_fit(cb, limit_val_batches=0)
+    assert cb.loop.held_out == [] and len(cb.loop.probe) == 2
+    plain = ControlPruning(controller="lqr", every_n_steps=2)  # no budget: the training probe, as before
+    short_fit(plain)
+    assert plain.loop.held_out == []

@@ -86,11 +86,12 @@ PLANTS = {  # different slack: the same loop must find different compute levels
 }
 
 
-# Share of the oracle's compute removal reached (measured, seeds 0-2: roomy 0.98-1.0 for both; tight: lqr
-# 0.75-0.79, pid 0.84-0.86; true final damage 0.003-0.004 for a 0.01 budget). On the tight plant the single cuts' transients are below the probe noise, so the sensor
-# cannot see that half of each cut's damage recovers (ρ stays near its conservative prior 1): the loop
-# spends its budget on damage that would have healed. The issue's 90% is met only where recovery is visible.
-ORACLE_SHARE = {("roomy", "lqr"): 0.95, ("roomy", "pid"): 0.95, ("tight", "lqr"): 0.72, ("tight", "pid"): 0.8}
+# Share of the oracle's compute removal reached (measured, seeds 0-2, warm-up 0.1: roomy lqr 0.93-1.0, pid 1.0;
+# tight: lqr 0.72-0.84, pid 0.90-0.97; true final damage 0.003-0.008 for a 0.01 budget). On the tight plant
+# single cuts' transients are below the probe noise, so the sensor cannot see that half of each cut's damage
+# recovers (ρ stays near its conservative prior 1) and the loop spends its budget on damage that would have
+# healed; PI's integral keeps cutting the small slack left, LQR's proportional gain stops short of it.
+ORACLE_SHARE = {("roomy", "lqr"): 0.9, ("roomy", "pid"): 0.95, ("tight", "lqr"): 0.7, ("tight", "pid"): 0.88}
 
 
 @pytest.mark.parametrize("name", sorted(PLANTS))
@@ -169,3 +170,13 @@ def test_budget_controllers_validate_and_round_trip_their_state() -> None:
     clone = BudgetPIDController(target=0.1, budget=0.01)
     clone.load_state_dict(ctl.state_dict())
     assert clone.state_dict() == ctl.state_dict()
+
+
+def test_no_cut_during_the_warm_up_and_the_reason_says_so() -> None:
+    ctl = BudgetLQRController(target=0.1, budget=0.01, warmup=0.2)
+    _, final, trace, _ = run(ctl, Plant(**PLANTS["roomy"], noise=0.002), 0.1)
+    early = [row for row in trace if row[0] / T < 0.2]
+    assert len(early) == 11 and all(u == 0 and r.startswith("warm-up") for _, _, _, u, r in early)
+    assert trace[len(early)][3] > 0 and final <= 0.01  # it cuts as soon as the warm-up ends
+    with pytest.raises(ValueError, match="warmup"):
+        BudgetLQRController(target=0.1, warmup=1.0)

@@ -139,8 +139,14 @@ def build_summary(
     return summary
 
 
+TRACE_COLUMNS = ("step", "compute", "action", "requested", "damage", "damage_std", "final_damage", "final_std",
+                 "reference", "rho", "budget", "reason")
+
+
 def log_summary(loggers: list[Logger], summary: dict[str, Any], step: int) -> None:
-    """Log the summary's scalars (``summary/<key>``) to every logger; W&B also gets them in the run summary."""
+    """Log the summary's scalars (``summary/<key>``) to every logger; W&B also gets them in the run summary
+    and the control trace as a table (``ctprune/trace``: one row per control interval, with the reason the
+    controller held back)."""
     scalars = {
         f"summary/{k}": float(v)
         for k, v in summary.items()
@@ -152,6 +158,9 @@ def log_summary(loggers: list[Logger], summary: dict[str, Any], step: int) -> No
         lg.log_metrics(scalars, step=step)
         if type(lg).__name__ == "WandbLogger":
             lg.experiment.summary.update(dict(scalars))
+            if summary.get("trace"):
+                rows = [[row.get(c) for c in TRACE_COLUMNS] for row in summary["trace"]]
+                lg.log_table(key="ctprune/trace", columns=list(TRACE_COLUMNS), data=rows)
         lg.save()
 
 

@@ -145,6 +145,34 @@ def group_table(stats: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sensor_noise(run: dict[str, Any]) -> float:
+    """The quality-budget sensor's noise in one run: the std of the change of the predicted final damage
+    between consecutive control intervals with no cut in either (NaN without a budget or quiet pairs)."""
+    rows = [r for r in run.get("trace") or [] if r.get("final_damage") is not None and r.get("budget")]
+    steps = [b["final_damage"] - a["final_damage"] for a, b in zip(rows, rows[1:])
+             if a["action"] == 0 and b["action"] == 0 and any(r["action"] > 0 for r in rows[: rows.index(a)])]
+    return statistics.pstdev(steps) if len(steps) >= 2 else math.nan
+
+
+def budget_table(stats: list[dict[str, Any]]) -> str:
+    """The quality-budget groups: the budget, what the sensor predicted at the end, and its noise."""
+    head = ("| run | budget | Δ test loss (%) | Δ acc (pt) | FLOPs saved | predicted final damage (%) "
+            "| sensor noise / budget | cuts |")
+    lines = []
+    for g in stats:
+        runs = [r for r in g["runs"] if (r.get("trace") or [{}])[-1].get("budget")]
+        if not runs:
+            continue
+        budget = runs[0]["trace"][-1]["budget"]
+        noise = _stats([sensor_noise(r) / budget for r in runs if not math.isnan(sensor_noise(r))])
+        lines.append("| " + " | ".join([
+            g["label"], f"{100 * budget:g}%", _pm(*g["d_loss"], "+.2f"), _pm(*g["d_acc"], "+.2f"),
+            _pm(1 - g["flops"][0], g["flops"][1], ".3f"),
+            _pm(*_stats([100 * r["trace"][-1]["final_damage"] for r in runs]), ".2f"), _pm(*noise, ".2f"),
+            _pm(*_stats([sum(x["action"] > 0 for x in r["trace"]) for r in runs]), ".1f")]) + " |")
+    return "\n".join([head, "|" + "---|" * (head.count("|") - 1), *lines]) if lines else ""
+
+
 # ------------------------------------------------------------------------------------------ plots
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
 
@@ -261,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"report: no baseline group {baseline!r} under {args.groups}; groups: {sorted(groups)}")
     stats = group_stats(groups, baseline)
     markdown = group_table(stats)
+    budgets = budget_table(stats)
+    markdown += f"\n\nQuality budget:\n\n{budgets}" if budgets else ""
     sys.stdout.write(markdown + "\n")
     if args.plots is not None:
         args.plots.mkdir(parents=True, exist_ok=True)

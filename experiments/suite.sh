@@ -66,6 +66,8 @@ suite() {  # suite OVERRIDES...: every group of one task (a group's own override
   run gmp "$@" controller=gmp pruning.target=0.25,0.35,0.5
   run linear "$@" controller=linear
   run budget "$@" controller=lqr pruning.quality_budget=0.01 pruning.target=0.1
+  run budget_pid "$@" controller=pid pruning.quality_budget=0.01 pruning.target=0.1
+  run null "$@" controller=gmp pruning.target=0.99   # one ~1% cut: a run dense in effect, the noise of a paired Δ
   run lqr_taylor "$@" controller=lqr importance=taylor
   run lqr_magnitude "$@" controller=lqr importance=magnitude
   run model_pruning "$@" controller=none callbacks=model_pruning callbacks.model_pruning.epochs="$MP_EPOCHS"

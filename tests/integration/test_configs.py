@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,3 +203,20 @@ def test_out_of_range_target_raises_value_error(hydra_init: None, tmp_path: Path
     cfg = compose_cfg(["pruning.target=1.5"], tmp_path)
     with pytest.raises(Exception, match="1.5"):
         instantiate(cfg.controller)
+
+
+def test_wandb_gets_the_control_trace_as_a_table_with_the_reasons(hydra_init: None, tmp_path: Path) -> None:
+    cfg = compose_cfg(["logger=wandb"], tmp_path)
+    (wandb_logger,) = train.instantiate_loggers(cfg)
+    trace = [{"step": 10, "compute": 0.9, "action": 0.1, "requested": 0.1, "damage": 0.0, "damage_std": 0.001,
+              "final_damage": 0.002, "final_std": 0.001, "reference": 1.5, "rho": 1.0, "budget": 0.01, "reason": ""},
+             {"step": 20, "compute": 0.9, "action": 0.0, "requested": 0.0, "damage": 0.008, "damage_std": 0.001,
+              "final_damage": 0.008, "final_std": 0.002, "reference": 1.4, "rho": 1.0, "budget": 0.01,
+              "reason": "budget: predicted final damage 0.0080 + 2σ (0.0020) >= 0.01"}]
+    train.log_summary([wandb_logger], {"train_flops_saved": 0.1, "trace": trace}, step=20)
+    run_dir = Path(wandb_logger.experiment.dir).parent
+    wandb_logger.experiment.finish()
+    (table,) = run_dir.rglob("trace_*.table.json")
+    data = json.loads(table.read_text())
+    assert data["columns"] == list(train.TRACE_COLUMNS)
+    assert [row[0] for row in data["data"]] == [10, 20] and data["data"][1][-1].startswith("budget:")

@@ -65,3 +65,25 @@ def test_language_model_groups_report_the_relative_test_loss_and_the_bar(tmp_pat
     assert report.meets_bar(stats["lqr"]) == "yes" and report.meets_bar(stats["gmp"]) == "no: loss"
     files = report.plot_pareto(list(stats.values()), tmp_path, "dense")
     assert all(f.stat().st_size > 5000 for f in files)
+
+
+def test_budget_groups_get_the_sensor_table_and_plain_groups_do_not() -> None:
+    def run(seed: int, finals: list[float], actions: list[float]) -> dict:
+        s = summary(seed, 0.9, 60, 8.0, target=0.1, controller="lqr") | {"test_loss": 0.3}
+        s["trace"] = [{"step": 10 * k, "compute": 1.0, "action": u, "damage": 0.0, "final_damage": f, "final_std": 0.0,
+                       "budget": 0.01, "widths": {"a": 8}} for k, (f, u) in enumerate(zip(finals, actions))]
+        return s
+
+    # seed 0: after its cut, quiet readings 0.004, 0.006, 0.004 (changes +0.002, -0.002: std 0.002 = 0.2 budgets);
+    # the reading before any cut and the pair around the cut do not count
+    runs = [run(0, [0.0, 0.003, 0.004, 0.006, 0.004], [0.0, 0.1, 0.0, 0.0, 0.0]),
+            run(1, [0.0, 0.001, 0.001, 0.001, 0.001], [0.0, 0.1, 0.0, 0.0, 0.0])]
+    assert report.sensor_noise(runs[0]) == pytest.approx(0.002)
+    assert report.sensor_noise(runs[1]) == 0.0
+    dense = [summary(s, 0.9, 100, 10.0) | {"test_loss": 0.3} for s in (0, 1)]
+    stats = report.group_stats({"dense": dense, "budget": runs}, "dense")
+    (row,) = report.budget_table(stats).splitlines()[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["budget", "1%"] and cells[4] == "0.400 ± 0.000"  # 40% of the FLOPs saved
+    assert cells[5].startswith("0.25") and cells[6].startswith("0.10") and cells[7].startswith("1.0")
+    assert report.budget_table(report.group_stats({"dense": dense}, "dense")) == ""

@@ -134,3 +134,15 @@ def test_a_surgery_failing_on_one_rank_ends_every_rank_with_its_error(tmp_path: 
     message = "surgery failed (rank 1: RuntimeError: planted failure on rank 1)"
     assert proc.stderr.count(message) >= 2, proc.stderr[-3000:]  # raised on rank 0 and on rank 1
     assert "[rank0]" in proc.stderr and records(tmp_path / "f") == []  # neither rank finished
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_budget_loop_reads_the_same_held_out_damage_on_every_rank(tmp_path: Path, strategy: str) -> None:
+    out = tmp_path / strategy
+    run(out, strategy, "--budget", "0.05")
+    r0, r1 = records(out)
+    assert r0["held_out"] == r1["held_out"] == 2  # validation batches, kept on every rank
+    # each rank probes its own validation samples: one reading (averaged over ranks), one plan
+    assert r0["budget_trace"] and r0["budget_trace"] == r1["budget_trace"]
+    assert any(u > 0 for _, _, u in r0["budget_trace"])  # it cut
+    assert r0["surgery_hashes"] == r1["surgery_hashes"] and len(r0["surgery_hashes"]) >= 1

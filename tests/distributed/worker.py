@@ -42,8 +42,9 @@ class Data(L.LightningDataModule):
         sampler = DistributedSampler(self.ds, shuffle=False) if dist.is_initialized() else None
         return DataLoader(self.ds, batch_size=self.batch_size, shuffle=False, sampler=sampler)
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.ds, batch_size=self.batch_size, shuffle=False)
+    def val_dataloader(self) -> DataLoader:  # each rank its own samples: the probe loss must be averaged
+        sampler = DistributedSampler(self.ds, shuffle=False) if dist.is_initialized() else None
+        return DataLoader(self.ds, batch_size=self.batch_size, shuffle=False, sampler=sampler)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--save", type=int, default=0, help="1: a checkpoint at the end of every epoch (6 steps)")
     ap.add_argument("--sharded", type=int, default=1, help="FSDP: 1 = distributed checkpoint, 0 = one file")
     ap.add_argument("--fail-rank", type=int, default=-1)
+    ap.add_argument("--budget", type=float, default=0.0, help="> 0: the quality-budget loop (lqr), held-out probe")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +119,12 @@ def main() -> None:
                 "fsdp": PruningFSDPStrategy(shard_modules=[nn.Linear], save_distributed_checkpoint=bool(args.sharded))}[
         args.strategy]
     model = MLPClassifier(input_dim=32, hidden=(64, 64), num_classes=10, lr=3e-3, scheduler="none")
-    pruning = ControlPruning(controller="gmp", target=0.3, every_n_steps=4, round_to=4, importance="magnitude",
-                             controller_kwargs={"start": 0.0, "end": 0.5})
+    if args.budget:
+        pruning = ControlPruning(controller="lqr", target=0.1, quality_budget=args.budget, every_n_steps=2, round_to=4,
+                                 importance="magnitude", probe_data="val")
+    else:
+        pruning = ControlPruning(controller="gmp", target=0.3, every_n_steps=4, round_to=4, importance="magnitude",
+                                 controller_kwargs={"start": 0.0, "end": 0.5})
     recorder = Recorder(args.fail_rank)
     callbacks: list = [pruning, recorder]
     if args.save:
@@ -126,7 +132,7 @@ def main() -> None:
                                                              filename="step{step}", auto_insert_metric_name=False))
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=devices, strategy=strategy,
                         logger=False, enable_checkpointing=bool(args.save), enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        enable_model_summary=False, limit_val_batches=2 if args.budget else 0, num_sanity_val_steps=0,
                         use_distributed_sampler=False,
                         callbacks=callbacks)
     trainer.fit(model, datamodule=Data(GLOBAL_BATCH // devices), ckpt_path=args.ckpt_path)
@@ -135,7 +141,8 @@ def main() -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "events": recorder.events, "losses": recorder.losses, "surgery_hashes": hashes,
         "final": digest(model, trainer.optimizers[0]), "summary": pruning.summary() | {"trace": []},
-        "world_size": trainer.world_size, "pid": os.getpid()}))
+        "world_size": trainer.world_size, "pid": os.getpid(), "held_out": len(pruning.loop.held_out),
+        "budget_trace": [[r["step"], r["final_damage"], r["action"]] for r in pruning.trace if "final_damage" in r]}))
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(pruning.summary()))
     if dist.is_initialized():

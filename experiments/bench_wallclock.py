@@ -30,6 +30,7 @@ VARIANTS = {
     "lqr": ["controller=lqr"],
     "gmp": ["controller=gmp", "pruning.target=0.25"],
     "pid": ["controller=pid"],
+    "budget": ["controller=lqr", "pruning.quality_budget=0.01", "pruning.target=0.1"],
 }
 
 

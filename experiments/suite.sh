@@ -64,6 +64,7 @@ suite() {  # suite OVERRIDES...: every group of one task (a group's own override
   run lqr "$@" controller=lqr
   run pid "$@" controller=pid
   run gmp "$@" controller=gmp pruning.target=0.25,0.35,0.5
+  run gmp_mild "$@" controller=gmp pruning.target=0.75,0.9   # the fixed targets a cautious user would pick
   run linear "$@" controller=linear
   run budget "$@" controller=lqr pruning.quality_budget=0.01 pruning.target=0.1
   run budget_pid "$@" controller=pid pruning.quality_budget=0.01 pruning.target=0.1

@@ -12,7 +12,9 @@ standard deviation ``σ``. The controlled state is the slack, in units of the bu
 jumps (and their growth: the marginal cost of a cut rises as the net nears its capacity) times the
 sensor's persistent fraction ``ρ``. ``lqr`` solves the scalar DARE of this integrator for
 the gain; ``pid`` is PI on the slack with anti-windup. Both saturate to ``[0, u_max]`` and never cut
-below the floor; both record in ``reason`` why they held back.
+below the floor; both record in ``reason`` why they held back. Neither cuts during the first
+``warmup`` fraction of training (the sensor needs some of the dense curve before the first cut), and a
+predicted improvement (negative damage) is not banked as slack.
 """
 
 from __future__ import annotations

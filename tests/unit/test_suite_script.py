@@ -55,27 +55,27 @@ def test_a_task_runs_every_baseline_with_three_seeds_and_derives_short_and_small
     proc, calls = run_suite(tmp_path, "resnet")
     assert proc.returncode == 0, proc.stderr
     groups = [group_of(c) for c in calls]
-    assert groups == ["dense", "lqr", "pid", "gmp", "linear", "budget", "budget_pid", "null", "lqr_taylor",
-                      "lqr_magnitude", "model_pruning", "short", "small", "small", "small", "lqr_round8"]
+    assert groups == ["dense", "lqr", "pid", "gmp", "gmp_mild", "linear", "budget", "budget_pid", "null",
+                      "lqr_taylor", "lqr_magnitude", "model_pruning", "short", "small", "small", "small", "lqr_round8"]
     for c in calls:
         assert "experiment=resnet_fmnist" in c and "trainer.limit_train_batches=100" in c
-    assert all("seed=0,1,2" in c for c in calls[:12])
-    assert "pruning.target=0.25,0.35,0.5" in calls[3]
-    assert "controller=pid" in calls[6] and "pruning.quality_budget=0.01" in calls[6]
-    assert "controller=gmp" in calls[7] and "pruning.target=0.99" in calls[7]
-    assert "trainer.max_steps=300" in calls[11]  # lqr's 30% of the training FLOPs of 1000 dense steps
-    for seed, c in zip("012", calls[12:]):  # each seed's small net is that seed's lqr architecture
+    assert all("seed=0,1,2" in c for c in calls[:13])
+    assert "pruning.target=0.25,0.35,0.5" in calls[3] and "pruning.target=0.75,0.9" in calls[4]
+    assert "controller=pid" in calls[7] and "pruning.quality_budget=0.01" in calls[7]
+    assert "controller=gmp" in calls[8] and "pruning.target=0.99" in calls[8]
+    assert "trainer.max_steps=300" in calls[12]  # lqr's 30% of the training FLOPs of 1000 dense steps
+    for seed, c in zip("012", calls[13:]):  # each seed's small net is that seed's lqr architecture
         assert f"seed={seed}" in c and "controller=none" in c
         ckpt = next(a.split("=", 1)[1] for a in c if a.startswith("architecture_from="))
         assert ckpt[0] == ckpt[-1] == "'"  # quoted for Hydra's override grammar (a path may hold '=' or ',')
         ckpt = ckpt[1:-1]
         assert Path(ckpt).read_text() == seed and "/lqr/" in ckpt
-    assert "callbacks.model_pruning.epochs=2" in calls[10]
+    assert "callbacks.model_pruning.epochs=2" in calls[11]
     assert calls[-1][-1] == "pruning.round_to=8"
 
     # a second call resumes: every group is done already, nothing runs again
     proc2, calls2 = run_suite(tmp_path, "resnet")
-    assert proc2.returncode == 0 and len(calls2) == len(calls) and proc2.stdout.count("done already") == 16
+    assert proc2.returncode == 0 and len(calls2) == len(calls) and proc2.stdout.count("done already") == 17
 
 
 def test_lru_adds_the_hankel_group_and_mlp_masks_over_four_epochs(tmp_path: Path) -> None:

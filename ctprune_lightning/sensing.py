@@ -154,7 +154,7 @@ class DamageEstimator:
             components = self._posterior
         now, end = np.array([float(step)]), np.array([float(self.total_steps)])
         damage, final, final_sq, rho = 0.0, 0.0, 0.0, 0.0
-        per_now_mean = 0.0
+        damage_sd = 0.0
         for w, rho_i, var_i, a in components:  # the mixture's moments
             rec_now, per_now = (v[0] for v in self._cut_terms(now, a))
             rec_end, per_end = (v[0] for v in self._cut_terms(end, a))
@@ -164,11 +164,11 @@ class DamageEstimator:
             final += w * f
             final_sq += w * (f * f + spread_end ** 2 * var_i)
             rho += w * rho_i
-            per_now_mean += w * spread_now * math.sqrt(var_i)
+            damage_sd += w * spread_now * math.sqrt(var_i)
         reference = float(math.exp(float(self._features(now)[0] @ coef[1:])))
         final_std = math.sqrt(max(final_sq - final * final, 0.0))
         return {"damage": float(damage), "final": float(final), "final_std": final_std,
-                "damage_std": float(math.sqrt(per_now_mean ** 2 + noise)), "reference": reference,
+                "damage_std": float(math.sqrt(damage_sd ** 2 + noise)), "reference": reference,
                 "rho": float(rho), "recovery": best_a, "jumps": float(jumps)}
 
     # ------------------------------------------------------------------------------------ state
@@ -181,8 +181,6 @@ class DamageEstimator:
         self.total_steps = int(state.get("total_steps", self.total_steps))
         self.interval = int(state.get("interval", self.interval))
         post = state.get("posterior")
-        if post is not None and post and not isinstance(post[0], (list, tuple)):  # one fit (older checkpoints)
-            post = [[1.0, *post]]
         self._posterior = None if post is None else [tuple(float(v) for v in c) for c in post]
         self.steps = [int(s) for s in state.get("steps", [])]
         self.losses = [float(v) for v in state.get("losses", [])]

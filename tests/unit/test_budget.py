@@ -180,3 +180,11 @@ def test_no_cut_during_the_warm_up_and_the_reason_says_so() -> None:
     assert trace[len(early)][3] > 0 and final <= 0.01  # it cuts as soon as the warm-up ends
     with pytest.raises(ValueError, match="warmup"):
         BudgetLQRController(target=0.1, warmup=1.0)
+
+
+def test_estimator_state_round_trips_mid_run() -> None:
+    _, _, _, est = run(BudgetLQRController(target=0.1, budget=0.01), Plant(**PLANTS["tight"], noise=0.002), 0.1)
+    clone = DamageEstimator(total_steps=1, interval=1)
+    clone.load_state_dict(est.state_dict())
+    assert clone.state_dict() == est.state_dict()
+    assert clone.estimate(T) == est.estimate(T) and est.estimate(T)["final"] > 0

@@ -80,9 +80,10 @@ class ControlPruning(Callback):
             units of a head group).
         prune_embeddings: also cut embedding / residual widths (never the vocabulary or the output).
         quality_budget: the quality the user gives up instead of a compute target: the relative excess
-            of the probe loss at the end of training over what the dense run would reach (e.g. 0.01);
-            ``target`` becomes the compute floor. Needs ``controller="lqr"`` or ``"pid"``, which then
-            control the budget slack measured by :mod:`ctprune_lightning.sensing`.
+            of the probe loss (held-out batches, see ``probe_data``) at the end of training over what the
+            dense run would reach (e.g. 0.01); ``target`` becomes the compute floor. Needs
+            ``controller="lqr"`` or ``"pid"``, which then control the budget slack measured by
+            :mod:`ctprune_lightning.sensing`.
         convert_attention: replace every ``nn.MultiheadAttention`` by the drop-in
             :class:`~ctprune_lightning.surgery.mha.PrunableMultiheadAttention` at ``setup`` (same forward,
             same state-dict names) so its heads can be cut; ``False`` leaves them dense.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -57,3 +58,17 @@ def test_the_budget_loop_probes_with_batch_statistics_and_the_plain_loop_does_no
     assert readings["plain"] == (False, eval_loss)
     assert readings["budget"][0] and abs(readings["budget"][1] - train_loss) < 1e-6
     assert abs(eval_loss - train_loss) > 0.01  # the two readings differ on this batch
+
+
+def test_a_held_out_batch_the_loss_cannot_read_is_refused_and_nothing_is_kept() -> None:
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def loss_fn(model, b):
+        return nn.functional.cross_entropy(model(b[0]), b[1])
+
+    loop = ControlLoop(build_controller("lqr", 0.5), build_importance("magnitude"), target=0.5, loss_fn=loss_fn)
+    with pytest.raises(ValueError, match="fails on a validation batch.*IndexError"):
+        loop.set_held_out(net, [(torch.randn(4, 8),)])  # no labels
+    assert loop.held_out == [] and net.training
+    with pytest.raises(ValueError, match="no batches"):
+        loop.set_held_out(net, [])

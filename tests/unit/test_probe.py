@@ -1,4 +1,4 @@
-"""The probe's BatchNorm reading: batch statistics, running statistics left as they were."""
+"""The probe: BatchNorm read with batch statistics (running statistics untouched), and held-out batches."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from .controllers import Controller, build_controller
 from .controllers.budget import BUDGET_CONTROLLERS, budget_controller
 from .controllers.base import check_number
 from .importance import Importance, build_importance
-from .loop import ControlLoop, default_loss
+from .loop import BUDGET_METRICS, ControlLoop, default_loss
 from .probe import CallInputs, capture_network_call
 from .rollback import Snapshot
 from .strategy import PruningStrategy, require_pruning_strategy
@@ -84,6 +84,13 @@ class ControlPruning(Callback):
             dense run would reach (e.g. 0.01); ``target`` becomes the compute floor. Needs
             ``controller="lqr"`` or ``"pid"``, which then control the budget slack measured by
             :mod:`ctprune_lightning.sensing`.
+        budget_metric: ``"loss"`` (the default, as above) or ``"error"``: the budget is then the absolute
+            excess of the probe's error rate (``quality_budget=0.003``: 0.3 points of accuracy). One
+            wrong sample is ``1 / probe samples`` of error, so give it enough ``probe_batches`` to
+            resolve the budget (e.g. 8 batches of 256 for 0.3 points).
+        error_fn: ``error_fn(module, batch) -> error rate`` for ``budget_metric="error"`` (default:
+            ``compute_error(batch)`` when the module defines it, else argmax of ``module(x)`` against
+            integer labels ``y``; see :func:`ctprune_lightning.probe.step_error`).
         convert_attention: replace every ``nn.MultiheadAttention`` by the drop-in
             :class:`~ctprune_lightning.surgery.mha.PrunableMultiheadAttention` at ``setup`` (same forward,
             same state-dict names) so its heads can be cut; ``False`` leaves them dense.
@@ -112,11 +119,19 @@ class ControlPruning(Callback):
         convert_attention: bool = True,
         quality_budget: float | None = None,
         probe_data: str = "auto",
+        budget_metric: str = "loss",
+        error_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if probe_data not in PROBE_DATA:
             raise ValueError(f"ControlPruning: `probe_data` must be one of {', '.join(PROBE_DATA)}, got {probe_data!r}")
-        self.probe_data = probe_data
+        if budget_metric not in BUDGET_METRICS:
+            raise ValueError(f"ControlPruning: `budget_metric` must be one of {', '.join(BUDGET_METRICS)}, "
+                             f"got {budget_metric!r}")
+        if budget_metric != "loss" and quality_budget is None:
+            raise ValueError(f"ControlPruning: budget_metric={budget_metric!r} states a quality_budget; give one "
+                             "(e.g. quality_budget=0.003 for 0.3 points of error)")
+        self.probe_data, self.budget_metric = probe_data, budget_metric
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("start_step", start_step, 0),
                                  ("min_width", min_width, 1), ("round_to", round_to, 1),
                                  ("probe_batches", probe_batches, 1)):
@@ -155,7 +170,8 @@ class ControlPruning(Callback):
         self.prune_embeddings = bool(prune_embeddings)
         self.convert_attention = bool(convert_attention)
         self.loop = ControlLoop(self.controller, self.importance, self.controller.target, min_width=min_width,
-                                round_to=round_to, probe_batches=probe_batches)
+                                round_to=round_to, probe_batches=probe_batches,
+                                **({"error_fn": error_fn} if error_fn is not None else {}))
         self.target = self.loop.target  # the dense baseline's setpoint is dense, whatever it was built with
         self._last_step = -1
         self._refresh = False
@@ -226,7 +242,7 @@ class ControlPruning(Callback):
             if not math.isfinite(total):
                 raise ValueError("ControlPruning: a quality_budget is judged at the end of training; give the "
                                  "Trainer a finite schedule (max_epochs or max_steps)")
-            self.loop.start_budget(int(total), self.every_n_steps)
+            self.loop.start_budget(int(total), self.every_n_steps, metric=self.budget_metric)
         if not self.loop.held_out and (self.probe_data == "val" or (self.probe_data == "auto" and self.loop.estimator)):
             self._hold_out(trainer, pl_module)
 

@@ -31,7 +31,7 @@ from .controllers import Controller, NoneController, Observation
 from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import plan_widths, select_units
-from .probe import batch_size, batch_statistics, step_loss
+from .probe import batch_size, batch_statistics, step_error, step_loss
 from .sensing import DamageEstimator
 from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
 
@@ -39,6 +39,8 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 #: the probe loss unless the callback is given another: ``compute_loss(batch)``, else the module's training_step
 default_loss = step_loss
+#: BUDGET_METRICS: what a quality budget is stated in (see :meth:`ControlLoop.start_budget`)
+BUDGET_METRICS = ("loss", "error")
 
 
 def _identity(x: float) -> float:
@@ -76,6 +78,8 @@ class ControlLoop:
         probe_batches: first training batches kept to measure the loss damage.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for the probe and FLOP counting (default:
             :func:`~ctprune_lightning.probe.step_loss`, the module's own loss).
+        error_fn: ``error_fn(model, batch) -> error rate`` for a budget stated in error (default
+            :func:`~ctprune_lightning.probe.step_error`).
         reduce_mean: averages a float over ranks (identity on one process).
         flop_view: ``flop_view(model)`` is a context in which ``model`` holds plain (unsharded) modules
             of the same shapes, for FLOP counting without collectives (FSDP2); none by default.
@@ -83,12 +87,12 @@ class ControlLoop:
 
     def __init__(self, controller: Controller, importance: Importance, target: float, *, min_width: int = 8,
                  round_to: int = 1, probe_batches: int = 2, loss_fn: LossFn = default_loss,
-                 reduce_mean: Callable[[float], float] = _identity,
+                 error_fn: LossFn = step_error, reduce_mean: Callable[[float], float] = _identity,
                  flop_view: Callable[[nn.Module], AbstractContextManager[Any]] = nullcontext) -> None:
         self.controller, self.importance = controller, importance
         self.target = 1.0 if isinstance(controller, NoneController) else float(target)
         self.min_width, self.round_to, self.probe_batches = min_width, round_to, probe_batches
-        self.loss_fn, self.reduce_mean, self.flop_view = loss_fn, reduce_mean, flop_view
+        self.loss_fn, self.error_fn, self.reduce_mean, self.flop_view = loss_fn, error_fn, reduce_mean, flop_view
         self.groups: list[PrunableGroup] = []
         self.skipped: list[tuple[str, str]] = []
         self.dense_widths: dict[str, int] = {}
@@ -107,6 +111,7 @@ class ControlLoop:
         self.saturated = False  # no further cut possible above the floor: importance tracking stops
         self.estimator: DamageEstimator | None = None  # the damage sensor of a quality budget (start_budget)
         self.batch_stats = False  # the probe reads BatchNorm with batch statistics (the budget sensor does)
+        self.budget_metric = "loss"  # what the sensor reads: the probe loss, or its error rate
         self._before: tuple[float, float] | None = None  # (probe loss, best) at the last observation
 
     # ------------------------------------------------------------------------------------ set-up
@@ -135,6 +140,12 @@ class ControlLoop:
         if len(self.probe) >= self.probe_batches:
             return
         self.probe.append(apply_to_collection(batch, Tensor, lambda t: t.detach().clone()))
+        if len(self.probe) == 1 and self.budget_metric == "error" and not self.held_out:
+            try:  # before the first training step: a probe that cannot be read fails here, not mid-run
+                self._mean_loss(model, self.probe, self.sensor_fn)
+            except Exception as err:
+                self.probe.clear()
+                raise ValueError(f"the probe fails on a training batch ({type(err).__name__}: {err})") from err
         if len(self.probe) == 1:
             self.ref_batch = batch_size(batch)
             if not self.ledger.dense_step_flops:
@@ -150,20 +161,33 @@ class ControlLoop:
         if not kept:
             raise ValueError("ControlLoop.set_held_out: no batches given")
         try:
-            self._mean_loss(model, kept[:1])
+            self._mean_loss(model, kept[:1], self.sensor_fn)
         except Exception as err:  # any user loss may fail on a batch it was not written for
-            raise ValueError(f"the probe loss fails on a validation batch ({type(err).__name__}: {err})") from err
+            raise ValueError(f"the probe fails on a validation batch ({type(err).__name__}: {err})") from err
         self.held_out = kept
 
     def count_batch(self, model: nn.Module, batch: Any) -> None:
         """Charge one training batch at the current architecture to the ledger."""
         self.ledger.add_batch(self.flops(model)[0], batch_size(batch) / self.ref_batch)
 
-    def start_budget(self, total_steps: int, interval: int) -> None:
-        """With a quality-budget controller: the damage sensor for a run of ``total_steps`` steps."""
+    def start_budget(self, total_steps: int, interval: int, metric: str = "loss") -> None:
+        """With a quality-budget controller: the damage sensor for a run of ``total_steps`` steps.
+
+        ``metric="loss"``: the budget is the relative excess of the final probe loss over the dense run's.
+        ``metric="error"``: it is the absolute excess of the final probe error rate (0.003 = 0.3 points);
+        the sensor models the error rate as it models the loss and converts with its dense reference.
+        """
+        if metric not in BUDGET_METRICS:
+            raise ValueError(f"budget metric must be one of {', '.join(BUDGET_METRICS)}, got {metric!r}")
         if getattr(self.controller, "budget", None) is not None and self.estimator is None:
             self.estimator = DamageEstimator(total_steps=max(1, int(total_steps)), interval=interval)
         self.batch_stats = self.estimator is not None
+        self.budget_metric = metric if self.estimator is not None else "loss"
+
+    @property
+    def sensor_fn(self) -> LossFn:
+        """What the probe reads: the error rate for an error budget, else the loss."""
+        return self.error_fn if self.budget_metric == "error" else self.loss_fn
 
     # ------------------------------------------------------------------------------- measurements
     def flops(self, model: nn.Module) -> tuple[int, dict[str, int]]:
@@ -182,21 +206,26 @@ class ControlLoop:
 
     @torch.no_grad()
     def probe_loss(self, model: nn.Module) -> float:
-        """Mean loss over the probe batches (the held-out ones when set) in eval mode, averaged over ranks.
+        """Mean loss (error rate, for an error budget) over the probe batches (the held-out ones when set)
+        in eval mode, averaged over ranks.
 
         With a quality budget BatchNorm layers use the probe's batch statistics
         (:func:`~ctprune_lightning.probe.batch_statistics`): a cut's jump is then the change of the function,
         not the lag of the running statistics of the layers after it.
         """
-        return self.reduce_mean(self._mean_loss(model, self.held_out or self.probe))
+        batches = self.held_out or self.probe
+        value = self.reduce_mean(self._mean_loss(model, batches, self.sensor_fn))
+        if self.budget_metric == "error":  # half a sample: a log-space sensor needs a positive reading
+            value = max(value, 0.5 / max(1, sum(batch_size(b) for b in batches)))
+        return value
 
     @torch.no_grad()
-    def _mean_loss(self, model: nn.Module, batches: Sequence[Any]) -> float:
+    def _mean_loss(self, model: nn.Module, batches: Sequence[Any], fn: LossFn) -> float:
         was_training = model.training
         model.eval()
         try:
             with batch_statistics(model) if self.batch_stats else nullcontext():
-                losses = [float(self.loss_fn(model, self._probe_on(model, i, batches))) for i in range(len(batches))]
+                losses = [float(fn(model, self._probe_on(model, i, batches))) for i in range(len(batches))]
         finally:
             model.train(was_training)
         return sum(losses) / len(losses)
@@ -222,8 +251,12 @@ class ControlLoop:
         if self.estimator is not None:  # quality budget: loss now vs the dense reference now, and at the end
             self.estimator.observe(step, loss)
             r = self.estimator.estimate(step)
-            damage = r["damage"]
-            sensed = {"final_damage": r["final"], "final_std": r["final_std"], "damage_std": r["damage_std"],
+            damage, final, final_std, damage_std = r["damage"], r["final"], r["final_std"], r["damage_std"]
+            if self.budget_metric == "error":  # relative excess of the error rate -> points (a fraction)
+                now, end = r["reference"], r["reference_final"]
+                damage, damage_std = now * math.expm1(damage), now * math.exp(damage) * damage_std
+                final, final_std = end * math.expm1(final), end * math.exp(final) * final_std
+            sensed = {"final_damage": final, "final_std": final_std, "damage_std": damage_std,
                       "reference": r["reference"], "rho": r["rho"]}
         obs = Observation(step=step, progress=progress, compute=self.compute(model), damage=damage,
                           jump=self.jump, last_action=self.last_u, **sensed)
@@ -264,7 +297,7 @@ class ControlLoop:
             compute = self.compute(model)
             before, best = self._before if self._before is not None else (self.probe_loss(model),) * 2
             after = self.probe_loss(model)
-            self.jump = (after - before) / max(best, 1e-12)
+            self.jump = (after - before) if self.budget_metric == "error" else (after - before) / max(best, 1e-12)
             if self.estimator is not None:
                 self.estimator.add_cut(plan.step, math.log(max(after, 1e-12) / max(before, 1e-12)))
             self.last_u = obs.compute - compute
@@ -276,6 +309,7 @@ class ControlLoop:
         if self.estimator is not None:
             row |= {"damage_std": obs.damage_std, "final_damage": obs.final_damage, "final_std": obs.final_std,
                     "reference": obs.reference, "rho": obs.rho, "budget": getattr(self.controller, "budget", None),
+                    "budget_metric": self.budget_metric,
                     "reason": getattr(self.controller, "reason", "")}
         self.trace.append(row)
         return row
@@ -340,6 +374,7 @@ class ControlLoop:
             "jump": self.jump,
             "last_u": self.last_u,
             "estimator": None if self.estimator is None else self.estimator.state_dict(),
+            "budget_metric": self.budget_metric,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -359,3 +394,4 @@ class ControlLoop:
             self.estimator = self.estimator or DamageEstimator(total_steps=1, interval=1)
             self.estimator.load_state_dict(state["estimator"])
             self.batch_stats = True
+            self.budget_metric = str(state.get("budget_metric", "loss"))

@@ -30,7 +30,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CallInputs", "as_call", "batch_size", "batch_statistics", "capture_network_call", "silenced", "step_loss"]
+__all__ = ["CallInputs", "as_call", "batch_size", "batch_statistics", "capture_network_call", "silenced", "step_error",
+           "step_loss"]
 
 
 @dataclass
@@ -129,6 +130,22 @@ def step_loss(model: nn.Module, batch: Any) -> Tensor:
                         f"{type(out).__name__} (needs a scalar Tensor or a dict with 'loss'); define "
                         "`compute_loss(batch) -> Tensor` instead")
     return loss.reshape(())
+
+
+def step_error(model: nn.Module, batch: Any) -> Tensor:
+    """The error rate on ``batch`` (fraction of wrong predictions): ``compute_error(batch)`` when the module
+    defines it, else ``argmax(model(x)) != y`` for a batch ``(x, y, ...)`` with integer labels ``y`` and
+    logits of shape ``y.shape + (classes,)`` (classifiers, and language models per token)."""
+    if hasattr(model, "compute_error"):
+        return model.compute_error(batch)
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor) \
+            and not batch[1].is_floating_point():
+        logits = model(batch[0])
+        if isinstance(logits, Tensor) and logits.shape[:-1] == batch[1].shape:
+            return (logits.argmax(-1) != batch[1]).float().mean()
+    raise TypeError(f"an error-rate budget needs the error of a batch: {type(model).__name__}'s batches are not "
+                    "(inputs, integer labels) with logits per label; define `compute_error(batch) -> Tensor` "
+                    "on the module or pass `error_fn=`")
 
 
 def _detached(value: Any) -> Any:

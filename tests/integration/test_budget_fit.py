@@ -84,3 +84,42 @@ def test_probe_data_choices_and_missing_validation_data() -> None:
     plain = ControlPruning(controller="lqr", every_n_steps=2)  # no budget: the training probe, as before
     short_fit(plain)
     assert plain.loop.held_out == []
+
+
+def test_an_error_rate_budget_in_points_stops_short_of_a_floor_that_breaks_it() -> None:
+    """The same overlapping classes, the budget in accuracy points (absolute error rate) instead of loss."""
+    def fit_acc(cb: ControlPruning) -> tuple[float, dict]:
+        L.seed_everything(0)
+        dm = SyntheticDataModule(num_samples=2048, input_shape=(32,), batch_size=64, class_sep=2.0)
+        model = MLPClassifier(input_dim=32, hidden=(128, 128), num_classes=10, lr=3e-3)
+        trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+        trainer.fit(model, datamodule=dm)
+        return float(trainer.validate(model, datamodule=dm, verbose=False)[0]["val/acc"]), cb.summary()
+
+    points, floor = 0.03, 0.03
+    dense, _ = fit_acc(ControlPruning(controller="none", every_n_steps=4))
+    ramp, ramp_s = fit_acc(ControlPruning(controller="gmp", target=floor, every_n_steps=4, min_width=2,
+                                          controller_kwargs={"start": 0.0, "end": 0.3}))
+    loop, s = fit_acc(ControlPruning(controller="lqr", target=floor, quality_budget=points, budget_metric="error",
+                                     every_n_steps=4, min_width=2, probe_batches=4))
+    assert ramp_s["flops_fraction"] < 0.05 and ramp < dense - points  # the open-loop ramp breaks it
+    assert loop >= dense - points  # the loop keeps it, on held-out data
+    assert 0.3 < s["flops_fraction"] < 1.0 and s["surgeries"] >= 1
+    rows = s["trace"]
+    assert all(r["budget_metric"] == "error" and r["budget"] == points for r in rows)
+    # the readings are error rates (a fraction of the probe's samples), not log-ratios of a loss
+    assert all(0.0 < r["reference"] < 1.0 for r in rows) and max(abs(r["final_damage"]) for r in rows) < 1.0
+
+
+def test_budget_metric_choices_and_an_unreadable_error() -> None:
+    with pytest.raises(ValueError, match="budget_metric.*loss, error.*'points'"):
+        ControlPruning(controller="lqr", quality_budget=0.01, budget_metric="points")
+    with pytest.raises(ValueError, match="needs|give one"):
+        ControlPruning(controller="lqr", budget_metric="error")
+    cb = ControlPruning(controller="lqr", target=0.1, quality_budget=0.01, budget_metric="error",
+                        error_fn=lambda model, batch: model(batch["missing"]), every_n_steps=2)
+    with pytest.warns(UserWarning, match="probe fails on a validation batch"):  # "auto": the training probe
+        with pytest.raises(ValueError, match="probe fails on a training batch.*TypeError"):  # fails as well
+            short_fit(cb)
+    assert cb.loop.held_out == [] and cb.loop.trace == []  # refused before the first step

@@ -72,3 +72,23 @@ def test_a_held_out_batch_the_loss_cannot_read_is_refused_and_nothing_is_kept() 
     assert loop.held_out == [] and net.training
     with pytest.raises(ValueError, match="no batches"):
         loop.set_held_out(net, [])
+
+
+def test_step_error_reads_classifiers_and_token_models_and_refuses_other_batches() -> None:
+    from ctprune_lightning.probe import step_error
+
+    torch.manual_seed(0)
+    clf = nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    assert float(step_error(clf, (x, y))) == pytest.approx(float((clf(x).argmax(1) != y).float().mean()))
+    tok = nn.Sequential(nn.Embedding(7, 5), nn.Linear(5, 7))  # (batch, time) tokens -> (batch, time, vocab)
+    ids, nxt = torch.randint(0, 7, (2, 6)), torch.randint(0, 7, (2, 6))
+    assert float(step_error(tok, (ids, nxt))) == pytest.approx(float((tok(ids).argmax(-1) != nxt).float().mean()))
+
+    class Custom(nn.Linear):
+        def compute_error(self, batch):
+            return torch.tensor(0.25)
+
+    assert float(step_error(Custom(4, 3), {"anything": 1})) == 0.25
+    with pytest.raises(TypeError, match="compute_error"):
+        step_error(clf, (x, torch.randn(10)))  # float targets: not labels

@@ -14,7 +14,7 @@ from ctprune_lightning.models import MLPClassifier
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def fit(cb: ControlPruning) -> tuple[float, dict, set[str]]:
+def fit(cb: ControlPruning, metric: str = "val/loss") -> tuple[float, dict, set[str]]:
     """Overlapping classes (class_sep=2): capacity matters, so cutting to 3% of the FLOPs hurts."""
     L.seed_everything(0)
     dm = SyntheticDataModule(num_samples=2048, input_shape=(32,), batch_size=64, class_sep=2.0)
@@ -23,7 +23,7 @@ def fit(cb: ControlPruning) -> tuple[float, dict, set[str]]:
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
     trainer.fit(model, datamodule=dm)
     logged = set(trainer.callback_metrics)
-    return float(trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]), cb.summary(), logged
+    return float(trainer.validate(model, datamodule=dm, verbose=False)[0][metric]), cb.summary(), logged
 
 
 def test_the_budget_loop_stops_short_of_a_floor_that_breaks_the_budget() -> None:
@@ -88,21 +88,12 @@ def test_probe_data_choices_and_missing_validation_data() -> None:
 
 def test_an_error_rate_budget_in_points_stops_short_of_a_floor_that_breaks_it() -> None:
     """The same overlapping classes, the budget in accuracy points (absolute error rate) instead of loss."""
-    def fit_acc(cb: ControlPruning) -> tuple[float, dict]:
-        L.seed_everything(0)
-        dm = SyntheticDataModule(num_samples=2048, input_shape=(32,), batch_size=64, class_sep=2.0)
-        model = MLPClassifier(input_dim=32, hidden=(128, 128), num_classes=10, lr=3e-3)
-        trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
-        trainer.fit(model, datamodule=dm)
-        return float(trainer.validate(model, datamodule=dm, verbose=False)[0]["val/acc"]), cb.summary()
-
     points, floor = 0.03, 0.03
-    dense, _ = fit_acc(ControlPruning(controller="none", every_n_steps=4))
-    ramp, ramp_s = fit_acc(ControlPruning(controller="gmp", target=floor, every_n_steps=4, min_width=2,
-                                          controller_kwargs={"start": 0.0, "end": 0.3}))
-    loop, s = fit_acc(ControlPruning(controller="lqr", target=floor, quality_budget=points, budget_metric="error",
-                                     every_n_steps=4, min_width=2, probe_batches=4))
+    dense, _, _ = fit(ControlPruning(controller="none", every_n_steps=4), "val/acc")
+    ramp, ramp_s, _ = fit(ControlPruning(controller="gmp", target=floor, every_n_steps=4, min_width=2,
+                                         controller_kwargs={"start": 0.0, "end": 0.3}), "val/acc")
+    loop, s, _ = fit(ControlPruning(controller="lqr", target=floor, quality_budget=points, budget_metric="error",
+                                    every_n_steps=4, min_width=2, probe_batches=4), "val/acc")
     assert ramp_s["flops_fraction"] < 0.05 and ramp < dense - points  # the open-loop ramp breaks it
     assert loop >= dense - points  # the loop keeps it, on held-out data
     assert 0.3 < s["flops_fraction"] < 1.0 and s["surgeries"] >= 1

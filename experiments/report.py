@@ -156,7 +156,7 @@ def sensor_noise(run: dict[str, Any]) -> float:
 
 def budget_table(stats: list[dict[str, Any]]) -> str:
     """The quality-budget groups: the budget, what the sensor predicted at the end, and its noise."""
-    head = ("| run | budget | Δ test loss (%) | Δ acc (pt) | FLOPs saved | predicted final damage (%) "
+    head = ("| run | budget | Δ test loss (%) | Δ acc (pt) | FLOPs saved | predicted final damage (% or pt) "
             "| sensor noise / budget | cuts |")
     lines = []
     for g in stats:
@@ -164,9 +164,11 @@ def budget_table(stats: list[dict[str, Any]]) -> str:
         if not runs:
             continue
         budget = runs[0]["trace"][-1]["budget"]
+        points = runs[0]["trace"][-1].get("budget_metric") == "error"  # absolute error rate: accuracy points
         noise = _stats([sensor_noise(r) / budget for r in runs if not math.isnan(sensor_noise(r))])
         lines.append("| " + " | ".join([
-            g["label"], f"{100 * budget:g}%", _pm(*g["d_loss"], "+.2f"), _pm(*g["d_acc"], "+.2f"),
+            g["label"], f"{100 * budget:g} pt of error" if points else f"{100 * budget:g}% of loss",
+            _pm(*g["d_loss"], "+.2f"), _pm(*g["d_acc"], "+.2f"),
             _pm(1 - g["flops"][0], g["flops"][1], ".3f"),
             _pm(*_stats([100 * r["trace"][-1]["final_damage"] for r in runs]), ".2f"), _pm(*noise, ".2f"),
             _pm(*_stats([sum(x["action"] > 0 for x in r["trace"]) for r in runs]), ".1f")]) + " |")

@@ -84,6 +84,11 @@ def test_budget_groups_get_the_sensor_table_and_plain_groups_do_not() -> None:
     stats = report.group_stats({"dense": dense, "budget": runs}, "dense")
     (row,) = report.budget_table(stats).splitlines()[2:]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:2] == ["budget", "1%"] and cells[4] == "0.400 ± 0.000"  # 40% of the FLOPs saved
+    assert cells[:2] == ["budget", "1% of loss"] and cells[4] == "0.400 ± 0.000"  # 40% of the FLOPs saved
     assert cells[5].startswith("0.25") and cells[6].startswith("0.10") and cells[7].startswith("1.0")
     assert report.budget_table(report.group_stats({"dense": dense}, "dense")) == ""
+    for r in runs:  # a budget in accuracy points: the absolute error rate
+        for row in r["trace"]:
+            row |= {"budget": 0.003, "budget_metric": "error"}
+    (row,) = report.budget_table(report.group_stats({"dense": dense, "budget": runs}, "dense")).splitlines()[2:]
+    assert row.split("|")[2].strip() == "0.3 pt of error"

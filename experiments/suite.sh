@@ -85,6 +85,9 @@ case $TASK in
     mapfile -t TASK_ARGS < <(task_overrides "$TASK")
     if [ "$TASK" = mlp ]; then MP_EPOCHS=4; fi
     suite ${TASK_ARGS[@]+"${TASK_ARGS[@]}"}
+    if [ "$TASK" != gpt ]; then  # the budget in accuracy points (0.3 pt of error), on 8 held-out probe batches
+      run budget_points ${TASK_ARGS[@]+"${TASK_ARGS[@]}"} controller=lqr pruning.quality_budget=0.003 \
+        pruning.target=0.1 pruning.budget_metric=error pruning.probe_batches=8; fi
     if [ "$TASK" = mlp ]; then  # the same small net built at its size (PyTorch's init at 424 wide, not a slice)
       run small_native ${TASK_ARGS[@]+"${TASK_ARGS[@]}"} controller=none 'model.hidden=[424,424]'; fi
     if [ "$TASK" = resnet ]; then  # widths on multiples of 8: the fast CPU conv kernels (bench_overhead.md 3b)

@@ -56,7 +56,8 @@ def test_a_task_runs_every_baseline_with_three_seeds_and_derives_short_and_small
     assert proc.returncode == 0, proc.stderr
     groups = [group_of(c) for c in calls]
     assert groups == ["dense", "lqr", "pid", "gmp", "gmp_mild", "linear", "budget", "budget_pid", "null",
-                      "lqr_taylor", "lqr_magnitude", "model_pruning", "short", "small", "small", "small", "lqr_round8"]
+                      "lqr_taylor", "lqr_magnitude", "model_pruning", "short", "small", "small", "small", "budget_points",
+                      "lqr_round8"]
     for c in calls:
         assert "experiment=resnet_fmnist" in c and "trainer.limit_train_batches=100" in c
     assert all("seed=0,1,2" in c for c in calls[:13])
@@ -64,7 +65,8 @@ def test_a_task_runs_every_baseline_with_three_seeds_and_derives_short_and_small
     assert "controller=pid" in calls[7] and "pruning.quality_budget=0.01" in calls[7]
     assert "controller=gmp" in calls[8] and "pruning.target=0.99" in calls[8]
     assert "trainer.max_steps=300" in calls[12]  # lqr's 30% of the training FLOPs of 1000 dense steps
-    for seed, c in zip("012", calls[13:]):  # each seed's small net is that seed's lqr architecture
+    assert "pruning.budget_metric=error" in calls[16] and "pruning.quality_budget=0.003" in calls[16]
+    for seed, c in zip("012", calls[13:16]):  # each seed's small net is that seed's lqr architecture
         assert f"seed={seed}" in c and "controller=none" in c
         ckpt = next(a.split("=", 1)[1] for a in c if a.startswith("architecture_from="))
         assert ckpt[0] == ckpt[-1] == "'"  # quoted for Hydra's override grammar (a path may hold '=' or ',')
@@ -75,7 +77,7 @@ def test_a_task_runs_every_baseline_with_three_seeds_and_derives_short_and_small
 
     # a second call resumes: every group is done already, nothing runs again
     proc2, calls2 = run_suite(tmp_path, "resnet")
-    assert proc2.returncode == 0 and len(calls2) == len(calls) and proc2.stdout.count("done already") == 17
+    assert proc2.returncode == 0 and len(calls2) == len(calls) and proc2.stdout.count("done already") == 18
 
 
 def test_lru_adds_the_hankel_group_and_mlp_masks_over_four_epochs(tmp_path: Path) -> None:

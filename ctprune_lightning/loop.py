@@ -175,7 +175,8 @@ class ControlLoop:
 
         ``metric="loss"``: the budget is the relative excess of the final probe loss over the dense run's.
         ``metric="error"``: it is the absolute excess of the final probe error rate (0.003 = 0.3 points);
-        the sensor models the error rate as it models the loss and converts with its dense reference.
+        the sensor models the error rate as it models the loss; its relative excess is converted to
+        points at the estimated dense error now (conservative: the dense error keeps falling).
         """
         if metric not in BUDGET_METRICS:
             raise ValueError(f"budget metric must be one of {', '.join(BUDGET_METRICS)}, got {metric!r}")
@@ -253,9 +254,11 @@ class ControlLoop:
             r = self.estimator.estimate(step)
             damage, final, final_std, damage_std = r["damage"], r["final"], r["final_std"], r["damage_std"]
             if self.budget_metric == "error":  # relative excess of the error rate -> points (a fraction)
-                now, end = r["reference"], r["reference_final"]
-                damage, damage_std = now * math.expm1(damage), now * math.exp(damage) * damage_std
-                final, final_std = end * math.expm1(final), end * math.exp(final) * final_std
+                # read at the dense error now, not extrapolated to the end: the trend's extrapolation of an
+                # error rate is unstable early, and the error only falls, so this errs on the safe side
+                ref = r["reference"]
+                damage, damage_std = ref * math.expm1(damage), ref * math.exp(damage) * damage_std
+                final, final_std = ref * math.expm1(final), ref * math.exp(final) * final_std
             sensed = {"final_damage": final, "final_std": final_std, "damage_std": damage_std,
                       "reference": r["reference"], "rho": r["rho"]}
         obs = Observation(step=step, progress=progress, compute=self.compute(model), damage=damage,

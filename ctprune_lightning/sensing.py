@@ -21,8 +21,8 @@ Reported, all relative (log-ratio ≈ relative excess):
 * ``final``: the same at the end of training ``T`` (what the quality budget is compared with);
 * ``final_std``: its standard deviation over the mixture and the posterior of ``ρ``; cuts that happened
   to lower the loss do not cancel the uncertainty of those that raised it (``Σ |s_j|``);
-* ``reference`` / ``reference_final``: ``exp f(t)``, the estimated dense loss now and at ``T`` (best grid
-  point; before the trend is fitted, the last reading with the cuts' jumps taken out).
+* ``reference``: ``exp f(t_k)``, the estimated dense loss now (best grid point; before the trend is
+  fitted, the last reading with the cuts' jumps taken out).
 
 Example::
 
@@ -141,13 +141,13 @@ class DamageEstimator:
         if not self.cuts:
             ref = self.losses[-1] if self.losses else float("nan")
             return {"damage": 0.0, "final": 0.0, "final_std": 0.0, "damage_std": 0.0, "reference": ref,
-                    "reference_final": ref, "rho": self.rho_prior, "recovery": None, "jumps": 0.0}
+                    "rho": self.rho_prior, "recovery": None, "jumps": 0.0}
         if len(self.steps) < self.min_points:  # too little history: every cut persists
             rho = self.rho_prior
             spread = sum(abs(s) for _, s in self.cuts) * self.rho_prior_std  # jumps of both signs do not cancel
             ref = self.losses[-1] * math.exp(-jumps)  # the last reading without the cuts: no trend fitted yet
             return {"damage": jumps, "final": jumps * rho, "final_std": spread, "damage_std": spread,
-                    "reference": ref, "reference_final": ref, "rho": rho, "recovery": None, "jumps": jumps}
+                    "reference": ref, "rho": rho, "recovery": None, "jumps": jumps}
         components, coef, noise, best_a = self._mixture()
         start = self.steps[-self.window:][0]
         if any(tj > start for tj, _ in self.cuts):  # a cut's transient is in view: its (ρ, a) is news
@@ -167,11 +167,10 @@ class DamageEstimator:
             final_sq += w * (f * f + spread_end ** 2 * var_i)
             rho += w * rho_i
             damage_sd += w * spread_now * math.sqrt(var_i)
-        reference, reference_final = (float(math.exp(float(self._features(x)[0] @ coef[1:]))) for x in (now, end))
+        reference = float(math.exp(float(self._features(now)[0] @ coef[1:])))
         final_std = math.sqrt(max(final_sq - final * final, 0.0))
         return {"damage": float(damage), "final": float(final), "final_std": final_std,
                 "damage_std": float(math.sqrt(damage_sd ** 2 + noise)), "reference": reference,
-                "reference_final": reference_final,
                 "rho": float(rho), "recovery": best_a, "jumps": float(jumps)}
 
     # ------------------------------------------------------------------------------------ state

@@ -129,7 +129,7 @@ class ControlPruning(Callback):
             raise ValueError(f"ControlPruning: `budget_metric` must be one of {', '.join(BUDGET_METRICS)}, "
                              f"got {budget_metric!r}")
         if budget_metric != "loss" and quality_budget is None:
-            raise ValueError(f"ControlPruning: budget_metric={budget_metric!r} states a quality_budget; give one "
+            raise ValueError(f"ControlPruning: budget_metric={budget_metric!r} needs a quality_budget "
                              "(e.g. quality_budget=0.003 for 0.3 points of error)")
         self.probe_data, self.budget_metric = probe_data, budget_metric
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("start_step", start_step, 0),

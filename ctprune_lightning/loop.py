@@ -47,6 +47,11 @@ def _identity(x: float) -> float:
     return x
 
 
+def _detached(batch: Any) -> Any:
+    """A copy of ``batch`` that training does not change (kept as a probe)."""
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
+
+
 @dataclass(frozen=True)
 class Plan:
     """What to do at one control interval: plain data, identical on every rank once broadcast.
@@ -110,7 +115,6 @@ class ControlLoop:
         self.last_u = 0.0
         self.saturated = False  # no further cut possible above the floor: importance tracking stops
         self.estimator: DamageEstimator | None = None  # the damage sensor of a quality budget (start_budget)
-        self.batch_stats = False  # the probe reads BatchNorm with batch statistics (the budget sensor does)
         self.budget_metric = "loss"  # what the sensor reads: the probe loss, or its error rate
         self._before: tuple[float, float] | None = None  # (probe loss, best) at the last observation
 
@@ -139,13 +143,10 @@ class ControlLoop:
         """Keep ``batch`` as a probe batch while fewer than ``probe_batches`` are kept."""
         if len(self.probe) >= self.probe_batches:
             return
-        self.probe.append(apply_to_collection(batch, Tensor, lambda t: t.detach().clone()))
-        if len(self.probe) == 1 and self.budget_metric == "error" and not self.held_out:
-            try:  # before the first training step: a probe that cannot be read fails here, not mid-run
-                self._mean_loss(model, self.probe, self.sensor_fn)
-            except Exception as err:
-                self.probe.clear()
-                raise ValueError(f"the probe fails on a training batch ({type(err).__name__}: {err})") from err
+        kept = _detached(batch)
+        if not self.probe and self.budget_metric == "error" and not self.held_out:
+            self._check_readable(model, kept, "training")  # before the first step, not mid-run
+        self.probe.append(kept)
         if len(self.probe) == 1:
             self.ref_batch = batch_size(batch)
             if not self.ledger.dense_step_flops:
@@ -157,14 +158,18 @@ class ControlLoop:
         The FLOP count keeps using the training probe. Raises ``ValueError`` naming the error when the
         loss cannot be computed on them (nothing is kept then).
         """
-        kept = [apply_to_collection(b, Tensor, lambda t: t.detach().clone()) for b in batches]
+        kept = [_detached(b) for b in batches]
         if not kept:
             raise ValueError("ControlLoop.set_held_out: no batches given")
-        try:
-            self._mean_loss(model, kept[:1], self.sensor_fn)
-        except Exception as err:  # any user loss may fail on a batch it was not written for
-            raise ValueError(f"the probe fails on a validation batch ({type(err).__name__}: {err})") from err
+        self._check_readable(model, kept[0], "validation")
         self.held_out = kept
+
+    def _check_readable(self, model: nn.Module, batch: Any, kind: str) -> None:
+        """Raise ``ValueError`` naming the cause when the sensor's function fails on ``batch``."""
+        try:
+            self._mean_loss(model, [batch], self.sensor_fn)
+        except Exception as err:  # any user loss may fail on a batch it was not written for
+            raise ValueError(f"the probe fails on a {kind} batch ({type(err).__name__}: {err})") from err
 
     def count_batch(self, model: nn.Module, batch: Any) -> None:
         """Charge one training batch at the current architecture to the ledger."""
@@ -182,8 +187,12 @@ class ControlLoop:
             raise ValueError(f"budget metric must be one of {', '.join(BUDGET_METRICS)}, got {metric!r}")
         if getattr(self.controller, "budget", None) is not None and self.estimator is None:
             self.estimator = DamageEstimator(total_steps=max(1, int(total_steps)), interval=interval)
-        self.batch_stats = self.estimator is not None
         self.budget_metric = metric if self.estimator is not None else "loss"
+
+    @property
+    def batch_stats(self) -> bool:
+        """The probe reads BatchNorm with batch statistics: the budget sensor does."""
+        return self.estimator is not None
 
     @property
     def sensor_fn(self) -> LossFn:
@@ -396,5 +405,4 @@ class ControlLoop:
         if state.get("estimator") is not None:
             self.estimator = self.estimator or DamageEstimator(total_steps=1, interval=1)
             self.estimator.load_state_dict(state["estimator"])
-            self.batch_stats = True
             self.budget_metric = str(state.get("budget_metric", "loss"))

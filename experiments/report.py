@@ -149,8 +149,9 @@ def sensor_noise(run: dict[str, Any]) -> float:
     """The quality-budget sensor's noise in one run: the std of the change of the predicted final damage
     between consecutive control intervals with no cut in either (NaN without a budget or quiet pairs)."""
     rows = [r for r in run.get("trace") or [] if r.get("final_damage") is not None and r.get("budget")]
-    steps = [b["final_damage"] - a["final_damage"] for a, b in zip(rows, rows[1:])
-             if a["action"] == 0 and b["action"] == 0 and any(r["action"] > 0 for r in rows[: rows.index(a)])]
+    first_cut = next((i for i, r in enumerate(rows) if r["action"] > 0), len(rows))
+    steps = [b["final_damage"] - a["final_damage"] for a, b in zip(rows[first_cut + 1:], rows[first_cut + 2:])
+             if a["action"] == 0 and b["action"] == 0]
     return statistics.pstdev(steps) if len(steps) >= 2 else math.nan
 
 
@@ -165,7 +166,7 @@ def budget_table(stats: list[dict[str, Any]]) -> str:
             continue
         budget = runs[0]["trace"][-1]["budget"]
         points = runs[0]["trace"][-1].get("budget_metric") == "error"  # absolute error rate: accuracy points
-        noise = _stats([sensor_noise(r) / budget for r in runs if not math.isnan(sensor_noise(r))])
+        noise = _stats([n / budget for n in map(sensor_noise, runs) if not math.isnan(n)])
         lines.append("| " + " | ".join([
             g["label"], f"{100 * budget:g} pt of error" if points else f"{100 * budget:g}% of loss",
             _pm(*g["d_loss"], "+.2f"), _pm(*g["d_acc"], "+.2f"),

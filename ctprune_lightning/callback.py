@@ -28,7 +28,6 @@ from typing_extensions import override
 
 from .checkpoint import CTPRUNE_KEY, install_checkpoint_hooks, make_spec
 from .controllers import Controller, build_controller
-from .controllers.budget import BUDGET_CONTROLLERS, budget_controller
 from .controllers.base import check_number
 from .importance import Importance, build_importance
 from .loop import BUDGET_METRICS, ControlLoop, default_loss
@@ -128,9 +127,6 @@ class ControlPruning(Callback):
         if budget_metric not in BUDGET_METRICS:
             raise ValueError(f"ControlPruning: `budget_metric` must be one of {', '.join(BUDGET_METRICS)}, "
                              f"got {budget_metric!r}")
-        if budget_metric != "loss" and quality_budget is None:
-            raise ValueError(f"ControlPruning: budget_metric={budget_metric!r} needs a quality_budget "
-                             "(e.g. quality_budget=0.003 for 0.3 points of error)")
         self.probe_data, self.budget_metric = probe_data, budget_metric
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("start_step", start_step, 0),
                                  ("min_width", min_width, 1), ("round_to", round_to, 1),
@@ -144,14 +140,18 @@ class ControlPruning(Callback):
             self.controller = controller
         elif isinstance(controller, str):
             target = check_number("target", DEFAULT_TARGET if target is None else target, 0.0, 1.0, low_open=True)
-            if quality_budget is not None and controller in BUDGET_CONTROLLERS:  # kwargs are the budget loop's
-                self.controller = BUDGET_CONTROLLERS[controller](target, quality_budget, **dict(controller_kwargs or {}))
-            else:
-                self.controller = build_controller(controller, target, **dict(controller_kwargs or {}))
+            self.controller = build_controller(controller, target, **dict(controller_kwargs or {}))
         else:
             raise TypeError(f"ControlPruning: `controller` must be a name or a Controller, got {controller!r}")
-        if quality_budget is not None:  # a Controller instance (e.g. from Hydra): its budget counterpart
-            self.controller = budget_controller(self.controller, quality_budget)
+        if quality_budget is not None:  # the feedback controllers' budget mode (a Controller built with one agrees)
+            if self.controller.budget is None:
+                self.controller.set_budget(quality_budget)
+            elif float(self.controller.budget) != float(quality_budget):
+                raise ValueError(f"ControlPruning: quality_budget={quality_budget!r} disagrees with the controller's "
+                                 f"budget {self.controller.budget!r}; pass one of them (or the same value)")
+        if budget_metric != "loss" and self.controller.budget is None:
+            raise ValueError(f"ControlPruning: budget_metric={budget_metric!r} needs a quality_budget "
+                             "(e.g. quality_budget=0.003 for 0.3 points of error)")
         if isinstance(importance, Importance):
             self.importance = importance
         elif isinstance(importance, str):
@@ -176,6 +176,7 @@ class ControlPruning(Callback):
         self._last_step = -1
         self._refresh = False
         self._rollback: dict[str, Any] | None = None  # CompreSSM rollback mode: the event awaiting validation
+        self._train_loss: list[Any] = []  # the budget sensor's training channel: losses since the last interval
 
     # the loop's state, under the names users and reports read
     groups = property(lambda self: self.loop.groups)
@@ -297,6 +298,10 @@ class ControlPruning(Callback):
         if step == self._last_step:  # accumulating gradients: no optimizer step yet
             return
         self._last_step = step
+        if self.loop.estimator is not None and self.loop.budget_metric == "loss":
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                self._train_loss.append(loss.detach())
         if not self.loop.saturated:
             self.importance.after_optimizer_step(pl_module)
         due = step % self.every_n_steps == 0 or self.controller.due(self._progress(trainer))
@@ -315,8 +320,19 @@ class ControlPruning(Callback):
         else:
             fn(trainer.lightning_module, trainer.optimizers)
 
+    def _train_channel(self, trainer: L.Trainer) -> tuple[float | None, float | None]:
+        """The mean training loss since the last interval (averaged over ranks) and the learning rate now."""
+        if self.loop.estimator is None:
+            return None, None
+        mean = float(torch.stack(self._train_loss).float().mean()) if self._train_loss else math.nan
+        self._train_loss = []
+        mean = self.loop.reduce_mean(mean)
+        lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
+        return (mean if math.isfinite(mean) else None), (None if lr is None else float(lr))
+
     def _control(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        obs = self.loop.observe(pl_module, trainer.global_step, self._progress(trainer))
+        train_loss, lr = self._train_channel(trainer)
+        obs = self.loop.observe(pl_module, trainer.global_step, self._progress(trainer), train_loss, lr)
         plan = self.loop.decide(pl_module, obs, events_allowed=self._rollback is None)
         plan = trainer.strategy.broadcast(plan, src=0)  # rank 0's plan is the one every rank applies
         if plan.keep:

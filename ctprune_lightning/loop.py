@@ -32,7 +32,8 @@ from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import plan_widths, select_units
 from .probe import batch_size, batch_statistics, step_error, step_loss
-from .sensing import DamageEstimator
+from .controllers.sizing import size_cut
+from .sensing import DamageSensor
 from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -76,6 +77,8 @@ class Plan:
 class ControlLoop:
     """Sense, decide and plan; record the effect of each actuation. See the module docstring.
 
+    ``QUANTUM`` is the finest cut (fraction of dense compute) the trial sizing resolves.
+
     Args:
         controller / importance: built objects.
         target: the compute floor ``c*`` (the dense baseline's is 1).
@@ -89,6 +92,8 @@ class ControlLoop:
         flop_view: ``flop_view(model)`` is a context in which ``model`` holds plain (unsharded) modules
             of the same shapes, for FLOP counting without collectives (FSDP2); none by default.
     """
+
+    QUANTUM = 0.005
 
     def __init__(self, controller: Controller, importance: Importance, target: float, *, min_width: int = 8,
                  round_to: int = 1, probe_batches: int = 2, loss_fn: LossFn = default_loss,
@@ -114,7 +119,11 @@ class ControlLoop:
         self.jump: float | None = None
         self.last_u = 0.0
         self.saturated = False  # no further cut possible above the floor: importance tracking stops
-        self.estimator: DamageEstimator | None = None  # the damage sensor of a quality budget (start_budget)
+        self.trials = 0  # trial cuts evaluated at the last decision
+        self.hold_reason = ""  # why the last decision cut less than the controller asked (trial sizing)
+        self.jump_rate: float | None = None  # the last real cut's probe log-jump per unit of compute removed
+        self._train_before: float | None = None  # the training batches' loss just before a planned cut
+        self.estimator: DamageSensor | None = None  # the damage sensor of a quality budget (start_budget)
         self.budget_metric = "loss"  # what the sensor reads: the probe loss, or its error rate
         self._before: tuple[float, float] | None = None  # (probe loss, best) at the last observation
 
@@ -185,8 +194,8 @@ class ControlLoop:
         """
         if metric not in BUDGET_METRICS:
             raise ValueError(f"budget metric must be one of {', '.join(BUDGET_METRICS)}, got {metric!r}")
-        if getattr(self.controller, "budget", None) is not None and self.estimator is None:
-            self.estimator = DamageEstimator(total_steps=max(1, int(total_steps)), interval=interval)
+        if self.controller.budget is not None and self.estimator is None:
+            self.estimator = DamageSensor(total_steps=max(1, int(total_steps)), interval=interval)
         self.budget_metric = metric if self.estimator is not None else "loss"
 
     @property
@@ -249,8 +258,13 @@ class ControlLoop:
                                                self.min_width, self.round_to, floor_flops=floor)
 
     # ------------------------------------------------------------------------------- the control step
-    def observe(self, model: nn.Module, step: int, progress: float) -> Observation:
-        """Sense: compute fraction and the probe-loss damage (every rank)."""
+    def observe(self, model: nn.Module, step: int, progress: float, train_loss: float | None = None,
+                lr: float | None = None) -> Observation:
+        """Sense: compute fraction and the probe-loss damage (every rank).
+
+        ``train_loss`` (the mean training loss of the steps since the last observation, averaged over ranks)
+        and ``lr`` (the learning rate now) feed the budget sensor's second channel and its clock.
+        """
         if isinstance(self.controller, NoneController):  # the dense baseline never acts: no probe to pay for
             return Observation(step=step, progress=progress, compute=self.compute(model), damage=0.0)
         loss = self.probe_loss(model)
@@ -259,7 +273,7 @@ class ControlLoop:
         self.best, self._before = min(best, loss), (loss, best)
         sensed: dict[str, Any] = {}
         if self.estimator is not None:  # quality budget: loss now vs the dense reference now, and at the end
-            self.estimator.observe(step, loss)
+            self.estimator.observe(step, loss, train_loss, lr)
             r = self.estimator.estimate(step)
             damage, final, final_std, damage_std = r["damage"], r["final"], r["final_std"], r["damage_std"]
             if self.budget_metric == "error":  # relative excess of the error rate -> points (a fraction)
@@ -269,32 +283,98 @@ class ControlLoop:
                 damage, damage_std = ref * math.expm1(damage), ref * math.exp(damage) * damage_std
                 final, final_std = ref * math.expm1(final), ref * math.exp(final) * final_std
             sensed = {"final_damage": final, "final_std": final_std, "damage_std": damage_std,
-                      "reference": r["reference"], "rho": r["rho"]}
+                      "reference": r["reference"], "rho": r["rho"], "next_factor": r["next_factor"],
+                      "next_factor_std": r["next_factor_std"]}
+            if self.budget_metric == "error":  # a log-jump of the error rate becomes points at the reference
+                ref = r["reference"]
+                sensed["next_factor"], sensed["next_factor_std"] = ref * r["next_factor"], ref * r["next_factor_std"]
         obs = Observation(step=step, progress=progress, compute=self.compute(model), damage=damage,
                           jump=self.jump, last_action=self.last_u, **sensed)
         self.jump, self.last_u = None, 0.0
         return obs
 
     def decide(self, model: nn.Module, obs: Observation, events_allowed: bool = True) -> Plan:
-        """Decide: the controller's action, planned into kept unit indices per group."""
-        total, per_module = self.flops(model)
-        dense = self.ledger.dense_step_flops
+        """Decide: the controller's action, planned into kept unit indices per group.
+
+        With a ``max_jump`` from the controller (the budget mode), the cut is sized by trial first: the
+        largest cut up to the action whose measured jump on the probe batches fits (:meth:`trial_jump`).
+        """
         u = min(max(0.0, float(self.controller.step(obs))), max(0.0, obs.compute - self.target))
         widths = self.widths(model)
         rule = self.controller.rank_event(obs) if events_allowed else None
         snapshot = False
+        self.trials, self.hold_reason = 0, ""
         if rule is not None:  # CompreSSM event: SSM ranks from the Hankel singular values
             new = self._ssm_ranks(model, widths, rule)
             snapshot = new != widths and self.controller.rollback
         elif u > 0:
-            new = plan_widths(widths, per_module, total, self.groups, (obs.compute - u) * dense, self.min_width,
-                              self.round_to, floor_flops=self.target * dense, reference=self.dense_widths)
+            if self.controller.max_jump is not None:
+                u = self._size_by_trial(model, obs, u, self.controller.max_jump)
+            new = self._plan_widths(model, obs, u) if u > 0 else widths
         else:
             new = widths
-        keep = {g.name: select_units(self._scores(model, g), new[g.name]).tolist()
-                for g in self.groups if new[g.name] != widths[g.name]}
+        keep = self._keep(model, widths, new)
+        if keep and self.estimator is not None and self.held_out:  # the training channel's jump, measured too
+            self._train_before = self.reduce_mean(self._mean_loss(model, self.probe, self.sensor_fn))
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}
         return Plan(step=obs.step, widths=new, keep=keep, requested=u, snapshot=snapshot, spectra=spectra)
+
+    def _plan_widths(self, model: nn.Module, obs: Observation, u: float) -> dict[str, int]:
+        total, per_module = self.flops(model)
+        dense = self.ledger.dense_step_flops
+        return plan_widths(self.widths(model), per_module, total, self.groups, (obs.compute - u) * dense,
+                           self.min_width, self.round_to, floor_flops=self.target * dense,
+                           reference=self.dense_widths)
+
+    def _keep(self, model: nn.Module, widths: Mapping[str, int], new: Mapping[str, int]) -> dict[str, list[int]]:
+        return {g.name: select_units(self._scores(model, g), new[g.name]).tolist()
+                for g in self.groups if new[g.name] != widths[g.name]}
+
+    def _size_by_trial(self, model: nn.Module, obs: Observation, u: float, max_jump: float) -> float:
+        """The largest cut ``<= u`` whose trial jump is at most ``max_jump`` (the loop's reason says when none)."""
+        widths = self.widths(model)
+        seen: dict[tuple[int, ...], float] = {}
+
+        def trial(v: float) -> float:
+            keep = self._keep(model, widths, self._plan_widths(model, obs, v))
+            key = tuple(len(keep.get(g.name, ())) or widths[g.name] for g in self.groups)
+            if key not in seen:
+                seen[key] = self.trial_jump(model, keep) if keep else 0.0
+            return seen[key]
+
+        if self._trial_unavailable(model):  # FSDP2 shards: no trial; the last measured jump rate scales the cut
+            rate = self.jump_rate
+            return u if rate is None else min(u, max_jump / max(rate, 1e-9))
+        sized = size_cut(trial, u, max_jump, quantum=self.QUANTUM)
+        self.trials = len(seen)
+        if sized > 0 and not self._keep(model, widths, self._plan_widths(model, obs, sized)):
+            self.hold_reason = f"the cut that fits (u={sized:.4f}) is below one planner step"
+            return 0.0
+        if sized <= 0:
+            self.hold_reason = (f"trial: the smallest cut tried jumps more than allowed ({max_jump:.4g})")
+        return sized
+
+    @staticmethod
+    def _trial_unavailable(model: nn.Module) -> bool:
+        return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+    @torch.no_grad()
+    def trial_jump(self, model: nn.Module, keep: Mapping[str, Sequence[int]]) -> float:
+        """The probe's immediate log-jump if ``keep`` were cut now: the cut is made on this model, the probe
+        read, and every module put back as it was (same Parameter objects: optimizers, DDP and hooks see no
+        change). Nothing else is touched (no optimizer, no importance)."""
+        before = self._before[0] if self._before is not None else self.probe_loss(model)
+        saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                 for m in model.modules()]
+        try:
+            apply_plan_(model, self.groups, {n: torch.tensor(i, dtype=torch.long) for n, i in keep.items()}, ())
+            after = self.probe_loss(model)
+        finally:
+            for m, attrs, params, buffers, modules in saved:
+                m.__dict__.clear()
+                m.__dict__.update(attrs)
+                m.__dict__.update(_parameters=params, _buffers=buffers, _modules=modules)
+        return math.log(max(after, 1e-12) / max(before, 1e-12))
 
     def apply_(self, model: nn.Module, plan: Plan, optimizers: Sequence[Any]) -> None:
         """Actuate ``plan`` on this rank's (unwrapped) model; the importance follows the cut."""
@@ -310,9 +390,16 @@ class ControlLoop:
             before, best = self._before if self._before is not None else (self.probe_loss(model),) * 2
             after = self.probe_loss(model)
             self.jump = (after - before) if self.budget_metric == "error" else (after - before) / max(best, 1e-12)
-            if self.estimator is not None:
-                self.estimator.add_cut(plan.step, math.log(max(after, 1e-12) / max(before, 1e-12)))
             self.last_u = obs.compute - compute
+            log_jump = math.log(max(after, 1e-12) / max(before, 1e-12))
+            self.jump_rate = log_jump / self.last_u if self.last_u > 1e-9 else self.jump_rate
+            if self.estimator is not None:
+                train_jump = None
+                if self._train_before is not None:
+                    train_after = self.reduce_mean(self._mean_loss(model, self.probe, self.sensor_fn))
+                    train_jump = math.log(max(train_after, 1e-12) / max(self._train_before, 1e-12))
+                    self._train_before = None
+                self.estimator.add_cut(plan.step, log_jump, train_jump)
             self.history.append({"step": plan.step, "widths": dict(plan.widths), "compute": compute}
                                 | ({"hankel_spectra": plan.spectra} if plan.spectra else {}))
             self.update_saturation(model)
@@ -320,9 +407,10 @@ class ControlLoop:
                "action": self.last_u, "requested": plan.requested, "widths": self.widths(model)}
         if self.estimator is not None:
             row |= {"damage_std": obs.damage_std, "final_damage": obs.final_damage, "final_std": obs.final_std,
-                    "reference": obs.reference, "rho": obs.rho, "budget": getattr(self.controller, "budget", None),
-                    "budget_metric": self.budget_metric,
-                    "reason": getattr(self.controller, "reason", "")}
+                    "reference": obs.reference, "rho": obs.rho, "budget": self.controller.budget,
+                    "budget_metric": self.budget_metric, "next_factor": obs.next_factor,
+                    "max_jump": self.controller.max_jump, "trials": self.trials,
+                    "reason": self.hold_reason or self.controller.reason}
         self.trace.append(row)
         return row
 
@@ -385,6 +473,7 @@ class ControlLoop:
             "best": self.best,
             "jump": self.jump,
             "last_u": self.last_u,
+            "jump_rate": self.jump_rate,
             "estimator": None if self.estimator is None else self.estimator.state_dict(),
             "budget_metric": self.budget_metric,
         }
@@ -399,10 +488,12 @@ class ControlLoop:
         self.best = state.get("best")
         self.jump = state.get("jump")
         self.last_u = float(state.get("last_u", 0.0))
+        rate = state.get("jump_rate")
+        self.jump_rate = None if rate is None else float(rate)
         self.probe = list(state.get("probe", []))
         self.held_out = list(state.get("held_out", []))
         self.ref_batch = int(state.get("ref_batch", 1))
         if state.get("estimator") is not None:
-            self.estimator = self.estimator or DamageEstimator(total_steps=1, interval=1)
+            self.estimator = self.estimator or DamageSensor(total_steps=1, interval=1)
             self.estimator.load_state_dict(state["estimator"])
             self.budget_metric = str(state.get("budget_metric", "loss"))

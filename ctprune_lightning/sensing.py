@@ -1,34 +1,49 @@
 """The damage sensor: how much worse the run is now, and will end, than the dense run would be.
 
-"Loss vs the best loss seen" reads 0 while cutting and jumps with noise otherwise. This sensor instead
-models the probe loss of the run itself, in log space, as the dense reference trajectory plus the
-effect of the cuts, whose immediate size is known exactly (the probe loss just before and just after
-each surgery, same weights otherwise)::
+The sensor models two channels of the run in log space, each as *the dense reference curve plus the
+effect of the cuts*, whose immediate size is measured exactly (the loss on fixed batches just before
+and just after each surgery, same weights otherwise):
 
-    y_k = log L_k = f(t_k) + Σ_j s_j · [ρ + (1 − ρ) · a^((t_k − t_j) / Δ)] + ε_k
-    f(t) = θ0 + θ1 · log t + θ2 · t / T + θ3 · Δ / t          (the dense reference, unobserved)
+* the held-out probe loss ``y_k`` (noisy: 0.5–5% per reading on real runs), read at each interval;
+* the training loss averaged over the steps since the last reading ``z_k`` (free, and lower noise).
 
-``s_j`` is the measured log-jump of cut j at step ``t_j``; a cut's damage recovers at rate ``a`` per
-``Δ`` steps down to a persistent fraction ``ρ``. For each ``a`` on a grid the model is linear in
-``(ρ, θ)`` and is solved by least squares over the last ``window`` observations (the trend need only
-hold locally), with a Gaussian prior on ``ρ`` (default ``ρ ~ N(1, 0.5²)``: a cut is assumed to
-persist until recovery is seen). The grid points are averaged with weights ``exp(−cost/2)`` (their
-penalised residual and noise): where the data cannot tell a fast recovery from a persistent level
-shift, the readings keep both and the spread shows in ``final_std`` instead of one fit winning on noise.
+::
+
+    y_k = f_p(τ_k) + Σ_j s_j  · [ρ_j + (1 − ρ_j) · a^((t_k − t_j) / Δ)] + ε_k
+    z_k = f_z(τ_k) + Σ_j s'_j · [ρ_j + (1 − ρ_j) · a^((t_k − t_j) / Δ)] + ε'_k
+    f(τ) = θ0 + θ1 · lr(t) / lr_max + θ2 · τ^(−1/2) + θ3 / τ
+
+The dense reference ``f`` is a learning curve in learning-rate-area time ``τ = Σ lr`` (a saturating power
+law in ``τ``, an annealing term that falls with the learning rate of cosine / OneCycle schedules, an early
+transient; on simulated curves ``log(L∞ + A τ^−α)`` this basis told recovery from trend better than one
+with ``log τ``, which bends the reference under a persistent cut), fitted jointly with the cuts on every reading of the run: before the first cut it is all
+the data says, afterwards it is the prior the cuts are measured against. ``s_j`` / ``s'_j`` are cut
+j's measured log-jumps on the probe / training batches; the damage recovers at rate ``a`` per ``Δ``
+steps down to a persistent fraction ``ρ_j``, one per cut, under a shared (hierarchical) prior
+``ρ_j = μ + δ_j``, ``μ ~ N(rho_mean, rho_mean_std²)``, ``δ_j ~ N(0, rho_spread²)``: what early cuts
+teach carries to later ones, and a cut's own readings move its own ``ρ_j``.
+
+For each ``a`` on a grid the model is linear and Gaussian in ``(ρ, θ)``: an exact Bayesian posterior
+and its evidence. The grid points are averaged by evidence, so where the data cannot tell a fast
+recovery from a persistent shift the reading keeps both and its spread shows in ``final_std``. Noise
+is estimated from the residuals of each channel and inflated for their lag-1 autocorrelation
+(``(1 + φ) / (1 − φ)``), since readings a few steps apart share most of their error. Nothing is
+frozen: every reading updates every cut's ``ρ_j``, so ``final_std`` shrinks with evidence.
+
 Reported, all relative (log-ratio ≈ relative excess):
 
-* ``damage``: the cuts' effect now, ``Σ_j s_j [ρ + (1 − ρ) a^τ_kj]`` — loss now vs the dense reference now;
-* ``final``: the same at the end of training ``T`` (what the quality budget is compared with);
-* ``final_std``: its standard deviation over the mixture and the posterior of ``ρ``; cuts that happened
-  to lower the loss do not cancel the uncertainty of those that raised it (``Σ |s_j|``);
-* ``reference``: ``exp f(t_k)``, the estimated dense loss now (best grid point; before the trend is
-  fitted, the last reading with the cuts' jumps taken out).
+* ``damage`` / ``damage_std``: the cuts' effect now — loss now vs the dense reference now;
+* ``final`` / ``final_std``: the same at the end of training ``T`` (what a quality budget is judged on);
+* ``next_factor`` / ``next_factor_std``: the final damage per unit of immediate log-jump of a cut made
+  now (the predictive ``ρ`` of a new cut, with the recovery still to come before ``T``);
+* ``reference``: ``exp f_p(τ_k)``, the estimated dense probe loss now; ``rho``: the posterior mean of ``μ``.
 
 Example::
 
-    est = DamageEstimator(total_steps=1000, interval=20)
-    est.observe(step=20, loss=2.1); ...; est.add_cut(step=100, log_jump=0.03)
-    est.estimate(step=200)    # {"damage": ..., "final": ..., "final_std": ..., "reference": ..., ...}
+    sensor = DamageSensor(total_steps=1000, interval=20)
+    sensor.observe(step=20, loss=2.1, train_loss=2.2, lr=1e-3); ...
+    sensor.add_cut(step=100, log_jump=0.03, train_log_jump=0.02)
+    sensor.estimate(step=200)    # {"damage": ..., "final": ..., "final_std": ..., "next_factor": ..., ...}
 """
 
 from __future__ import annotations
@@ -38,152 +53,215 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["DamageEstimator"]
+__all__ = ["DamageSensor", "RECOVERY_GRID"]
 
-RECOVERY_GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
-RHO_MAX = 1.5  # a cut's damage may grow after it (the net loses capacity it would have used), within reason
+#: recovery per control interval: 0 heals at once, 0.995 keeps 60% after 100 intervals
+RECOVERY_GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
+N_BUMPS = 6  # smooth bumps in log τ: the reference's departures from the parametric curve (a GP-like prior)
+BUMP_STD = 0.03  # how far (in log-loss) the dense curve may depart from the parametric shape, per bump
+N_TREND = 4 + N_BUMPS  # θ of one channel
+TREND_STD = (10.0,) * 4 + (BUMP_STD,) * N_BUMPS  # prior std of the level, the shape terms and the bumps
+NOISE_PRIOR = 0.03  # a channel's noise std before its residuals can tell (3% per reading)
+PHI_MAX = 0.9
+RHO_MAX = 3.0  # a cut's damage may grow after it: the net loses capacity it would have used (MLP: 2.6x the jumps)
 
 
-class DamageEstimator:
-    """Online least-squares fit of the probe-loss history (see the module docstring).
+class DamageSensor:
+    """Bayesian fit of the probe- and training-loss histories (see the module docstring).
 
     Args:
-        total_steps: the run's optimizer steps ``T`` (for the final damage).
-        interval: steps per control interval ``Δ`` (the unit of the recovery rate).
-        rho_prior / rho_prior_std: the Gaussian prior on the persistent fraction ``ρ``.
-        min_points: below this many observations the trend is not fitted and every cut is taken
-            as persistent (``ρ = rho_prior``).
-        window: observations the fit uses; once the cuts have left it, their last estimate of
-            ``(ρ, a)`` is kept (later data carry no news about them).
+        total_steps: the run's optimizer steps ``T`` (the final damage is read there).
+        interval: steps per control interval ``Δ`` (the unit of the recovery rate ``a``).
+        rho_mean / rho_mean_std: the prior on the shared persistent fraction ``μ``.
+        rho_spread: how far one cut's ``ρ_j`` may stray from ``μ``.
     """
 
-    def __init__(self, total_steps: int, interval: int, rho_prior: float = 1.0, rho_prior_std: float = 0.5,
-                 min_points: int = 6, window: int = 30) -> None:
-        if total_steps < 1 or interval < 1:
-            raise ValueError(f"DamageEstimator: total_steps and interval must be >= 1, got {total_steps}, {interval}")
-        if rho_prior_std <= 0:
-            raise ValueError(f"DamageEstimator: rho_prior_std must be > 0, got {rho_prior_std}")
+    def __init__(self, total_steps: int, interval: int, rho_mean: float = 1.0, rho_mean_std: float = 0.6,
+                 rho_spread: float = 0.3, window: int = 40) -> None:
+        if int(total_steps) < 1 or int(interval) < 1:
+            raise ValueError(f"DamageSensor: total_steps and interval must be >= 1, got {total_steps}, {interval}")
+        if rho_mean_std <= 0 or rho_spread <= 0:
+            raise ValueError(f"DamageSensor: rho_mean_std and rho_spread must be > 0, got {rho_mean_std}, {rho_spread}")
         self.total_steps, self.interval = int(total_steps), int(interval)
-        self.rho_prior, self.rho_prior_std, self.min_points = float(rho_prior), float(rho_prior_std), int(min_points)
+        self.rho_mean, self.rho_mean_std, self.rho_spread = float(rho_mean), float(rho_mean_std), float(rho_spread)
         self.window = int(window)
-        self.steps: list[int] = []
-        self.losses: list[float] = []
-        self.cuts: list[tuple[int, float]] = []  # (step, log-jump)
-        self._posterior: list[tuple[float, float, float, float]] | None = None  # [(weight, ρ, var ρ, a)]: the last
-        # mixture fitted while a cut was in view
+        self.readings: list[tuple[int, float, float | None, float | None]] = []  # (step, log y, log z, lr)
+        self.cuts: list[tuple[int, float, float]] = []  # (step, probe log-jump, training log-jump)
 
     # ------------------------------------------------------------------------------------ data
-    def observe(self, step: int, loss: float) -> None:
-        """The probe loss at ``step`` (before any cut at that step). Non-finite losses are ignored."""
-        if math.isfinite(loss) and loss > 0:
-            self.steps.append(int(step))
-            self.losses.append(float(loss))
+    def observe(self, step: int, loss: float, train_loss: float | None = None, lr: float | None = None) -> None:
+        """The probe loss at ``step`` (before any cut there), the mean training loss of the steps since
+        the last reading, and the learning rate now. Non-finite or non-positive losses are ignored."""
+        if not (math.isfinite(loss) and loss > 0):
+            return
+        z = math.log(train_loss) if train_loss is not None and math.isfinite(train_loss) and train_loss > 0 else None
+        rate = float(lr) if lr is not None and math.isfinite(lr) and lr > 0 else None
+        self.readings.append((int(step), math.log(loss), z, rate))
 
-    def add_cut(self, step: int, log_jump: float) -> None:
-        """A surgery at ``step`` raised the probe loss by the factor ``exp(log_jump)`` at once."""
+    def add_cut(self, step: int, log_jump: float, train_log_jump: float | None = None) -> None:
+        """A surgery at ``step`` raised the probe loss by ``exp(log_jump)`` (the training batches' loss by
+        ``exp(train_log_jump)``; the probe's jump when not measured) at once."""
         if math.isfinite(log_jump):
-            self.cuts.append((int(step), float(log_jump)))
+            tj = log_jump if train_log_jump is None or not math.isfinite(train_log_jump) else train_log_jump
+            self.cuts.append((int(step), float(log_jump), float(tj)))
 
     # ------------------------------------------------------------------------------------ model
-    def _features(self, t: np.ndarray) -> np.ndarray:
-        t = np.maximum(t.astype(float), 1.0)
-        u = t / self.total_steps
-        return np.stack([np.ones_like(t), np.log(t), u, self.interval / t], axis=1)
+    def _times(self) -> tuple[np.ndarray, np.ndarray]:
+        """Learning-rate-area time ``τ`` (in intervals at the peak learning rate, at least 1) and ``lr / lr_max``
+        per reading (the unit keeps the trend's coefficients of order one under their prior)."""
+        steps = np.array([r[0] for r in self.readings], dtype=float)
+        lrs = np.array([r[3] if r[3] is not None else np.nan for r in self.readings])
+        if np.all(np.isnan(lrs)):
+            return np.maximum(steps / self.interval, 1.0), np.ones_like(steps)
+        lrs = np.where(np.isnan(lrs), np.nanmax(lrs), lrs) / np.nanmax(lrs)
+        widths = np.diff(np.concatenate([[0.0], steps]))
+        return np.maximum(np.cumsum(widths * lrs) / self.interval, 1.0), lrs
 
-    def _cut_terms(self, t: np.ndarray, a: float, absolute: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``(Σ s_j a^τ, Σ s_j (1 − a^τ))`` at each time, over the cuts made before it (``|s_j|``: absolute)."""
-        recovering, persistent = np.zeros(len(t)), np.zeros(len(t))
-        for tj, s in self.cuts:
-            s = abs(s) if absolute else s
-            tau = (t - tj) / self.interval
-            on = tau > 0
-            decay = np.where(on, np.power(a, np.maximum(tau, 0.0)), 0.0)
-            recovering += np.where(on, s * decay, 0.0)
-            persistent += np.where(on, s * (1.0 - decay), 0.0)
-        return recovering, persistent
+    def _trend(self, tau: np.ndarray, lr: np.ndarray) -> np.ndarray:
+        """The reference's features: level, annealing, power law, early transient, and smooth bumps in log τ
+        spread over the run (their small prior lets the curve depart from the parametric shape, at a price:
+        a persistent cut and a bend of the reference can then trade places, and ``final_std`` says so)."""
+        x = np.log(tau)
+        centres = np.linspace(0.0, math.log(max(self.total_steps / self.interval, 2.0)), N_BUMPS)
+        width = centres[1] - centres[0]
+        bumps = np.exp(-0.5 * ((x[:, None] - centres[None, :]) / width) ** 2)
+        return np.column_stack([np.ones_like(tau), lr, tau ** -0.5, 1.0 / tau, bumps])
 
-    def _fit(self, a: float) -> tuple[float, np.ndarray, np.ndarray, float]:
-        """Penalised LS for one recovery rate: (cost, coefficients [ρ, θ...], covariance, noise variance)."""
-        t = np.asarray(self.steps[-self.window:], dtype=float)  # the trend need only hold locally
-        y = np.log(np.asarray(self.losses[-self.window:]))
-        recovering, persistent = self._cut_terms(t, a)
-        X = np.column_stack([persistent, self._features(t)])
-        n = X.shape[1]
-        target = y - recovering
-        # prior rows: the prior on ρ, a weak ridge on the trend (keeps it determined early)
-        prior_X = np.vstack([np.eye(n)[:1] / self.rho_prior_std, 1e-3 * np.eye(n)[1:]])
-        prior_y = np.concatenate([[self.rho_prior / self.rho_prior_std], np.zeros(n - 1)])
-        coef0, *_ = np.linalg.lstsq(X, target, rcond=None)
-        noise = max(float(np.sum((target - X @ coef0) ** 2)) / max(1, len(y) - n), 1e-10)
-        A = np.vstack([X / math.sqrt(noise), prior_X])
-        b = np.concatenate([target / math.sqrt(noise), prior_y])
-        coef, *_ = np.linalg.lstsq(A, b, rcond=None)
-        cov = np.linalg.pinv(A.T @ A)
-        cost = float(np.sum((A @ coef - b) ** 2)) + len(y) * math.log(noise)
-        return cost, coef, cov, noise
+    def _decay(self, t: np.ndarray, a: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(on, a^((t − t_j)/Δ))`` per reading × cut (0 before the cut)."""
+        tj = np.array([c[0] for c in self.cuts], dtype=float)
+        tau = (t[:, None] - tj[None, :]) / self.interval
+        on = (tau > 0).astype(float)
+        return on, on * np.power(a, np.maximum(tau, 0.0))
 
-    def _mixture(self) -> tuple[list[tuple[float, float, float, float]], np.ndarray, float, float]:
-        """Fits over the recovery grid, weighted by their evidence: ``[(weight, ρ, var ρ, a)]``, the best
-        fit's coefficients, its noise variance and its recovery rate."""
-        fits = [(self._fit(a), a) for a in RECOVERY_GRID]
-        costs = np.array([f[0] for f, _ in fits])
-        weights = np.exp(-(costs - costs.min()) / 2.0)
-        weights /= weights.sum()
-        components = [(float(w), min(max(float(coef[0]), 0.0), RHO_MAX), float(cov[0, 0]), a)  # never heals past 0
-                      for w, ((_, coef, cov, _), a) in zip(weights, fits)]
-        (_, coef, _, noise), a = fits[int(np.argmin(costs))]
-        return components, coef, noise, a
+    def _prior(self, n_cuts: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and covariance of ``[ρ_1 .. ρ_n, ρ_new, θ_probe, θ_train]``."""
+        m = n_cuts + 1
+        cov_rho = self.rho_spread ** 2 * np.eye(m) + self.rho_mean_std ** 2 * np.ones((m, m))
+        p = m + 2 * N_TREND
+        mean, cov = np.zeros(p), np.diag(np.concatenate([[1.0] * m, TREND_STD, TREND_STD])) ** 2
+        mean[:m], cov[:m, :m] = self.rho_mean, cov_rho
+        return mean, cov
+
+    def _design(self, a: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of both channels: ``X β = target``, with each row's channel (0 probe, 1 training)."""
+        steps = np.array([r[0] for r in self.readings], dtype=float)
+        tau, lr = self._times()
+        trend = self._trend(tau, lr)
+        keep = slice(max(0, len(steps) - self.window), None)  # the trend need only hold locally
+        steps, tau, lr, trend = steps[keep], tau[keep], lr[keep], trend[keep]
+        readings = self.readings[keep]
+        n = len(self.cuts)
+        rows, targets, channel = [], [], []
+        for ch, (times, values, jumps) in enumerate((
+                (steps, np.array([r[1] for r in readings]), np.array([c[1] for c in self.cuts])),
+                (steps - self.interval / 2.0, np.array([np.nan if r[2] is None else r[2] for r in readings]),
+                 np.array([c[2] for c in self.cuts])))):
+            ok = np.isfinite(values)
+            if not ok.any():
+                continue
+            on, decay = self._decay(times[ok], a) if n else (np.zeros((ok.sum(), 0)),) * 2
+            X = np.zeros((int(ok.sum()), n + 1 + 2 * N_TREND))
+            X[:, :n] = jumps[None, :] * (on - decay)  # the persistent part, coefficient ρ_j
+            X[:, n + 1 + ch * N_TREND: n + 1 + (ch + 1) * N_TREND] = trend[ok]
+            rows.append(X)
+            targets.append(values[ok] - (decay @ jumps if n else 0.0))  # the recovering part is known given a
+            channel.append(np.full(int(ok.sum()), ch))
+        return np.vstack(rows), np.concatenate(targets), np.concatenate(channel)
+
+    @staticmethod
+    def _posterior(X: np.ndarray, y: np.ndarray, w: np.ndarray, mean0: np.ndarray, cov0: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Gaussian posterior of ``β`` for rows weighted ``w = 1/σ²``, and the log evidence."""
+        prec0 = np.linalg.inv(cov0)
+        prec = prec0 + X.T @ (X * w[:, None])
+        cov = np.linalg.inv(prec)
+        cov = 0.5 * (cov + cov.T)
+        mean = cov @ (prec0 @ mean0 + X.T @ (w * y))
+        r = y - X @ mean
+        d = mean - mean0
+        logdet0, logdet = np.linalg.slogdet(cov0)[1], np.linalg.slogdet(cov)[1]
+        evidence = -0.5 * (np.sum(w * r * r) + d @ prec0 @ d - np.sum(np.log(w)) + logdet0 - logdet)
+        return mean, cov, float(evidence)
+
+    def _noise(self, X: np.ndarray, y: np.ndarray, channel: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        """Per-row noise variance: each channel's residual variance, inflated for its autocorrelation."""
+        r = y - X @ mean
+        var = np.empty(len(y))
+        for ch in (0, 1):
+            sel = channel == ch
+            k = int(sel.sum())
+            if not k:
+                continue
+            dof = k - 5
+            if dof < 3:
+                var[sel] = NOISE_PRIOR ** 2
+                continue
+            rc = r[sel]
+            phi = float(np.clip(np.sum(rc[1:] * rc[:-1]) / max(np.sum(rc * rc), 1e-30), 0.0, PHI_MAX))
+            var[sel] = max(float(np.sum(rc * rc)) / dof, 1e-8) * (1 + phi) / (1 - phi)
+        return var
+
+    def _fit(self, a: float) -> tuple[np.ndarray, np.ndarray, float]:
+        X, y, channel = self._design(a)
+        mean0, cov0 = self._prior(len(self.cuts))
+        var = np.where(channel == 0, NOISE_PRIOR ** 2, NOISE_PRIOR ** 2)
+        for _ in range(2):  # noise from the residuals of the fit, then the fit under that noise
+            mean, cov, ev = self._posterior(X, y, 1.0 / var, mean0, cov0)
+            var = self._noise(X, y, channel, mean)
+        mean, cov, ev = self._posterior(X, y, 1.0 / var, mean0, cov0)
+        return mean, cov, ev
 
     def estimate(self, step: int) -> dict[str, Any]:
         """The sensor's reading at ``step`` (plain floats)."""
-        step = int(step)
-        jumps = sum(s for _, s in self.cuts)
-        if not self.cuts:
-            ref = self.losses[-1] if self.losses else float("nan")
-            return {"damage": 0.0, "final": 0.0, "final_std": 0.0, "damage_std": 0.0, "reference": ref,
-                    "rho": self.rho_prior, "recovery": None, "jumps": 0.0}
-        if len(self.steps) < self.min_points:  # too little history: every cut persists
-            rho = self.rho_prior
-            spread = sum(abs(s) for _, s in self.cuts) * self.rho_prior_std  # jumps of both signs do not cancel
-            ref = self.losses[-1] * math.exp(-jumps)  # the last reading without the cuts: no trend fitted yet
-            return {"damage": jumps, "final": jumps * rho, "final_std": spread, "damage_std": spread,
-                    "reference": ref, "rho": rho, "recovery": None, "jumps": jumps}
-        components, coef, noise, best_a = self._mixture()
-        start = self.steps[-self.window:][0]
-        if any(tj > start for tj, _ in self.cuts):  # a cut's transient is in view: its (ρ, a) is news
-            self._posterior = components
-        elif self._posterior is not None:  # cuts have left the window: keep what they taught
-            components = self._posterior
+        n = len(self.cuts)
+        jumps = np.array([c[1] for c in self.cuts], dtype=float)
+        remaining = max(self.total_steps - int(step), 0) / self.interval
+        if not self.readings:
+            return {"damage": 0.0, "damage_std": 0.0, "final": 0.0, "final_std": 0.0, "reference": float("nan"),
+                    "rho": self.rho_mean, "recovery": None, "jumps": 0.0, "next_factor": self.rho_mean,
+                    "next_factor_std": self.rho_mean_std}
+        fits = [(self._fit(a), a) for a in RECOVERY_GRID]
+        ev = np.array([f[0][2] for f in fits])
+        weights = np.exp(ev - ev.max())
+        weights /= weights.sum()
         now, end = np.array([float(step)]), np.array([float(self.total_steps)])
-        damage, final, final_sq, rho = 0.0, 0.0, 0.0, 0.0
-        damage_sd = 0.0
-        for w, rho_i, var_i, a in components:  # the mixture's moments
-            rec_now, per_now = (v[0] for v in self._cut_terms(now, a))
-            rec_end, per_end = (v[0] for v in self._cut_terms(end, a))
-            spread_now, spread_end = (self._cut_terms(x, a, absolute=True)[1][0] for x in (now, end))
-            f = rec_end + rho_i * per_end
-            damage += w * (rec_now + rho_i * per_now)
-            final += w * f
-            final_sq += w * (f * f + spread_end ** 2 * var_i)
-            rho += w * rho_i
-            damage_sd += w * spread_now * math.sqrt(var_i)
-        reference = float(math.exp(float(self._features(now)[0] @ coef[1:])))
-        final_std = math.sqrt(max(final_sq - final * final, 0.0))
-        return {"damage": float(damage), "final": float(final), "final_std": final_std,
-                "damage_std": float(math.sqrt(damage_sd ** 2 + noise)), "reference": reference,
-                "rho": float(rho), "recovery": best_a, "jumps": float(jumps)}
+        moments = np.zeros((4, 2))  # (damage, final, next factor, μ) × (mean, second moment)
+        for w, ((mean, cov, _), a) in zip(weights, fits):
+            rho, cov_rho = np.clip(mean[:n + 1], 0.0, RHO_MAX), cov[:n + 1, :n + 1]  # never heals past 0
+            values = []
+            for t in (now, end):
+                if n:
+                    on, decay = (v[0] for v in self._decay(t, a))
+                    g = np.concatenate([jumps * (on - decay), [0.0]])
+                    values.append((float(jumps @ decay + g @ rho), float(g @ cov_rho @ g)))
+                else:
+                    values.append((0.0, 0.0))
+            heal = a ** remaining
+            values.append((heal + (1 - heal) * float(rho[n]), (1 - heal) ** 2 * float(cov_rho[n, n])))
+            e = np.full(n + 1, 1.0 / (n + 1))  # the shared μ: the mean of the ρ's, new cut included
+            values.append((float(e @ rho), float(e @ cov_rho @ e)))
+            for i, (mu, var) in enumerate(values):
+                moments[i] += w * np.array([mu, var + mu * mu])
+        stds = np.sqrt(np.maximum(moments[:, 1] - moments[:, 0] ** 2, 0.0))
+        (mean, _, _), best_a = fits[int(np.argmax(ev))]
+        tau, lr = self._times()
+        reference = float(np.exp(self._trend(tau[-1:], lr[-1:])[0] @ mean[n + 1:n + 1 + N_TREND]))
+        X, y, channel = self._design(best_a)
+        probe_noise = float(np.sqrt(np.mean(self._noise(X, y, channel, mean)[channel == 0])))
+        return {"damage": float(moments[0, 0]), "damage_std": float(math.hypot(stds[0], probe_noise)),
+                "final": float(moments[1, 0]), "final_std": float(stds[1]), "reference": reference,
+                "rho": float(moments[3, 0]), "recovery": best_a, "jumps": float(jumps.sum()),
+                "next_factor": float(max(moments[2, 0], 0.0)), "next_factor_std": float(stds[2])}
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": list(self.steps), "losses": list(self.losses), "cuts": [list(c) for c in self.cuts],
-                "total_steps": self.total_steps, "interval": self.interval,
-                "posterior": None if self._posterior is None else [list(c) for c in self._posterior]}
+        return {"total_steps": self.total_steps, "interval": self.interval,
+                "readings": [list(r) for r in self.readings], "cuts": [list(c) for c in self.cuts]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.total_steps = int(state.get("total_steps", self.total_steps))
         self.interval = int(state.get("interval", self.interval))
-        post = state.get("posterior")
-        self._posterior = None if post is None else [tuple(float(v) for v in c) for c in post]
-        self.steps = [int(s) for s in state.get("steps", [])]
-        self.losses = [float(v) for v in state.get("losses", [])]
-        self.cuts = [(int(s), float(j)) for s, j in state.get("cuts", [])]
+        self.readings = [(int(s), float(y), None if z is None else float(z), None if lr is None else float(lr))
+                         for s, y, z, lr in state.get("readings", [])]
+        self.cuts = [(int(s), float(j), float(tj)) for s, j, tj in state.get("cuts", [])]

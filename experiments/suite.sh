@@ -65,6 +65,8 @@ suite() {  # suite OVERRIDES...: every group of one task (a group's own override
   run pid "$@" controller=pid
   run gmp "$@" controller=gmp pruning.target=0.25,0.35,0.5
   run gmp_mild "$@" controller=gmp pruning.target=0.75,0.9   # the fixed targets a cautious user would pick
+  # the rest of the sweep over fixed targets 0.1, 0.2, ..., 0.9 (with gmp's 0.5 and gmp_mild's 0.9): the hindsight oracle
+  run gmp_sweep "$@" controller=gmp pruning.target=0.1,0.2,0.3,0.4,0.6,0.7,0.8
   run linear "$@" controller=linear
   run budget "$@" controller=lqr pruning.quality_budget=0.01 pruning.target=0.1
   run budget_pid "$@" controller=pid pruning.quality_budget=0.01 pruning.target=0.1

@@ -45,6 +45,8 @@ class Observation:
             training and its standard deviation, the current damage's, the estimated dense loss now,
             and the persistent fraction of a cut's damage; ``damage`` is then the sensor's current
             damage (loss now vs the dense reference now). ``None`` / ``0.0`` without a budget.
+        next_factor / next_factor_std: the sensor's final damage per unit of immediate log-jump of a
+            cut made now (how much of it will persist), and its standard deviation.
     """
 
     step: int
@@ -58,6 +60,8 @@ class Observation:
     damage_std: float = 0.0
     reference: float | None = None
     rho: float | None = None
+    next_factor: float | None = None
+    next_factor_std: float = 0.0
 
 
 def check_number(
@@ -116,6 +120,13 @@ class Controller(ABC):
     """
 
     name: str = "base"
+    #: the quality budget this controller runs on (``None``: it drives compute to ``target``); see :meth:`set_budget`
+    budget: float | None = None
+    #: why the last :meth:`step` held back (empty when it cut)
+    reason: str = ""
+    #: the largest immediate log-jump the cut asked for by the last :meth:`step` may cause (``None``: no limit);
+    #: the loop sizes the cut by trial under it
+    max_jump: float | None = None
     #: undo an event that made the validation metric ``rollback_monitor`` worse (see :meth:`worse`)
     rollback: bool = False
     rollback_monitor: str | None = None
@@ -127,6 +138,14 @@ class Controller(ABC):
     @abstractmethod
     def step(self, obs: Observation) -> float:
         """Return ``u_k >= 0``, the fraction of dense compute to remove this interval."""
+
+    def set_budget(self, budget: float) -> None:
+        """Run on a quality budget instead of a compute target (``target`` becomes the floor).
+
+        Only the feedback controllers (``lqr``, ``pid``) have a budget mode; the others raise ``ValueError``.
+        """
+        raise ValueError(f"quality_budget={budget!r} needs controller 'lqr' or 'pid' (the feedback controllers), "
+                         f"got {self.name!r}")
 
     def due(self, progress: float) -> bool:
         """Whether the controller wants a control interval now, between the regular ones."""

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .base import Controller, Observation, cap_action, check_number, sanitize_damage
+from .budget import BudgetModeMixin, slack_gain
 from .plant import PlantEstimator, linear_system
 
 __all__ = ["solve_dare", "lqr_gain", "LQRController"]
@@ -97,7 +98,7 @@ def lqr_gain(A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndarray) -> np.n
     return np.linalg.solve(R + B.T @ P @ B, B.T @ P @ A)
 
 
-class LQRController(Controller):
+class LQRController(BudgetModeMixin, Controller):
     """Adaptive LQR on ``x = [c - c*, d]`` (certainty equivalence with :class:`PlantEstimator`).
 
     Each :meth:`step`: (1) update the ``(a, b)`` estimate from ``(d_{k-1}, u_{k-1}, d_k, jump)``,
@@ -113,6 +114,10 @@ class LQRController(Controller):
         forgetting: RLS forgetting factor in ``(0, 1]``.
         deadband: no cut while ``e < deadband``, ``>= 0``.
         resolve_tol: relative plant change that triggers a new Riccati solve, ``>= 0``.
+        budget: a quality budget (:mod:`.budget`): the controller then spends the budget's slack instead of
+            driving compute to ``target`` (the floor); ``margin``, ``warmup``, ``max_rate`` are that mode's
+            chance-constraint width, warm-up and rate cap (in training progress), and ``slack_q`` /
+            ``slack_r`` the LQR weights of its slack integrator (``slack_r / slack_q`` small: spend fast).
     """
 
     name = "lqr"
@@ -129,8 +134,16 @@ class LQRController(Controller):
         forgetting: float = 0.95,
         deadband: float = 0.005,
         resolve_tol: float = 0.02,
+        budget: float | None = None,
+        margin: float = 2.0,
+        warmup: float = 0.05,
+        max_rate: float = 5.0,
+        slack_q: float = 1.0,
+        slack_r: float = 0.25,
     ) -> None:
         super().__init__(target)
+        self.slack_q = check_number("slack_q", slack_q, 0.0, low_open=True)
+        self.slack_r = check_number("slack_r", slack_r, 0.0, low_open=True)
         self.q_e = check_number("q_e", q_e, 0.0, low_open=True)
         self.q_d = check_number("q_d", q_d, 0.0)
         self.r = check_number("r", r, 0.0, low_open=True)
@@ -138,9 +151,15 @@ class LQRController(Controller):
         self.deadband = check_number("deadband", deadband, 0.0, 1.0)
         self.resolve_tol = check_number("resolve_tol", resolve_tol, 0.0)
         self.plant = PlantEstimator(a_prior=a_prior, b_prior=b_prior, forgetting=forgetting)
+        self._init_budget(budget, margin, warmup, max_rate)
         self.reset()
 
+    def spend(self, x: float) -> float:
+        return slack_gain(self.slack_q, self.slack_r) * x
+
     def reset(self) -> None:
+        if self.mode is not None:
+            self.mode.reset()
         self.plant.reset()
         self.prev_damage: float | None = None
         self.num_steps = 0
@@ -163,6 +182,8 @@ class LQRController(Controller):
         return moved > self.resolve_tol
 
     def step(self, obs: Observation) -> float:
+        if self.mode is not None:
+            return self._budget_step(obs)
         damage = sanitize_damage(obs.damage)
         e = float(obs.compute) - self.target
         self.num_steps += 1
@@ -184,10 +205,11 @@ class LQRController(Controller):
             "num_solves": int(self.num_solves),
             "gain": list(self.gain),
             "gain_plant": list(self.gain_plant),
-        }
+        } | self._budget_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plant.load_state_dict(state.get("plant", {}))
+        self._load_budget_state(state)
         prev = state.get("prev_damage", None)
         self.prev_damage = None if prev is None else float(prev)
         self.num_steps = int(state.get("num_steps", 0))
@@ -212,5 +234,5 @@ class LQRController(Controller):
     def __repr__(self) -> str:
         return (
             f"LQRController(target={self.target}, q_e={self.q_e}, q_d={self.q_d}, r={self.r}, "
-            f"u_max={self.u_max}, deadband={self.deadband})"
+            f"u_max={self.u_max}, deadband={self.deadband}, budget={self.budget})"
         )

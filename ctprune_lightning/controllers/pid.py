@@ -27,11 +27,12 @@ import math
 from typing import Any
 
 from .base import Controller, Observation, cap_action, check_number, sanitize_damage
+from .budget import BudgetModeMixin
 
 __all__ = ["PIDController"]
 
 
-class PIDController(Controller):
+class PIDController(BudgetModeMixin, Controller):
     """PI(D) controller on ``e = c - c*``.
 
     Args:
@@ -42,6 +43,8 @@ class PIDController(Controller):
         u_max: largest cut per interval, in ``(0, 1]``.
         rate_limit: largest increase of the cut between intervals, ``> 0``; ``None`` disables it.
         damage_max: damage above which no cut is made, ``> 0``.
+        budget / margin / warmup / max_rate: the quality-budget mode (:mod:`.budget`); there the PI law acts
+            on the budget's slack ``x`` (in budgets): spend ``kp·x + ki·Σx`` of it, integrator bounded by ``1/ki``.
     """
 
     name = "pid"
@@ -55,6 +58,10 @@ class PIDController(Controller):
         u_max: float = 0.1,
         rate_limit: float | None = 0.05,
         damage_max: float = 0.05,
+        budget: float | None = None,
+        margin: float = 2.0,
+        warmup: float = 0.05,
+        max_rate: float = 5.0,
     ) -> None:
         super().__init__(target)
         self.kp = check_number("kp", kp, 0.0)
@@ -67,9 +74,17 @@ class PIDController(Controller):
             None if rate_limit is None else check_number("rate_limit", rate_limit, 0.0, low_open=True)
         )
         self.damage_max = check_number("damage_max", damage_max, 0.0, low_open=True)
+        self._init_budget(budget, margin, warmup, max_rate)
         self.reset()
 
+    def spend(self, x: float) -> float:
+        bound = math.inf if self.ki == 0.0 else 1.0 / self.ki
+        self.integral = min(self.integral + x, bound)  # anti-windup: the integral term alone spends at most x
+        return self.kp * x + self.ki * self.integral
+
     def reset(self) -> None:
+        if self.mode is not None:
+            self.mode.reset()
         self.integral = 0.0
         self.prev_error: float | None = None
         self.prev_action = 0.0
@@ -82,6 +97,8 @@ class PIDController(Controller):
         return math.inf if self.ki == 0.0 else self.u_max / self.ki
 
     def step(self, obs: Observation) -> float:
+        if self.mode is not None:
+            return self._budget_step(obs)
         e = float(obs.compute) - self.target
         damage = sanitize_damage(obs.damage)
         self.num_steps += 1
@@ -115,10 +132,11 @@ class PIDController(Controller):
             "prev_action": float(self.prev_action),
             "num_steps": int(self.num_steps),
             "guarded": bool(self.guarded),
-        }
+        } | self._budget_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.integral = float(state.get("integral", 0.0))
+        self._load_budget_state(state)
         prev = state.get("prev_error", None)
         self.prev_error = None if prev is None else float(prev)
         self.prev_action = float(state.get("prev_action", 0.0))
@@ -128,5 +146,6 @@ class PIDController(Controller):
     def __repr__(self) -> str:
         return (
             f"PIDController(target={self.target}, kp={self.kp}, ki={self.ki}, kd={self.kd}, "
-            f"u_max={self.u_max}, rate_limit={self.rate_limit}, damage_max={self.damage_max})"
+            f"u_max={self.u_max}, rate_limit={self.rate_limit}, damage_max={self.damage_max}, "
+            f"budget={self.budget})"
         )

@@ -38,9 +38,10 @@ def test_the_budget_loop_stops_short_of_a_floor_that_breaks_the_budget() -> None
     assert 0.3 < s["flops_fraction"] < 1.0 and s["surgeries"] >= 1  # it cut, and stopped far above the floor
     rows = s["trace"]
     assert all(r["budget"] == budget and r["final_damage"] is not None and r["final_std"] >= 0 for r in rows)
-    held = [r for r in rows if r["action"] == 0 and r["compute"] > floor + 0.01]
-    assert held and all(r["reason"].startswith("budget:") for r in held[-5:])  # and says why it held
-    assert all(r["final_damage"] + 2 * r["final_std"] >= budget for r in held[-5:])
+    held = [r for r in rows if r["action"] == 0 and r["compute"] > floor + 0.01 and r["progress"] >= 0.05]
+    assert held and all(r["reason"].startswith(("budget spent:", "trial:")) for r in held)  # and says why it held
+    spent = [r for r in held if r["reason"].startswith("budget spent:")]
+    assert all(r["final_damage"] + 2 * r["final_std"] >= budget for r in spent)
     assert FINAL_DAMAGE in logged
 
 
@@ -96,7 +97,7 @@ def test_an_error_rate_budget_in_points_stops_short_of_a_floor_that_breaks_it() 
                                     every_n_steps=4, min_width=2, probe_batches=4), "val/acc")
     assert ramp_s["flops_fraction"] < 0.05 and ramp < dense - points  # the open-loop ramp breaks it
     assert loop >= dense - points  # the loop keeps it, on held-out data
-    assert 0.3 < s["flops_fraction"] < 1.0 and s["surgeries"] >= 1
+    assert floor + 0.02 < s["flops_fraction"] < 1.0 and s["surgeries"] >= 1  # short of the floor that breaks it
     rows = s["trace"]
     assert all(r["budget_metric"] == "error" and r["budget"] == points for r in rows)
     # the readings are error rates (a fraction of the probe's samples), not log-ratios of a loss

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from ctprune_lightning.controllers import build_controller
-from ctprune_lightning.controllers.budget import budget_controller
 from ctprune_lightning.importance import build_importance
 from ctprune_lightning.loop import ControlLoop
 from ctprune_lightning.probe import batch_statistics
@@ -43,7 +42,7 @@ def test_the_budget_loop_probes_with_batch_statistics_and_the_plain_loop_does_no
 
     readings = {}
     for name, ctl in (("plain", build_controller("lqr", 0.5)),
-                      ("budget", budget_controller(build_controller("lqr", 0.5), 0.01))):
+                      ("budget", build_controller("lqr", 0.5, budget=0.01))):
         loop = ControlLoop(ctl, build_importance("magnitude"), target=0.5, probe_batches=1, loss_fn=loss_fn)
         loop.discover(net, batch[0])
         loop.add_probe(net, batch)

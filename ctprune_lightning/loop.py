@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from .accounting import ComputeLedger, FlopMeter
@@ -31,12 +30,12 @@ from .controllers import Controller, NoneController, Observation
 from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import plan_widths, select_units
-from .probe import batch_size, batch_statistics, step_error, step_loss
 from .controllers.sizing import size_cut
+from .probe import batch_size, step_error, step_loss
+from .probe_store import LossFn, ProbeStore
 from .sensing import DamageSensor
 from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
-
-LossFn = Callable[[nn.Module, Any], Tensor]
+from .trial import can_trial, read_cut
 
 #: the probe loss unless the callback is given another: ``compute_loss(batch)``, else the module's training_step
 default_loss = step_loss
@@ -46,11 +45,6 @@ BUDGET_METRICS = ("loss", "error")
 
 def _identity(x: float) -> float:
     return x
-
-
-def _detached(batch: Any) -> Any:
-    """A copy of ``batch`` that training does not change (kept as a probe)."""
-    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
 
 
 @dataclass(frozen=True)
@@ -101,16 +95,15 @@ class ControlLoop:
                  flop_view: Callable[[nn.Module], AbstractContextManager[Any]] = nullcontext) -> None:
         self.controller, self.importance = controller, importance
         self.target = 1.0 if isinstance(controller, NoneController) else float(target)
-        self.min_width, self.round_to, self.probe_batches = min_width, round_to, probe_batches
-        self.loss_fn, self.error_fn, self.reduce_mean, self.flop_view = loss_fn, error_fn, reduce_mean, flop_view
+        self.min_width, self.round_to = min_width, round_to
+        self.loss_fn, self.flop_view = loss_fn, flop_view
+        self.store = ProbeStore(probe_batches, loss_fn, error_fn, reduce_mean)
         self.groups: list[PrunableGroup] = []
         self.skipped: list[tuple[str, str]] = []
         self.dense_widths: dict[str, int] = {}
         self.ledger = ComputeLedger()
         self.trace: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
-        self.probe: list[Any] = []
-        self.held_out: list[Any] = []  # the budget sensor's probe batches from validation data (set_held_out)
         self.meter = FlopMeter(loss_fn)
         self.hankel = HankelImportance()  # SSM layers: scores are Hankel singular values
         self.ref_batch = 1
@@ -124,7 +117,6 @@ class ControlLoop:
         self.jump_rate: float | None = None  # the last real cut's probe log-jump per unit of compute removed
         self._train_before: float | None = None  # the training batches' loss just before a planned cut
         self.estimator: DamageSensor | None = None  # the damage sensor of a quality budget (start_budget)
-        self.budget_metric = "loss"  # what the sensor reads: the probe loss, or its error rate
         self._before: tuple[float, float] | None = None  # (probe loss, best) at the last observation
 
     # ------------------------------------------------------------------------------------ set-up
@@ -143,42 +135,31 @@ class ControlLoop:
     def widths(self, model: nn.Module) -> dict[str, int]:
         return {g.name: g.width(model) for g in self.groups}
 
+    # the probe store, under the names the callback and users read
+    probe = property(lambda self: self.store.train)
+    held_out = property(lambda self: self.store.held_out)
+    budget_metric = property(lambda self: self.store.metric)
+    ready = property(lambda self: self.store.ready, doc="Whether enough probe batches are kept to run an interval.")
+
     @property
-    def ready(self) -> bool:
-        """Whether enough probe batches are kept to run a control interval."""
-        return len(self.probe) >= self.probe_batches
+    def reduce_mean(self) -> Callable[[float], float]:
+        return self.store.reduce_mean
+
+    @reduce_mean.setter
+    def reduce_mean(self, fn: Callable[[float], float]) -> None:
+        self.store.reduce_mean = fn
 
     def add_probe(self, model: nn.Module, batch: Any) -> None:
         """Keep ``batch`` as a probe batch while fewer than ``probe_batches`` are kept."""
-        if len(self.probe) >= self.probe_batches:
-            return
-        kept = _detached(batch)
-        if not self.probe and self.budget_metric == "error" and not self.held_out:
-            self._check_readable(model, kept, "training")  # before the first step, not mid-run
-        self.probe.append(kept)
-        if len(self.probe) == 1:
+        if self.store.add(model, batch):
             self.ref_batch = batch_size(batch)
             if not self.ledger.dense_step_flops:
                 self.ledger.dense_step_flops = self.flops(model)[0]
 
     def set_held_out(self, model: nn.Module, batches: Sequence[Any]) -> None:
-        """Measure the probe loss on these (validation) batches instead of training batches.
-
-        The FLOP count keeps using the training probe. Raises ``ValueError`` naming the error when the
-        loss cannot be computed on them (nothing is kept then).
-        """
-        kept = [_detached(b) for b in batches]
-        if not kept:
-            raise ValueError("ControlLoop.set_held_out: no batches given")
-        self._check_readable(model, kept[0], "validation")
-        self.held_out = kept
-
-    def _check_readable(self, model: nn.Module, batch: Any, kind: str) -> None:
-        """Raise ``ValueError`` naming the cause when the sensor's function fails on ``batch``."""
-        try:
-            self._mean_loss(model, [batch], self.sensor_fn)
-        except Exception as err:  # any user loss may fail on a batch it was not written for
-            raise ValueError(f"the probe fails on a {kind} batch ({type(err).__name__}: {err})") from err
+        """Measure the probe loss on these (validation) batches instead of training batches (FLOPs are still
+        counted on the training probe); ``ValueError`` naming the error when they cannot be read."""
+        self.store.set_held_out(model, batches)
 
     def count_batch(self, model: nn.Module, batch: Any) -> None:
         """Charge one training batch at the current architecture to the ledger."""
@@ -196,58 +177,23 @@ class ControlLoop:
             raise ValueError(f"budget metric must be one of {', '.join(BUDGET_METRICS)}, got {metric!r}")
         if self.controller.budget is not None and self.estimator is None:
             self.estimator = DamageSensor(total_steps=max(1, int(total_steps)), interval=interval)
-        self.budget_metric = metric if self.estimator is not None else "loss"
-
-    @property
-    def batch_stats(self) -> bool:
-        """The probe reads BatchNorm with batch statistics: the budget sensor does."""
-        return self.estimator is not None
-
-    @property
-    def sensor_fn(self) -> LossFn:
-        """What the probe reads: the error rate for an error budget, else the loss."""
-        return self.error_fn if self.budget_metric == "error" else self.loss_fn
+        self.store.metric = metric if self.estimator is not None else "loss"
+        self.store.batch_stats = self.estimator is not None  # the budget sensor reads BatchNorm on the batch
 
     # ------------------------------------------------------------------------------- measurements
     def flops(self, model: nn.Module) -> tuple[int, dict[str, int]]:
         key = arch_spec(model, self.groups)
         if key not in self.meter.cache:
             with self.flop_view(model):
-                self.meter.measure(model, self._probe_on(model, 0), key)
+                self.meter.measure(model, self.store.on(model, self.probe[0]), key)
         return self.meter.cache[key]
 
     def compute(self, model: nn.Module) -> float:
         return self.flops(model)[0] / self.ledger.dense_step_flops
 
-    def _probe_on(self, model: nn.Module, i: int, batches: Sequence[Any] | None = None) -> Any:
-        device = next(model.parameters()).device
-        return apply_to_collection((self.probe if batches is None else batches)[i], Tensor, lambda t: t.to(device))
-
-    @torch.no_grad()
     def probe_loss(self, model: nn.Module) -> float:
-        """Mean loss (error rate, for an error budget) over the probe batches (the held-out ones when set)
-        in eval mode, averaged over ranks.
-
-        With a quality budget BatchNorm layers use the probe's batch statistics
-        (:func:`~ctprune_lightning.probe.batch_statistics`): a cut's jump is then the change of the function,
-        not the lag of the running statistics of the layers after it.
-        """
-        batches = self.held_out or self.probe
-        value = self.reduce_mean(self._mean_loss(model, batches, self.sensor_fn))
-        if self.budget_metric == "error":  # half a sample: a log-space sensor needs a positive reading
-            value = max(value, 0.5 / max(1, sum(batch_size(b) for b in batches)))
-        return value
-
-    @torch.no_grad()
-    def _mean_loss(self, model: nn.Module, batches: Sequence[Any], fn: LossFn) -> float:
-        was_training = model.training
-        model.eval()
-        try:
-            with batch_statistics(model) if self.batch_stats else nullcontext():
-                losses = [float(fn(model, self._probe_on(model, i, batches))) for i in range(len(batches))]
-        finally:
-            model.train(was_training)
-        return sum(losses) / len(losses)
+        """The probe reading (:meth:`ProbeStore.loss`): loss or error rate, held-out batches when kept."""
+        return self.store.loss(model)
 
     def update_saturation(self, model: nn.Module) -> None:
         """Saturated when even the deepest allowed cut (down to the floor) changes no width."""
@@ -315,7 +261,7 @@ class ControlLoop:
             new = widths
         keep = self._keep(model, widths, new)
         if keep and self.estimator is not None and self.held_out:  # the training channel's jump, measured too
-            self._train_before = self.reduce_mean(self._mean_loss(model, self.probe, self.sensor_fn))
+            self._train_before = self.store.train_loss(model)
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}
         return Plan(step=obs.step, widths=new, keep=keep, requested=u, snapshot=snapshot, spectra=spectra)
 
@@ -342,7 +288,7 @@ class ControlLoop:
                 seen[key] = self.trial_jump(model, keep) if keep else 0.0
             return seen[key]
 
-        if self._trial_unavailable(model):  # FSDP2 shards: no trial; the last measured jump rate scales the cut
+        if not can_trial(model):  # FSDP2 shards: no trial; the last measured jump rate scales the cut
             rate = self.jump_rate
             return u if rate is None else min(u, max_jump / max(rate, 1e-9))
         sized = size_cut(trial, u, max_jump, quantum=self.QUANTUM)
@@ -354,26 +300,10 @@ class ControlLoop:
             self.hold_reason = (f"trial: the smallest cut tried jumps more than allowed ({max_jump:.4g})")
         return sized
 
-    @staticmethod
-    def _trial_unavailable(model: nn.Module) -> bool:
-        return any(type(p).__name__ == "DTensor" for p in model.parameters())
-
-    @torch.no_grad()
     def trial_jump(self, model: nn.Module, keep: Mapping[str, Sequence[int]]) -> float:
-        """The probe's immediate log-jump if ``keep`` were cut now: the cut is made on this model, the probe
-        read, and every module put back as it was (same Parameter objects: optimizers, DDP and hooks see no
-        change). Nothing else is touched (no optimizer, no importance)."""
+        """The probe's immediate log-jump if ``keep`` were cut now (:func:`~ctprune_lightning.trial.read_cut`)."""
         before = self._before[0] if self._before is not None else self.probe_loss(model)
-        saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-                 for m in model.modules()]
-        try:
-            apply_plan_(model, self.groups, {n: torch.tensor(i, dtype=torch.long) for n, i in keep.items()}, ())
-            after = self.probe_loss(model)
-        finally:
-            for m, attrs, params, buffers, modules in saved:
-                m.__dict__.clear()
-                m.__dict__.update(attrs)
-                m.__dict__.update(_parameters=params, _buffers=buffers, _modules=modules)
+        after = read_cut(model, self.groups, keep, self.probe_loss)
         return math.log(max(after, 1e-12) / max(before, 1e-12))
 
     def apply_(self, model: nn.Module, plan: Plan, optimizers: Sequence[Any]) -> None:
@@ -396,7 +326,7 @@ class ControlLoop:
             if self.estimator is not None:
                 train_jump = None
                 if self._train_before is not None:
-                    train_after = self.reduce_mean(self._mean_loss(model, self.probe, self.sensor_fn))
+                    train_after = self.store.train_loss(model)
                     train_jump = math.log(max(train_after, 1e-12) / max(self._train_before, 1e-12))
                     self._train_before = None
                 self.estimator.add_cut(plan.step, log_jump, train_jump)
@@ -461,8 +391,7 @@ class ControlLoop:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "probe": [apply_to_collection(b, Tensor, lambda t: t.cpu()) for b in self.probe],
-            "held_out": [apply_to_collection(b, Tensor, lambda t: t.cpu()) for b in self.held_out],
+            **self.store.state_dict(),
             "ref_batch": self.ref_batch,
             "controller": self.controller.state_dict(),
             "importance": self.importance.state_dict(),
@@ -490,10 +419,10 @@ class ControlLoop:
         self.last_u = float(state.get("last_u", 0.0))
         rate = state.get("jump_rate")
         self.jump_rate = None if rate is None else float(rate)
-        self.probe = list(state.get("probe", []))
-        self.held_out = list(state.get("held_out", []))
+        self.store.load_state_dict(dict(state))
         self.ref_batch = int(state.get("ref_batch", 1))
         if state.get("estimator") is not None:
             self.estimator = self.estimator or DamageSensor(total_steps=1, interval=1)
             self.estimator.load_state_dict(state["estimator"])
-            self.budget_metric = str(state.get("budget_metric", "loss"))
+            self.store.metric = str(state.get("budget_metric", "loss"))
+            self.store.batch_stats = True

@@ -47,7 +47,7 @@ def test_the_budget_loop_probes_with_batch_statistics_and_the_plain_loop_does_no
         loop.discover(net, batch[0])
         loop.add_probe(net, batch)
         loop.start_budget(total_steps=100, interval=10)
-        readings[name] = (loop.batch_stats, loop.probe_loss(net))
+        readings[name] = (loop.store.batch_stats, loop.probe_loss(net))
     with torch.no_grad():
         net.eval()
         eval_loss = float(loss_fn(net, batch))

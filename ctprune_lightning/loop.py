@@ -30,7 +30,7 @@ from .accounting import ComputeLedger, FlopMeter
 from .controllers import Controller, NoneController, Observation
 from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
-from .planning import plan_widths, select_units
+from .planning import group_floor, plan_widths, select_units
 from .probe import batch_size, batch_statistics, step_error, step_loss
 from .sensing import DamageEstimator
 from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
@@ -63,6 +63,7 @@ class Plan:
         requested: the controller's action ``u`` (fraction of dense FLOPs to remove), after capping.
         snapshot: take a rollback snapshot before actuating (CompreSSM rollback mode).
         spectra: the Hankel singular values of the SSM groups cut, for the history.
+        grow: ``{group name: units to add}`` after the cuts (function-preserving growth; empty: none).
     """
 
     step: int
@@ -71,6 +72,7 @@ class Plan:
     requested: float = 0.0
     snapshot: bool = False
     spectra: dict[str, Any] = field(default_factory=dict)
+    grow: dict[str, int] = field(default_factory=dict)
 
 
 class ControlLoop:
@@ -299,8 +301,10 @@ class ControlLoop:
     def apply_(self, model: nn.Module, plan: Plan, optimizers: Sequence[Any]) -> None:
         """Actuate ``plan`` on this rank's (unwrapped) model; the importance follows the cut."""
         keep = {name: torch.tensor(idx, dtype=torch.long) for name, idx in plan.keep.items()}
-        apply_plan_(model, self.groups, keep, optimizers)
+        apply_plan_(model, self.groups, keep, optimizers, grow=plan.grow)
         self.importance.on_surgery(keep)
+        if plan.grow:  # grown groups: the importance's per-unit state restarts at the new widths
+            self.importance.attach(model, self.groups)
 
     def record(self, model: nn.Module, obs: Observation, plan: Plan) -> dict[str, Any]:
         """Re-measure after an actuation (or none) and append the trace row (returned)."""
@@ -344,8 +348,8 @@ class ControlLoop:
         """Widths with each SSM group at the rank that ``rule`` (mode, tau, fraction, gate) gives it."""
         states = [g for g in self.groups if g.unit == "state"]
         hsvs = {g.name: self._scores(model, g) for g in states}
-        ranks = plan_lru_ranks(model, hsvs=hsvs, min_rank=self.min_width, **dict(rule))
-        floors = {g.name: max(self.min_width, g.min_width or 0) for g in states}  # group_limits bind here too
+        ranks = plan_lru_ranks(model, hsvs=hsvs, **dict(rule))
+        floors = {g.name: group_floor(g, self.min_width) for g in states}  # the planner's one rule (planning.py)
         return {**widths, **{n: min(widths[n], max(r, floors[n])) for n, r in ranks.items() if n in hsvs}}
 
     # ------------------------------------------------------------------------------ state and report

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..probe import as_call
-from .handlers import ClaimContext, SliceHandler, claim, handlers, role_of, traced_layers
+from .handlers import Claim, ClaimContext, SliceHandler, claim, handlers, role_of, traced_layers
 from .shrink import NORM_TYPES
 from .slices import PrunableGroup, Slice, apply_plan_, tied_parameters
 
@@ -75,8 +75,12 @@ def resolve_limit(name: str, module: nn.Module, group_limits: Limits | None) -> 
     return next((int(v) for k, v in limits.items() if isinstance(k, type) and isinstance(module, k)), None)
 
 
-def _widths_pruner(handler: SliceHandler) -> Any:
-    """A Torch-Pruning pruner that only reports the widths of a layer the handler traces as one layer."""
+def _widths_pruner(handler: SliceHandler, through: bool) -> Any:
+    """A Torch-Pruning pruner that only reports the widths of a layer the handler traces as one layer.
+
+    ``through``: the layer carries its input channels to its outputs one to one (a pass-through slice), so
+    its in and out channels are one coupling (Torch-Pruning couples them when both are the same function).
+    """
     import torch_pruning as tp
 
     class _Widths(tp.pruner.BasePruningFunc):
@@ -86,6 +90,9 @@ def _widths_pruner(handler: SliceHandler) -> Any:
         def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:  # distinct: not coupled
             raise NotImplementedError("ctprune cuts this layer itself")
 
+        if through:
+            prune_in_channels = prune_out_channels  # noqa: F811 - the intra-layer coupling
+
         def get_out_channels(self, layer: nn.Module) -> int:
             return handler.trace_as_layer(layer)[1]
 
@@ -93,6 +100,11 @@ def _widths_pruner(handler: SliceHandler) -> Any:
             return handler.trace_as_layer(layer)[0]
 
     return _Widths()
+
+
+def _is_through(handler: SliceHandler, module: nn.Module) -> bool:
+    found = handler.claims(module, True, ClaimContext(prune_embeddings=True))
+    return isinstance(found, Claim) and role_of(found.kind) == "through"
 
 
 def _display(module: nn.Module, name: str) -> str:
@@ -118,7 +130,7 @@ def _block(item: Any, width: int, kind: str) -> tuple[int, str | None]:
 def _trace(model: nn.Module, example_inputs: Any, layers: Mapping[nn.Module, SliceHandler]) -> tuple[Any, list]:
     import torch_pruning as tp  # heavy import, only when a fit starts
 
-    custom = {type(m): _widths_pruner(h) for m, h in layers.items()}
+    custom = {type(m): _widths_pruner(h, _is_through(h, m)) for m, h in layers.items()}
     was_training = model.training
     model.eval()
     hooks = [m.register_forward_hook(h.trace_hook, with_kwargs=True) for m, h in layers.items()]

@@ -12,7 +12,7 @@ import pkgutil
 
 from .base import (GROW_INITS, REGISTRY, Claim, ClaimContext, GrowInit, OwnGroup, ParamSlice, SliceHandler,
                    all_kinds, claim, handler_for, handler_of_kind, handlers, kinds_with_role, register, role_of, size_attrs,
-                   traced_layers, unit_of)
+                   stand_in, traced_layers, unit_of)
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":
@@ -21,5 +21,5 @@ for _info in pkgutil.iter_modules(__path__):
 __all__ = [
     "GROW_INITS", "REGISTRY", "Claim", "ClaimContext", "GrowInit", "OwnGroup", "ParamSlice", "SliceHandler",
     "all_kinds", "claim", "handler_for", "handler_of_kind", "handlers", "kinds_with_role", "register", "role_of", "size_attrs",
-    "traced_layers", "unit_of",
+    "stand_in", "traced_layers", "unit_of",
 ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -256,11 +256,9 @@ def traced_layers(model: nn.Module) -> dict[nn.Module, SliceHandler]:
     return out
 
 
-def check_grow(n: int, what: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{what}: the number of units to add must be an integer >= 1, got {n!r}")
-    return n
-
-
-def as_list(optimizers: Iterable[Optimizer]) -> list[Optimizer]:
-    return list(optimizers)
+def stand_in(x: Any, width: int) -> Tensor | None:
+    """For a ``trace_hook``: an output of ``width`` features whose autograd node leads straight to the input
+    ``x`` (feature ``i`` reads input feature ``i mod in``), so the tracer sees the layer as one opaque node."""
+    if not isinstance(x, Tensor):
+        return None
+    return x.index_select(-1, torch.arange(int(width), device=x.device) % x.shape[-1])

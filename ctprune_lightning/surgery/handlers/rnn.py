@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from ..optim import grow_parameter_, replace_parameter_
 from ..shrink import _check_keep
-from .base import Claim, ClaimContext, GrowInit, ParamSlice, SliceHandler, register
+from .base import Claim, ClaimContext, GrowInit, ParamSlice, SliceHandler, register, stand_in
 from .heads import section_positions
 
 RNN_HIDDEN, RNN_IN = "rnn_hidden", "rnn_in"
@@ -101,12 +101,8 @@ class RNNHandler(SliceHandler):
 
     def trace_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """A stand-in output of the hidden width whose autograd node leads straight to the input."""
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, Tensor) or not isinstance(output, tuple):
-            return None
-        _, out_width = self.trace_as_layer(module)
-        index = torch.arange(out_width, device=x.device) % x.shape[-1]
-        return (x.index_select(-1, index), output[1])
+        out = stand_in(args[0] if args else kwargs.get("input"), self.trace_as_layer(module)[1])
+        return None if out is None or not isinstance(output, tuple) else (out, output[1])
 
     def width(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...]) -> int:
         return int(module.hidden_size if kind == RNN_HIDDEN else module.input_size)

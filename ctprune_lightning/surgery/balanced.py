@@ -42,7 +42,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn

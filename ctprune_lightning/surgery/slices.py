@@ -4,13 +4,15 @@ A :class:`Slice` names a module (qualified name) and the *kind* of cut (which di
 tensors). A :class:`PrunableGroup` is the set of slices that shrink together; one *unit* of the group
 (a hidden neuron, a conv channel with its BatchNorm entries, an attention head) owns one index of every
 slice (``block`` consecutive elements for a Linear fed by a flattened conv map, ``head_dim`` rows per
-q/k/v section for a head).
+q/k/v section for a head). This module is the plan executor: every width, slice list, cut and growth is
+asked of the slice handler of the slice's kind (:mod:`.handlers`, one file per layer family).
 
 Example::
 
     g = PrunableGroup("net.1", (Slice("net.1", LINEAR_OUT), Slice("net.3", LINEAR_IN)))
     g.width(model)                      # 64
     for name, p, dim, units in g.unit_slices(model): ...   # importance: one score per unit
+    g.grow_(model, 8, optimizers)       # 72: eight new units, the outputs unchanged
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Slice:
     """One module of a group, cut along ``kind``; ``block`` elements per unit; ``parts``: children it cuts."""
 
     module: str
-    kind: str  # one of KINDS
+    kind: str  # a kind some registered handler knows (handlers.all_kinds())
     block: int = 1
     parts: tuple[str, ...] = ()  # attention kinds: (q/k/v projections..., output projection)
 

@@ -24,7 +24,7 @@ from ctprune_lightning.surgery.balanced import (LRU_STATE_AXES, MIN_DECAY, Diago
                                                 balanced_truncation, balancing_projectors, diagonalize, gramians,
                                                 hankel_singular_values, lru_parameters,
                                                 lru_system, passes_gate, rank_for_fraction, rank_for_tolerance,
-                                                reduce_lru_, tail_energy)
+                                                reduce_lru_)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -307,7 +307,7 @@ def test_growth_draws_are_deterministic_and_match_mode_follows_the_weights() -> 
 
     a, b = grown(None), grown(None)
     assert torch.equal(a[0].weight, b[0].weight)
-    new_default = a[0].weight[16:]
+    new_default = grown("default")[0].weight[16:]
     assert float(new_default.abs().max()) <= 1 / 6 ** 0.5 + 1e-6  # U(±1/sqrt(fan_in)) like nn.Linear
     assert torch.equal(a[2].weight[:, 16:], torch.zeros(3, 50))  # outgoing weights zero
     matched = grown("match")[0].weight

@@ -80,13 +80,19 @@ class ClaimContext:
 class GrowInit:
     """How the incoming weights of new units are drawn (deterministic: same seed, same draws on every rank).
 
+    ``mode="match"`` (the default): N(0, σ²) with σ the standard deviation of the layer's current weights
+    (a trained layer's scale has moved away from its initialisation); the layer type's own distribution when
+    the layer has fewer than two weights or none vary.
     ``mode="default"``: the distribution the layer type's own initialisation uses (Linear/Conv:
-    U(±1/sqrt(fan_in)); an RNN: U(±1/sqrt(hidden)); an Embedding: N(0, 1); ...).
-    ``mode="match"``: N(0, σ²) with σ the standard deviation of the layer's current weights (a trained layer
-    whose scale moved away from its initialisation).
+    U(±1/sqrt(fan_in)); an RNN: U(±1/sqrt(hidden)); an Embedding: N(0, 1); GPT-2's Conv1D: N(0, 0.02²)).
+
+    Measured (``experiments/grow_init.py``: an MLP cut to 1/8 width, grown back, 150 steps, 3 seeds; final
+    training loss): ``match`` 0.570 ± 0.056, ``default`` 0.674 ± 0.031, restoring the units' last pruned rows
+    0.538 ± 0.028 (needs the pruned weights kept: not offered), zero incoming weights 1.351 (= no growth: the
+    new units never train).
     """
 
-    mode: str = "default"
+    mode: str = "match"
     seed: int = 0
     generator: torch.Generator = field(init=False, repr=False)
 

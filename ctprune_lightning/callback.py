@@ -335,7 +335,7 @@ class ControlPruning(Callback):
         obs = self.loop.observe(pl_module, trainer.global_step, self._progress(trainer), train_loss, lr)
         plan = self.loop.decide(pl_module, obs, events_allowed=self._rollback is None)
         plan = trainer.strategy.broadcast(plan, src=0)  # rank 0's plan is the one every rank applies
-        if plan.keep:
+        if plan.keep or plan.grow:
             if plan.snapshot:
                 monitor = trainer.callback_metrics.get(self.controller.rollback_monitor)
                 self._rollback = {"snapshot": Snapshot.take(pl_module, trainer.optimizers), "step": obs.step,

@@ -29,8 +29,8 @@ from .accounting import ComputeLedger, FlopMeter
 from .controllers import Controller, NoneController, Observation
 from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
-from .planning import plan_widths, select_units
 from .controllers.sizing import size_cut
+from .planning import group_floor, plan_widths, select_units
 from .probe import batch_size, step_error, step_loss
 from .probe_store import LossFn, ProbeStore
 from .sensing import DamageSensor
@@ -58,6 +58,7 @@ class Plan:
         requested: the controller's action ``u`` (fraction of dense FLOPs to remove), after capping.
         snapshot: take a rollback snapshot before actuating (CompreSSM rollback mode).
         spectra: the Hankel singular values of the SSM groups cut, for the history.
+        grow: ``{group name: units to add}`` after the cuts (function-preserving growth; empty: none).
     """
 
     step: int
@@ -66,6 +67,7 @@ class Plan:
     requested: float = 0.0
     snapshot: bool = False
     spectra: dict[str, Any] = field(default_factory=dict)
+    grow: dict[str, int] = field(default_factory=dict)
 
 
 class ControlLoop:
@@ -309,13 +311,15 @@ class ControlLoop:
     def apply_(self, model: nn.Module, plan: Plan, optimizers: Sequence[Any]) -> None:
         """Actuate ``plan`` on this rank's (unwrapped) model; the importance follows the cut."""
         keep = {name: torch.tensor(idx, dtype=torch.long) for name, idx in plan.keep.items()}
-        apply_plan_(model, self.groups, keep, optimizers)
+        apply_plan_(model, self.groups, keep, optimizers, grow=plan.grow)
         self.importance.on_surgery(keep)
+        if plan.grow:  # grown groups: the importance's per-unit state restarts at the new widths
+            self.importance.attach(model, self.groups)
 
     def record(self, model: nn.Module, obs: Observation, plan: Plan) -> dict[str, Any]:
         """Re-measure after an actuation (or none) and append the trace row (returned)."""
         compute = obs.compute
-        if plan.keep:
+        if plan.keep or plan.grow:
             compute = self.compute(model)
             before, best = self._before if self._before is not None else (self.probe_loss(model),) * 2
             after = self.probe_loss(model)
@@ -362,8 +366,8 @@ class ControlLoop:
         """Widths with each SSM group at the rank that ``rule`` (mode, tau, fraction, gate) gives it."""
         states = [g for g in self.groups if g.unit == "state"]
         hsvs = {g.name: self._scores(model, g) for g in states}
-        ranks = plan_lru_ranks(model, hsvs=hsvs, min_rank=self.min_width, **dict(rule))
-        floors = {g.name: max(self.min_width, g.min_width or 0) for g in states}  # group_limits bind here too
+        ranks = plan_lru_ranks(model, hsvs=hsvs, **dict(rule))
+        floors = {g.name: group_floor(g, self.min_width) for g in states}  # the planner's one rule (planning.py)
         return {**widths, **{n: min(widths[n], max(r, floors[n])) for n, r in ranks.items() if n in hsvs}}
 
     # ------------------------------------------------------------------------------ state and report

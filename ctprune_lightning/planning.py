@@ -58,6 +58,12 @@ def predict_flops(
     return total + sum(own[m] * (ratio[m] - 1.0) for m in own if m in ratio)
 
 
+def group_floor(group: PrunableGroup, min_width: int) -> int:
+    """The one rule for a group's minimum width: its own limit (``group_limits``) when it has one, else the
+    planner's ``min_width`` -- as discovery decides which groups are too small (channels, heads and SSM states)."""
+    return int(min_width if group.min_width is None else group.min_width)
+
+
 def _step_down(width: int, lo: int, step: int) -> int | None:
     """The next allowed width below ``width``: the largest multiple of ``step`` under it, >= ``lo``."""
     w = (width - 1) // step * step
@@ -88,8 +94,7 @@ def plan_widths(
     """
     floor = target_flops if floor_flops is None else floor_flops
     reference = reference or widths
-    limits = {g.name: (min_width if g.min_width is None else g.min_width,
-                       round_to if g.round_to is None else g.round_to) for g in groups}
+    limits = {g.name: (group_floor(g, min_width), round_to if g.round_to is None else g.round_to) for g in groups}
     new, flops = dict(widths), float(total)
     while flops > target_flops:
         trials = []

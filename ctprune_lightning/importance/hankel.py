@@ -11,7 +11,7 @@ layers that should shrink.
 Example::
 
     plan = plan_lru_ranks(model, mode="tolerance", tau=0.02)
-    reports = apply_lru_plan_(model, plan, trainer.optimizers)
+    apply_plan_(model, groups, {name: torch.arange(r) for name, r in plan.items()}, trainer.optimizers)
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..surgery.balanced import (hankel_singular_values, is_lru_layer, passes_gate, rank_for_fraction,
-                                rank_for_tolerance, ranks_for_budget)
+from ..surgery.balanced import hankel_singular_values, is_lru_layer, passes_gate, rank_for_fraction, rank_for_tolerance
 from .base import Importance
 
-RANK_MODES = ("tolerance", "fraction", "budget")
+#: How a rank event picks each SSM layer's rank (the one definition; the Hankel controller's ``mode``).
+RANK_MODES = ("tolerance", "fraction")
 
 
 def find_lru_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -68,13 +68,12 @@ class HankelImportance(Importance):
 
 
 def plan_lru_ranks(model: nn.Module, mode: str = "tolerance", tau: float = 0.02, fraction: float = 0.1,
-                   gate: float = 0.95, total_states: int | None = None, min_rank: int = 1,
+                   gate: float = 0.95, min_rank: int = 1,
                    hsvs: Mapping[str, Tensor] | None = None) -> dict[str, int]:
     """Per-layer ranks for the next balanced-truncation event, gated as in the paper.
 
-    Modes: ``"tolerance"`` (r = min{k : Σ_{i≤k} σ_i ≥ (1-τ) Σ σ}, per layer), ``"fraction"``
-    (r = ⌊(1-fraction)·N⌋) and ``"budget"`` (one common τ so that Σ_l r_l ≤ ``total_states``, the actuator
-    for a controller that decided how much compute to remove). A layer enters the plan only if r < gate·N
+    Modes (:data:`RANK_MODES`): ``"tolerance"`` (r = min{k : Σ_{i≤k} σ_i ≥ (1-τ) Σ σ}, per layer) and
+    ``"fraction"`` (r = ⌊(1-fraction)·N⌋). A layer enters the plan only if r < gate·N
     (gate = 0.95: the paper's 5% gate; 1.0 accepts any cut). ``hsvs`` reuses spectra already computed.
     """
     if mode not in RANK_MODES:
@@ -84,11 +83,7 @@ def plan_lru_ranks(model: nn.Module, mode: str = "tolerance", tau: float = 0.02,
     layers = dict(find_lru_layers(model))
     spectra = {n: (hsvs[n] if hsvs is not None and n in hsvs else hankel_singular_values(m))
                for n, m in layers.items()}
-    if mode == "budget":
-        if total_states is None:
-            raise ValueError("mode='budget' needs total_states")
-        ranks = ranks_for_budget(spectra, int(total_states), min_rank)
-    elif mode == "tolerance":
+    if mode == "tolerance":
         ranks = {n: max(int(min_rank), rank_for_tolerance(s, tau)) for n, s in spectra.items()}
     else:
         ranks = {n: max(int(min_rank), rank_for_fraction(s.numel(), fraction)) for n, s in spectra.items()}

@@ -1,6 +1,7 @@
 """The architecture as plain shapes: capture it, check it against a model, rebuild a model to it.
 
-A spec maps qualified module names to their size attributes and the shapes of their own tensors::
+A spec maps qualified module names to their size attributes (those the slice handlers name,
+:func:`~ctprune_lightning.surgery.handlers.size_attrs`) and the shapes of their own tensors::
 
     {"net.1": {"in_features": 784, "out_features": 424,
                "shapes": {"weight": [424, 784], "bias": [424]}}}
@@ -23,13 +24,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-#: Integer size attributes recorded for a module when it has them.
-SIZE_ATTRS = (
-    "in_features", "out_features", "in_channels", "out_channels", "num_features", "normalized_shape",
-    "embedding_dim", "embed_dim", "kdim", "vdim", "num_heads", "n_head", "head_dim", "state_dim",
-    # Hugging Face modules (ctprune_lightning.surgery.hf): Conv1D, GPT-2/BERT attention, a Llama MLP
-    "nf", "nx", "split_size", "num_attention_heads", "attention_head_size", "all_head_size", "intermediate_size",
-)
+from .handlers import size_attrs
 
 
 class ArchSpecError(ValueError):
@@ -60,12 +55,12 @@ def capture_arch(model: nn.Module, module_names: Iterable[str] | None = None) ->
     """
     if module_names is None:
         module_names = [n for n, m in model.named_modules()
-                        if _tensors(m) or any(_size(getattr(m, a, None)) is not None for a in SIZE_ATTRS)]
+                        if _tensors(m) or any(_size(getattr(m, a, None)) is not None for a in size_attrs())]
     spec: dict[str, dict[str, Any]] = {}
     for name in module_names:
         module = model.get_submodule(name)
         entry: dict[str, Any] = {}
-        for attr in SIZE_ATTRS:
+        for attr in size_attrs():
             size = _size(getattr(module, attr, None))
             if size is not None:
                 entry[attr] = size
@@ -96,7 +91,7 @@ def check_arch(model: nn.Module, spec: Mapping[str, Any], source: str = "spec") 
                     if len(shape) != own[tname].dim():
                         raise ArchSpecError(f"{source}: '{name}.{tname}' has {own[tname].dim()} dims, the spec "
                                             f"says {shape}")
-            elif attr not in SIZE_ATTRS or not hasattr(module, attr):
+            elif attr not in size_attrs() or not hasattr(module, attr):
                 raise ArchSpecError(f"{source}: module '{name}' ({type(module).__name__}) has no size "
                                     f"attribute '{attr}'")
             elif _size(value) is None:

@@ -41,8 +41,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -259,9 +259,6 @@ class LRUReduction:
     max_abs_lambda: float
     seconds: float
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def reduce_lru_(layer: nn.Module, keep: int | Tensor, optimizers: Iterable[Optimizer] = (),
                 state_policy: str = "zero") -> LRUReduction:
@@ -299,30 +296,6 @@ def reduce_lru_(layer: nn.Module, keep: int | Tensor, optimizers: Iterable[Optim
                         seconds=time.perf_counter() - t0)
 
 
-def apply_lru_plan_(model: nn.Module, plan: Mapping[str, int | Tensor], optimizers: Iterable[Optimizer] = (),
-                    state_policy: str = "zero") -> dict[str, LRUReduction]:
-    """Balanced truncation of every layer of a rank plan ``{qualified layer name: rank or kept balanced states}``.
-
-    Layers are reduced in sorted-name order (identical on every rank).
-    """
-    optimizers = list(optimizers)
-    return {name: reduce_lru_(model.get_submodule(name), keep, optimizers, state_policy)
-            for name, keep in sorted(plan.items())}
-
-
-def resize_lru_(layer: nn.Module, state_dim: int) -> None:
-    """Give ``layer`` zero-filled N-sized parameters of size ``state_dim`` (before loading a checkpoint)."""
-    n = int(state_dim)
-    if n < 1:
-        raise ValueError(f"state_dim must be >= 1, got {state_dim}")
-    for name, axis in LRU_STATE_AXES.items():
-        old = getattr(layer, name)
-        shape = list(old.shape)
-        shape[axis] = n
-        setattr(layer, name, nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad))
-    layer.state_dim = n
-
-
 # ---------------------------------------------------------------------------------------------- ranks
 def tail_energy(hsv: Tensor) -> Tensor:
     """e_k = Σ_{i>k} σ_i / Σ σ_i for k = 1..N (linear in σ, as the paper's Eq. 8)."""
@@ -351,45 +324,3 @@ def rank_for_fraction(state_dim: int, fraction: float = 0.1) -> int:
 def passes_gate(rank: int, state_dim: int, gate: float = 0.95) -> bool:
     """The paper's 5% gate: reduce only if r < gate·N."""
     return int(rank) < float(gate) * int(state_dim)
-
-
-def ranks_for_budget(hsvs: Mapping[str, Tensor], total_states: int, min_rank: int = 1) -> dict[str, int]:
-    """Per-layer ranks from one common tolerance τ (the smallest τ whose ranks sum to ≤ ``total_states``).
-
-    Every layer keeps at least ``min_rank`` states (so the sum can exceed a too small budget).
-    """
-    tails = {k: tail_energy(v) for k, v in hsvs.items()}
-
-    def ranks(tau: float) -> dict[str, int]:
-        return {k: max(min(int(min_rank), e.numel()), min(e.numel(), 1 + int((e[:-1] > tau).sum())))
-                for k, e in tails.items()}
-
-    candidates = sorted({0.0, *(float(x) for e in tails.values() for x in e.tolist())})
-    lo, hi = 0, len(candidates) - 1
-    while lo < hi:  # sum of ranks is non-increasing in τ: first candidate within budget
-        mid = (lo + hi) // 2
-        if sum(ranks(candidates[mid]).values()) <= int(total_states):
-            hi = mid
-        else:
-            lo = mid + 1
-    return ranks(candidates[lo])
-
-
-# ---------------------------------------------------------------------------------------------- cost
-def lru_layer_flops(d_model: int, state_dim: int, seq_len: int, batch: int = 1, chunk: int = 16,
-                    training: bool = True) -> int:
-    """FLOPs of one LRU layer as ``torch.utils.flop_counter`` counts them (matmuls/einsums; complex = real).
-
-    Forward: input projection 2·B·L·H·2N + chunked scan 2·B·L_pad·T·N + output projection 2·B·L·2N·H, with
-    T = min(chunk, L) and L_pad = T·⌈L/T⌉. Training adds the two projections' backward (2x each) and the
-    reverse scan plus the ∂λ reduction (2·B·(L-1)·N). Linear in N: the FLOPs share of a layer at rank r is
-    ``lru_layer_flops(..., r, ...) / lru_layer_flops(..., N, ...)``.
-    """
-    h, n, length, b = int(d_model), int(state_dim), int(seq_len), int(batch)
-    t = max(1, min(int(chunk), length))
-    l_pad = t * -(-length // t)
-    proj = 2 * b * length * h * 2 * n
-    scan = 2 * b * l_pad * t * n
-    if not training:
-        return 2 * proj + scan
-    return 3 * 2 * proj + 2 * scan + 2 * b * (length - 1) * n

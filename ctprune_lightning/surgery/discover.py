@@ -1,10 +1,12 @@
 """Find the prunable groups of any model, with the reason for every layer left dense.
 
 Torch-Pruning's ``DependencyGraph`` is the coupling oracle (which slices are tied, through residual
-additions, flattening, norms); head-structured attention modules (:mod:`.attention`) are registered
-with it as opaque layers, so it couples their input and output widths to the residual stream without
-tracing their insides, and their heads become groups of their own. Our executor (:mod:`.slices`) does
-the cutting. Every accepted group is checked by a trial cut on a copy of the model.
+additions, flattening, norms). Which slice a traced module contributes, or why it cannot, is asked of the
+first slice handler that claims it (:mod:`.handlers`); modules a handler traces as one layer (attention,
+recurrent layers) are registered with the tracer as opaque layers, so their input and output widths couple
+to the rest without tracing their insides, and groups inside one module (heads, SSM states) come from the
+handlers too. Our executor (:mod:`.slices`) does the cutting. Every accepted group is checked by a trial
+cut on a copy of the model.
 
 Example::
 
@@ -22,17 +24,12 @@ import torch
 from torch import nn
 
 from ..probe import as_call
-from . import attention as attn
-from . import mha as pmha
-from . import hf
-from .balanced import is_lru_layer
-from .slices import (ATTN_IN, ATTN_OUT, CONV_IN, CONV_OUT, EMBEDDING_DIM, HEADS, IN_KINDS, LINEAR_IN, LINEAR_OUT,
-                     NORM, OUT_KINDS, SSM_STATE, PrunableGroup, Slice, apply_plan_, tied_parameters)
+from .handlers import Claim, ClaimContext, SliceHandler, claim, handlers, role_of, traced_layers
+from .shrink import NORM_TYPES
+from .slices import PrunableGroup, Slice, apply_plan_, tied_parameters
 
 log = logging.getLogger(__name__)
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 ROOT_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 Limits = Mapping["str | type", int]
 
@@ -78,64 +75,42 @@ def resolve_limit(name: str, module: nn.Module, group_limits: Limits | None) -> 
     return next((int(v) for k, v in limits.items() if isinstance(k, type) and isinstance(module, k)), None)
 
 
-def _black_box_pruner() -> Any:
-    """A Torch-Pruning pruner that only reports widths: attention modules are traced as single layers."""
+def _widths_pruner(handler: SliceHandler, through: bool) -> Any:
+    """A Torch-Pruning pruner that only reports the widths of a layer the handler traces as one layer.
+
+    ``through``: the layer carries its input channels to its outputs one to one (a pass-through slice), so
+    its in and out channels are one coupling (Torch-Pruning couples them when both are the same function).
+    """
     import torch_pruning as tp
 
-    class _AttentionWidths(tp.pruner.BasePruningFunc):
+    class _Widths(tp.pruner.BasePruningFunc):
         def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-            raise NotImplementedError("ctprune cuts attention modules itself")
+            raise NotImplementedError("ctprune cuts this layer itself")
 
-        def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-            raise NotImplementedError("ctprune cuts attention modules itself")
+        def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:  # distinct: not coupled
+            raise NotImplementedError("ctprune cuts this layer itself")
+
+        if through:
+            prune_in_channels = prune_out_channels  # noqa: F811 - the intra-layer coupling
 
         def get_out_channels(self, layer: nn.Module) -> int:
-            return getattr(layer, attn.find_head_layout(layer).out).out_features
+            return handler.trace_as_layer(layer)[1]
 
         def get_in_channels(self, layer: nn.Module) -> int:
-            return getattr(layer, attn.find_head_layout(layer).qkv[0]).in_features
+            return handler.trace_as_layer(layer)[0]
 
-    return _AttentionWidths()
+    return _Widths()
 
 
-def _slice_kind(module: nn.Module, is_out: bool, layouts: Mapping[nn.Module, attn.HeadLayout],
-                prune_embeddings: bool) -> tuple[str | None, tuple[str, ...], str | None]:
-    """(kind, parts, None) for a supported slice, else (None, (), reason with a ``{}`` for the name)."""
-    if isinstance(module, nn.Linear):
-        return (LINEAR_OUT if is_out else LINEAR_IN), (), None
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if not isinstance(module, CONV_TYPES):
-            return None, (), f"coupled to {type(module).__name__} '{{}}' (transposed convolutions are not supported)"
-        if module.groups != 1:
-            kind = "depthwise" if module.groups == module.in_channels == module.out_channels else "grouped"
-            return None, (), (f"coupled to {kind} convolution '{{}}' (groups={module.groups}): its channels are tied "
-                              "to their group, which is not supported")
-        return (CONV_OUT if is_out else CONV_IN), (), None
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return NORM, (), None
-    if isinstance(module, nn.LayerNorm):
-        if len(module.normalized_shape) != 1:
-            return None, (), f"coupled to LayerNorm '{{}}' over {tuple(module.normalized_shape)} (1-D only)"
-        return NORM, (), None
-    if isinstance(module, nn.Embedding):
-        if not prune_embeddings:
-            return None, (), ("embedding dimension of '{}' (vocabulary and embedding widths are never cut unless "
-                              "prune_embeddings=True)")
-        return EMBEDDING_DIM, (), None
-    if hf.is_conv1d(module):  # transformers' Conv1D (GPT-2): a Linear with the weight transposed
-        return (hf.CONV1D_OUT if is_out else hf.CONV1D_IN), (), None
-    if hf.find_hf_head_layout(module) is not None:
-        return None, (), hf.RESIDUAL_REASON
-    if module in layouts:
-        return (ATTN_OUT if is_out else ATTN_IN), layouts[module].parts, None
-    if isinstance(module, pmha.PrunableMultiheadAttention):  # its residual (embed_dim) side
-        why = pmha.embed_refusal(module)
-        return ((ATTN_OUT if is_out else ATTN_IN), pmha.MHA_PARTS, None) if why is None else (
-            None, (), f"coupled to the residual width of attention '{{}}' ({why})")
-    if isinstance(module, nn.MultiheadAttention):
-        return None, (), ("coupled to nn.MultiheadAttention '{}', whose embed_dim ties its input, q/k/v and output "
-                          "widths (not supported; convert_multihead_attention_ makes it prunable)")
-    return None, (), f"coupled to {type(module).__name__} '{{}}', which cannot be shrunk yet"
+def _is_through(handler: SliceHandler, module: nn.Module) -> bool:
+    found = handler.claims(module, True, ClaimContext(prune_embeddings=True))
+    return isinstance(found, Claim) and role_of(found.kind) == "through"
+
+
+def _display(module: nn.Module, name: str) -> str:
+    """A producer's name: a module with heads of its own is named by its output projection."""
+    own = next((g for h in handlers() if (g := h.own_group(module)) is not None), None)
+    return f"{name}.{own.parts[-1]}" if own is not None and own.parts else name
 
 
 def _block(item: Any, width: int, kind: str) -> tuple[int, str | None]:
@@ -144,7 +119,7 @@ def _block(item: Any, width: int, kind: str) -> tuple[int, str | None]:
     n = len(idxs)
     if n == width and all(int(i) == int(r) for i, r in zip(idxs, roots)):
         return 1, None
-    if kind == LINEAR_IN and n % width == 0:
+    if kind == "linear_in" and n % width == 0:
         k = n // width
         pairs = sorted(zip(map(int, idxs), map(int, roots)))
         if [i for i, _ in pairs] == list(range(n)) and all(r == i // k for i, r in pairs):
@@ -152,22 +127,23 @@ def _block(item: Any, width: int, kind: str) -> tuple[int, str | None]:
     return 0, "partially coupled to '{}' (concat/split/permutation of channels)"
 
 
-def _trace(model: nn.Module, example_inputs: Any, layouts: Mapping[nn.Module, attn.HeadLayout]) -> tuple[Any, list]:
+def _trace(model: nn.Module, example_inputs: Any, layers: Mapping[nn.Module, SliceHandler]) -> tuple[Any, list]:
     import torch_pruning as tp  # heavy import, only when a fit starts
 
-    custom = {type(m): _black_box_pruner() for m in layouts}
-    custom.update(pmha.customized_pruners(model))  # PrunableMultiheadAttention, traced as one layer
-    custom.update(hf.customized_pruners(model))  # Conv1D and Hugging Face attention modules
+    custom = {type(m): _widths_pruner(h, _is_through(h, m)) for m, h in layers.items()}
     was_training = model.training
     model.eval()
+    hooks = [m.register_forward_hook(h.trace_hook, with_kwargs=True) for m, h in layers.items()]
     try:
-        with torch.enable_grad(), hf.opaque_attention(model), pmha.traced_as_one_layer(model):
+        with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=_forward,
                                                           customized_pruners=custom or None, verbose=False,
                                                           output_transform=_graph_outputs)
         roots = ROOT_TYPES + tuple(custom)  # an attention output group is named after its output projection
         return graph, list(graph.get_all_groups(ignored_layers=[], root_module_types=roots))
     finally:
+        for hook in hooks:
+            hook.remove()
         model.train(was_training)
 
 
@@ -184,7 +160,7 @@ def _graph_outputs(out: Any) -> list[torch.Tensor]:
 
 def _group_name(producer: Slice) -> str:
     """A channel group is named after its first producer; an attention output by its projection."""
-    return f"{producer.module}.{producer.parts[-1]}" if producer.kind == ATTN_OUT else producer.module
+    return f"{producer.module}.{producer.parts[-1]}" if producer.parts else producer.module
 
 
 def _forward(model: nn.Module, example_inputs: Any) -> Any:
@@ -266,10 +242,9 @@ def discover_groups(
     names: dict[nn.Module, str] = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     ignored = {n for m, n in names.items() if n and _matches(n, m, ignored_layers)}
-    layouts = {m: lay for m in names if (lay := attn.find_head_layout(m)) is not None}
-    hf_layouts = {m: lay for m in names if (lay := hf.find_hf_head_layout(m)) is not None}
-    layouts = {m: lay for m, lay in layouts.items() if m not in hf_layouts}
-    graph, tp_groups = _trace(model, example_inputs, layouts)
+    layers = traced_layers(model)
+    graph, tp_groups = _trace(model, example_inputs, layers)
+    ctx = ClaimContext(prune_embeddings=prune_embeddings)
     pnames = {id(p): n for n, p in model.named_parameters()}
     ties = tied_parameters(model)
 
@@ -290,52 +265,35 @@ def discover_groups(
                 continue
             covered.add(names[module])
             is_out = getattr(item.dep.handler, "__name__", "") == "prune_out_channels"
-            if is_out and not isinstance(module, NORM_TYPES):
-                lay = layouts.get(module) or hf_layouts.get(module)  # an attention output: its projection
-                display = f"{names[module]}.{lay.out}" if lay is not None else names[module]
-                display += ".out_proj" if isinstance(module, pmha.PrunableMultiheadAttention) else ""
-                producers.append((order[names[module]], display))
-            kind, parts, why = _slice_kind(module, is_out, layouts, prune_embeddings)
-            block, why_block = (0, None) if kind is None else _block(item, width, kind)
+            found, why = claim(module, is_out, ctx)
+            if is_out and not isinstance(module, NORM_TYPES) and (found is None or role_of(found.kind) != "through"):
+                producers.append((order[names[module]], _display(module, names[module])))
+            block, why_block = (0, None) if found is None else _block(item, width, found.kind)
             if why or why_block:
                 reason = reason or (why or why_block).format(names[module])
                 continue
-            slices.append(Slice(names[module], kind, block, parts))
+            slices.append(Slice(names[module], found.kind, block, found.parts))
         slices = list(dict.fromkeys(slices))
         name = min(producers)[1] if producers else names.get(tp_group.items[0].dep.target.module, "?")
-        first = next((s for s in slices if s.kind in OUT_KINDS and _group_name(s) == name), None)
+        first = next((s for s in slices if s.role == "out" and _group_name(s) == name), None)
         if first is not None:  # the named producer leads: the group's width is read from it
             slices.remove(first)
             slices.insert(0, first)
-        if reason is None and not any(s.kind in IN_KINDS for s in slices):
+        if reason is None and not any(s.role == "in" for s in slices):
             reason = "output layer (its features leave the model)"
         candidates.append((PrunableGroup(name, tuple(slices), round_to=round_to), reason))
 
     skipped: dict[str, str] = {}
-    for module, layout in layouts.items():
-        name = names[module]
-        covered.update({name} | {f"{name}.{p}" for p in layout.parts})
-        why = attn.check_head_layout(module, layout)
-        group = PrunableGroup(name, (Slice(name, HEADS, 1, layout.parts),), round_to=1)
-        candidates.append((group, None if why is None else f"attention heads: {why}"))
-    for module, layout in hf_layouts.items():  # GPT-2, Llama-style (a unit = a key/value group), BERT
-        name = names[module]
-        covered.update({name} | {n for n in order if n.startswith(name + ".")})
-        why = hf.check_hf_head_layout(module, layout)
-        group = PrunableGroup(name, (Slice(name, hf.HF_HEADS, 1, layout.parts),), round_to=1)
-        candidates.append((group, None if why is None else f"attention heads: {why}"))
-    for module, name in names.items():  # a converted nn.MultiheadAttention: one head group (mha.py)
-        if isinstance(module, pmha.PrunableMultiheadAttention):
-            covered.update({name, f"{name}.out_proj"})
-            candidates.append((PrunableGroup(name, (Slice(name, HEADS, 1, pmha.MHA_PARTS),), round_to=1), None))
-    for module, name in names.items():
-        if name and is_lru_layer(module):  # SSM state groups: cut by balanced truncation, no coupling outside
-            covered.add(name)
-            candidates.append((PrunableGroup(name, (Slice(name, SSM_STATE),), round_to=1), None))
-    for module, name in names.items():
-        if isinstance(module, nn.MultiheadAttention):
-            skipped[name] = attn.MHA_REASON
-            covered.update(n for n in order if n.startswith(name + "."))
+    for h in handlers():  # groups inside one module: heads, SSM states (or why they are left dense)
+        for module, name in names.items():
+            own = h.own_group(module) if name else None
+            if own is None:
+                continue
+            covered.update({name} | {f"{name}.{c}" for c in own.covers})
+            if not own.parts and own.reason is not None:  # nothing to cut at all (nn.MultiheadAttention)
+                skipped[name] = own.reason
+                continue
+            candidates.append((PrunableGroup(name, (Slice(name, own.kind, 1, own.parts),), round_to=1), own.reason))
 
     groups: list[PrunableGroup] = []
     for group, reason in candidates:
@@ -374,11 +332,7 @@ def discover_groups(
         if (n and n not in in_groups and n not in skipped and n not in covered
                 and any(True for _ in m.parameters(recurse=False))
                 and not any(n.startswith(s + ".") for s in skipped)):
-            skipped[n] = ("not coupled" if isinstance(m, ROOT_TYPES + attn_types(layouts))
+            skipped[n] = ("not coupled" if isinstance(m, ROOT_TYPES + tuple({type(t) for t in layers}))
                           else f"unsupported layer type {type(m).__name__}")
     return (sorted(groups, key=lambda g: order[g.name]),
             sorted(skipped.items(), key=lambda kv: order.get(kv[0], -1)))
-
-
-def attn_types(layouts: Mapping[nn.Module, attn.HeadLayout]) -> tuple[type, ...]:
-    return tuple({type(m) for m in layouts})

@@ -14,16 +14,18 @@ Example::
 
     groups, skipped = discover_groups(model, model.example_input_array)
     apply_plan_(model, groups, {"net.1": torch.tensor([0, 3, 5])}, trainer.optimizers)
+    apply_plan_(model, groups, {}, trainer.optimizers, grow={"net.1": 2})   # 3 -> 5 units, same outputs
 """
 
 from __future__ import annotations
 
 from .discover import discover_groups, resolve_limit
-from .slices import (ATTN_IN, ATTN_OUT, CONV_IN, CONV_OUT, EMBEDDING_DIM, HEADS, KINDS, LINEAR_IN, LINEAR_OUT, NORM,
-                     PrunableGroup, Slice, UnitSlice, apply_plan_, arch_spec, tied_parameters)
+from .handlers import GrowInit
+from .slices import (ATTN_IN, ATTN_OUT, CONV_IN, CONV_OUT, DEPTHWISE, EMBEDDING_DIM, HEADS, LINEAR_IN, LINEAR_OUT,
+                     NORM, SSM_STATE, PrunableGroup, Slice, UnitSlice, apply_plan_, arch_spec, tied_parameters)
 
 __all__ = [
-    "ATTN_IN", "ATTN_OUT", "CONV_IN", "CONV_OUT", "EMBEDDING_DIM", "HEADS", "KINDS", "LINEAR_IN", "LINEAR_OUT", "NORM",
-    "PrunableGroup", "Slice", "UnitSlice", "apply_plan_", "arch_spec", "discover_groups", "resolve_limit",
-    "tied_parameters",
+    "ATTN_IN", "ATTN_OUT", "CONV_IN", "CONV_OUT", "DEPTHWISE", "EMBEDDING_DIM", "GrowInit", "HEADS", "LINEAR_IN",
+    "LINEAR_OUT", "NORM", "SSM_STATE", "PrunableGroup", "Slice", "UnitSlice", "apply_plan_", "arch_spec",
+    "discover_groups", "resolve_limit", "tied_parameters",
 ]

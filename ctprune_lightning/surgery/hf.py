@@ -34,9 +34,8 @@ Example::
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +47,6 @@ from .shrink import _check_keep, expand_units
 
 CONV1D_OUT, CONV1D_IN = "conv1d_out", "conv1d_in"
 HF_HEADS = "hf_heads"  # heads (or key/value groups) of a Hugging Face attention module
-KINDS = (CONV1D_OUT, CONV1D_IN, HF_HEADS)
 FAMILIES = ("gpt2", "llama", "bert")
 RESIDUAL_REASON = ("coupled to the residual width of Hugging Face attention '{}' (its input/output width), which "
                    "cannot be shrunk yet")
@@ -68,15 +66,6 @@ class HFHeadLayout:
     @property
     def out(self) -> str:
         return self.parts[-1]
-
-
-class ParamSlice(NamedTuple):
-    """A parameter of a child ``owner`` (relative name, "" = the module) cut along ``dim``."""
-
-    owner: str
-    name: str
-    dim: int
-    units: Tensor | None
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -172,26 +161,20 @@ def check_hf_head_layout(module: nn.Module, layout: HFHeadLayout) -> str | None:
     return None
 
 
-def param_slices(module: nn.Module, kind: str) -> list[ParamSlice]:
-    """The parameters a slice of ``kind`` cuts, with the unit of every index (None: index = unit)."""
-    if kind == CONV1D_OUT:
-        return [ParamSlice("", "weight", 1, None), ParamSlice("", "bias", 0, None)]
-    if kind == CONV1D_IN:
-        return [ParamSlice("", "weight", 0, None)]
-    if kind != HF_HEADS:
-        raise ValueError(f"unknown Hugging Face slice kind {kind!r}; known: {KINDS}")
+def head_param_slices(module: nn.Module) -> list[tuple[str, str, int, Tensor]]:
+    """``(child, parameter, dim, head of every index)`` for each tensor a head cut slices (child "" = the module)."""
     layout = _layout(module)
     n, dim = head_count(module, layout), head_dim(module, layout)
     if layout.family == "gpt2":
         units = head_units(n, dim, fused=True)
-        return [ParamSlice("c_attn", "weight", 1, units), ParamSlice("c_attn", "bias", 0, units),
-                ParamSlice("c_proj", "weight", 0, head_units(n, dim, fused=False))]
+        return [("c_attn", "weight", 1, units), ("c_attn", "bias", 0, units),
+                ("c_proj", "weight", 0, head_units(n, dim, fused=False))]
     q_block = dim * (int(module.num_key_value_groups) if layout.family == "llama" else 1)
     q_units, kv_units = torch.arange(n).repeat_interleave(q_block), torch.arange(n).repeat_interleave(dim)
-    out: list[ParamSlice] = []
+    out: list[tuple[str, str, int, Tensor]] = []
     for part, units in zip(layout.qkv, (q_units, kv_units, kv_units)):
-        out += [ParamSlice(part, "weight", 0, units), ParamSlice(part, "bias", 0, units)]
-    return out + [ParamSlice(layout.out, "weight", 1, q_units)]
+        out += [(part, "weight", 0, units), (part, "bias", 0, units)]
+    return out + [(layout.out, "weight", 1, q_units)]
 
 
 def _layout(module: nn.Module) -> HFHeadLayout:
@@ -256,36 +239,6 @@ def shrink_hf_heads_(attn: nn.Module, keep: Tensor, optimizers: Iterable[Optimiz
             setattr(attn, attr, value)
 
 
-def slice_width(module: nn.Module, kind: str) -> int:
-    """Units along a Hugging Face slice."""
-    if kind == CONV1D_OUT:
-        return int(module.nf)
-    if kind == CONV1D_IN:
-        return int(module.nx)
-    return head_count(module, _layout(module))
-
-
-def shrink_slice_(module: nn.Module, kind: str, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
-    """Cut a Hugging Face slice of ``module`` to the units ``keep``."""
-    if kind == CONV1D_OUT:
-        shrink_conv1d_out_features_(module, keep, optimizers)
-    elif kind == CONV1D_IN:
-        shrink_conv1d_in_features_(module, keep, optimizers)
-    elif kind == HF_HEADS:
-        shrink_hf_heads_(module, keep, optimizers)
-    else:
-        raise ValueError(f"unknown Hugging Face slice kind {kind!r}; known: {KINDS}")
-
-
-def scaled_modules(module: str, kind: str, parts: Sequence[str]) -> list[str]:
-    """Modules whose own FLOPs scale with the slice's width (heads: the module, its parts and their parents)."""
-    if kind != HF_HEADS:
-        return [module]
-    names = [module] + [f"{module}.{p}" for p in parts]
-    parents = {f"{module}.{p.rpartition('.')[0]}" for p in parts if "." in p}  # BERT: `self` runs the SDPA
-    return names + sorted(parents)
-
-
 def sync_sizes_(model: nn.Module) -> None:
     """Per-layer bookkeeping the shrink functions cannot see: a Llama-style MLP's ``intermediate_size``."""
     for m in model.modules():
@@ -294,53 +247,15 @@ def sync_sizes_(model: nn.Module) -> None:
             m.intermediate_size = int(down.in_features)
 
 
-def customized_pruners(model: nn.Module) -> dict[type, Any]:
-    """Torch-Pruning pruners that only report widths: Conv1D and HF attention modules traced as layers."""
-    import torch_pruning as tp
-
-    class _Widths(tp.pruner.BasePruningFunc):
-        def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-            raise NotImplementedError("ctprune cuts Hugging Face modules itself")
-
-        def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:  # distinct: not coupled
-            raise NotImplementedError("ctprune cuts Hugging Face modules itself")
-
-        def get_out_channels(self, layer: nn.Module) -> int:
-            if is_conv1d(layer):
-                return int(layer.nf)
-            return _out(layer, _layout(layer).out)
-
-        def get_in_channels(self, layer: nn.Module) -> int:
-            if is_conv1d(layer):
-                return int(layer.nx)
-            first = layer.get_submodule(_layout(layer).qkv[0])
-            return int(first.nx if is_conv1d(first) else first.in_features)
-
-    pruner = _Widths()
-    types = {type(m) for m in model.modules() if is_conv1d(m) or find_hf_head_layout(m) is not None}
-    return {t: pruner for t in types}
-
-
-@contextmanager
-def opaque_attention(model: nn.Module) -> Iterator[None]:
-    """While tracing, each Hugging Face attention module outputs a copy of its input (same width).
+def opaque_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """While tracing, a Hugging Face attention module outputs a copy of its input (same width).
 
     Torch-Pruning walks the autograd graph *through* a customized layer; the insides of these modules
     (rotary ``cat``, q/k/v ``split``, cache updates) confuse its index mapping, and their widths are
-    handled here anyway. A copy keeps the only coupling that matters: residual in -> residual out.
+    handled by the handler anyway. A copy keeps the only coupling that matters: residual in -> residual out.
     """
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        x = args[0] if args else kwargs.get("hidden_states")
-        first = output[0] if isinstance(output, tuple) else output
-        if not isinstance(x, Tensor) or not isinstance(first, Tensor) or x.shape != first.shape:
-            return None
-        return (x.clone(), *output[1:]) if isinstance(output, tuple) else x.clone()
-
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
-               if find_hf_head_layout(m) is not None]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    x = args[0] if args else kwargs.get("hidden_states")
+    first = output[0] if isinstance(output, tuple) else output
+    if not isinstance(x, Tensor) or not isinstance(first, Tensor) or x.shape != first.shape:
+        return None
+    return (x.clone(), *output[1:]) if isinstance(output, tuple) else x.clone()

@@ -21,8 +21,7 @@ Convert *before* the optimizer is built (the optimizer must hold the new Paramet
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -245,7 +244,7 @@ def _heads_rows(attn: PrunableMultiheadAttention, keep: Tensor) -> tuple[Tensor,
     return rows, torch.cat([rows + s * inner for s in range(3)])
 
 
-def head_units(attn: PrunableMultiheadAttention, packed: bool) -> Tensor:
+def _section_heads(attn: PrunableMultiheadAttention, packed: bool) -> Tensor:
     """The head owning each row of a q/k/v section (``packed``: of the [q|k|v] tensors)."""
     units = torch.arange(attn.num_heads).repeat_interleave(attn.head_dim)
     return units.repeat(3) if packed else units
@@ -253,7 +252,7 @@ def head_units(attn: PrunableMultiheadAttention, packed: bool) -> Tensor:
 
 def mha_head_slices(attn: PrunableMultiheadAttention) -> list[tuple[str, int, Tensor]]:
     """``(parameter name, dim, head of each index)`` for every tensor a head cut slices."""
-    packed, section = head_units(attn, True), head_units(attn, False)
+    packed, section = _section_heads(attn, True), _section_heads(attn, False)
     out = [("in_proj_weight", 0, packed)] if attn.in_proj_weight is not None else [
         (n, 0, section) for n in PROJ_WEIGHTS]
     if attn.in_proj_bias is not None:
@@ -289,56 +288,19 @@ def shrink_mha_heads_(attn: PrunableMultiheadAttention, keep: Tensor, optimizers
     attn.num_heads = int(keep.numel())
 
 
-def customized_pruners(model: nn.Module) -> dict[type, Any]:
-    """A Torch-Pruning pruner that only reports widths, so the DependencyGraph traces each
-    :class:`PrunableMultiheadAttention` of ``model`` as one layer (query width in, embed_dim out)."""
-    if not any(isinstance(m, PrunableMultiheadAttention) for m in model.modules()):
-        return {}
-    import torch_pruning as tp  # heavy import, only when groups are discovered
-
-    class _Widths(tp.pruner.BasePruningFunc):
-        def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-            raise NotImplementedError("ctprune cuts PrunableMultiheadAttention itself")
-
-        def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:  # a distinct handler
-            raise NotImplementedError("ctprune cuts PrunableMultiheadAttention itself")
-
-        def get_out_channels(self, layer: nn.Module) -> int:
-            return int(layer.out_proj.out_features)
-
-        def get_in_channels(self, layer: nn.Module) -> int:
-            w = layer.in_proj_weight if layer.in_proj_weight is not None else layer.q_proj_weight
-            return int(w.shape[1])
-
-    return {PrunableMultiheadAttention: _Widths()}
-
-
 def _stand_in(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, None]:
-    """An output whose autograd graph leads straight to the inputs (channel-wise), for tracing only."""
+    """While tracing (the handler's ``trace_hook``): an output whose autograd graph leads straight to the inputs.
+
+    Torch-Pruning follows the autograd graph, so it would walk through the packed projection's split and the
+    head reshapes and couple them to the residual wrongly (or never terminate). The stand-in is ``query (+ mean
+    of key and value)``: the same shape, coupled channel by channel to the inputs, as the opaque layer it is.
+    """
     query, key, value = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(("query", "key", "value")))
     seq = 0 if query.dim() == 2 or not module.batch_first else 1
     out = query.clone()  # a new autograd node (the query's own belongs to its producer)
     if module.in_proj_weight is not None:  # packed: query, key and value share the input width
         out = out + key.mean(seq, keepdim=True) + value.mean(seq, keepdim=True)
     return out, None
-
-
-@contextmanager
-def traced_as_one_layer(model: nn.Module) -> Iterator[None]:
-    """While tracing with Torch-Pruning, make each :class:`PrunableMultiheadAttention` one opaque layer.
-
-    Torch-Pruning follows the autograd graph, so it would walk through the packed projection's
-    split and the head reshapes and couple them to the residual wrongly (or never terminate). Inside
-    this context the module's output is replaced by ``query (+ mean of key and value)``: the same
-    shape, coupled channel by channel to the inputs, as the opaque layer it is. Use for tracing only.
-    """
-    handles = [m.register_forward_hook(_stand_in, with_kwargs=True) for m in model.modules()
-               if isinstance(m, PrunableMultiheadAttention)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def embed_refusal(attn: PrunableMultiheadAttention) -> str | None:

@@ -97,3 +97,58 @@ def live_parameters_missing(model: nn.Module, optimizers: Iterable[Any]) -> list
     """Names of trainable parameters of ``model`` that no optimizer holds (a stale optimizer)."""
     held = {id(p) for p in optimizer_params(optimizers)}
     return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+
+
+def interleave(old: Tensor, fresh: Tensor, dim: int, positions: Tensor | None = None) -> Tensor:
+    """``old`` with ``fresh`` inserted along ``dim`` at ``positions`` of the result (default: appended).
+
+    >>> interleave(torch.tensor([1., 2.]), torch.tensor([9.]), 0, torch.tensor([1])).tolist()
+    [1.0, 9.0, 2.0]
+    """
+    size = old.shape[dim] + fresh.shape[dim]
+    if positions is None:
+        positions = torch.arange(old.shape[dim], size)
+    positions = positions.to(old.device)
+    new = torch.zeros(size, dtype=torch.bool, device=old.device)
+    new[positions] = True
+    shape = list(old.shape)
+    shape[dim] = size
+    out = old.new_empty(shape)
+    out.index_copy_(dim, (~new).nonzero().flatten(), old)
+    out.index_copy_(dim, positions, fresh.to(device=old.device, dtype=old.dtype))
+    return out
+
+
+def grow_state_(state: dict, old: Tensor, dim: int, positions: Tensor) -> dict:
+    """Optimizer state of a grown parameter: old entries kept, new slots zero (a fresh parameter's moments);
+    scalars (Adam's ``step``) kept, so every element of the tensor shares one step count."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.shape == old.shape and value.dim() > 0:
+            shape = list(value.shape)
+            shape[dim] = int(positions.numel())
+            out[key] = interleave(value, value.new_zeros(shape), dim, positions)
+        else:
+            out[key] = value
+    return out
+
+
+def grow_parameter_(module: nn.Module, name: str, fresh: Tensor, dim: int, optimizers: Iterable[Optimizer] = (),
+                    positions: Tensor | None = None) -> nn.Parameter:
+    """Replace ``module.<name>`` by a new Parameter with ``fresh`` inserted along ``dim`` at ``positions``
+    (default: appended), in the old Parameter's optimizer slots with the state grown alike
+    (:func:`grow_state_`: zero moments for the new slots, ``step`` kept)."""
+    old = getattr(module, name)
+    if positions is None:
+        positions = torch.arange(old.shape[dim], old.shape[dim] + fresh.shape[dim])
+    with torch.no_grad():
+        data = interleave(old.detach(), fresh, dim, positions)
+    return swap_parameter_(module, name, data, optimizers, lambda state, o, n: grow_state_(state, o, dim, positions))
+
+
+def grow_buffer_(module: nn.Module, name: str, fresh: Tensor, dim: int = 0) -> None:
+    """Append ``fresh`` to a buffer along ``dim`` (e.g. BatchNorm running statistics)."""
+    buf = getattr(module, name)
+    if buf is None or buf.dim() == 0:
+        return
+    module.register_buffer(name, interleave(buf, fresh, dim))

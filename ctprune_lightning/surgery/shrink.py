@@ -21,7 +21,9 @@ from torch.optim import Optimizer
 
 from .optim import replace_buffer_, replace_parameter_
 
-NORM_TYPES = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: Normalisation layers (the per-channel ones with a feature axis); :func:`shrink_norm_` cuts BatchNorm and 1-D LayerNorm.
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+#: Convolutions ctprune cuts (transposed convolutions are not among them).
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -30,6 +32,12 @@ def _check_keep(keep: Tensor, size: int, what: str) -> None:
         raise ValueError(f"{what}: keep must be a non-empty 1-D index tensor, got shape {tuple(keep.shape)}")
     if int(keep.min()) < 0 or int(keep.max()) >= size:
         raise ValueError(f"{what}: keep indices must lie in [0, {size}), got [{int(keep.min())}, {int(keep.max())}]")
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    """A depthwise convolution: one filter per channel (``groups == in_channels == out_channels``)."""
+    return (isinstance(conv, CONV_TYPES) and conv.groups > 1
+            and conv.groups == conv.in_channels == conv.out_channels)
 
 
 def expand_units(keep: Tensor, block: int) -> Tensor:
@@ -75,7 +83,8 @@ def _check_conv(conv: nn.Module, what: str) -> None:
         allowed = [t.__name__ for t in CONV_TYPES]
         raise TypeError(f"{what}: unsupported module {type(conv).__name__}; allowed: {allowed}")
     if conv.groups != 1:
-        raise ValueError(f"{what}: grouped/depthwise convolution (groups={conv.groups}) is not supported")
+        raise ValueError(f"{what}: grouped/depthwise convolution (groups={conv.groups}) is not supported here "
+                         "(a depthwise one: shrink_depthwise_conv_channels_)")
 
 
 def shrink_conv_out_channels_(conv: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
@@ -90,6 +99,16 @@ def shrink_conv_in_channels_(conv: nn.Module, keep: Tensor, optimizers: Iterable
     _check_conv(conv, "shrink_conv_in_channels_")
     _check_keep(keep, conv.in_channels, "shrink_conv_in_channels_")
     _shrink_inputs_(conv, keep, optimizers, "in_channels")
+
+
+def shrink_depthwise_conv_channels_(conv: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
+    """Keep only the channels ``keep`` of a depthwise convolution (its filters, bias and ``groups``)."""
+    if not is_depthwise(conv):
+        raise ValueError(f"shrink_depthwise_conv_channels_: expected a depthwise Conv1d/2d/3d (groups == in_channels "
+                         f"== out_channels), got {conv!r}")
+    _check_keep(keep, conv.out_channels, "shrink_depthwise_conv_channels_")
+    _shrink_outputs_(conv, keep, optimizers, "out_channels")
+    conv.in_channels = conv.groups = int(keep.numel())
 
 
 def shrink_embedding_dim_(embedding: nn.Embedding, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
@@ -113,7 +132,7 @@ def shrink_norm_(norm: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] 
         replace_buffer_(norm, "running_mean", keep)
         replace_buffer_(norm, "running_var", keep)
     else:
-        raise TypeError(f"shrink_norm_: unsupported module {type(norm).__name__}; allowed: {[t.__name__ for t in NORM_TYPES]}")
+        raise TypeError(f"shrink_norm_: unsupported module {type(norm).__name__}; allowed: LayerNorm, BatchNorm1d/2d/3d")
     for name in ("weight", "bias"):
         if getattr(norm, name, None) is not None:
             replace_parameter_(norm, name, keep, 0, optimizers)

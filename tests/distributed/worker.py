@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ctprune_lightning import ControlPruning, PruningDDPStrategy, PruningFSDPStrategy
 from ctprune_lightning.models import MLPClassifier
+from ctprune_lightning.loop import Plan
 from ctprune_lightning.strategy import arch_hash
 
 GLOBAL_BATCH = 32
@@ -99,6 +100,20 @@ class Recorder(L.Callback):
             cb.loop.apply_ = failing
 
 
+class Grower(L.Callback):
+    """At one optimizer step, grow ``net.1`` by ``units`` through the loop's actuator (every rank)."""
+
+    def __init__(self, step: int, units: int) -> None:
+        self.step, self.units = step, units
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step or not self.units:
+            return
+        cb = next(c for c in trainer.callbacks if isinstance(c, ControlPruning))
+        plan = Plan(step=self.step, widths=cb.loop.widths(pl_module), grow={"net.1": self.units})
+        cb._actuate(trainer, lambda model, optimizers: cb.loop.apply_(model, plan, optimizers))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--strategy", choices=["single", "ddp", "fsdp"], required=True)
@@ -109,6 +124,7 @@ def main() -> None:
     ap.add_argument("--sharded", type=int, default=1, help="FSDP: 1 = distributed checkpoint, 0 = one file")
     ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--budget", type=float, default=0.0, help="> 0: the quality-budget loop (lqr), held-out probe")
+    ap.add_argument("--grow", type=int, default=0, help="> 0: add this many units to net.1 at step 10")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +142,7 @@ def main() -> None:
         pruning = ControlPruning(controller="gmp", target=0.3, every_n_steps=4, round_to=4, importance="magnitude",
                                  controller_kwargs={"start": 0.0, "end": 0.5})
     recorder = Recorder(args.fail_rank)
-    callbacks: list = [pruning, recorder]
+    callbacks: list = [pruning, Grower(10, args.grow), recorder]
     if args.save:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_epochs=1, save_top_k=-1,
                                                              filename="step{step}", auto_insert_metric_name=False))

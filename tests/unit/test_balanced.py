@@ -20,11 +20,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from ctprune_lightning.data.sequential import SequentialDigitsDataModule
 from ctprune_lightning.importance.hankel import HankelImportance, find_lru_layers, plan_lru_ranks
 from ctprune_lightning.models.lru import LRUClassifier, LRULayer
-from ctprune_lightning.surgery.balanced import (LRU_STATE_AXES, MIN_DECAY, DiagonalSystem, apply_lru_plan_,
+from ctprune_lightning.surgery.balanced import (LRU_STATE_AXES, MIN_DECAY, DiagonalSystem,
                                                 balanced_truncation, balancing_projectors, diagonalize, gramians,
-                                                hankel_singular_values, lru_layer_flops, lru_parameters,
+                                                hankel_singular_values, lru_parameters,
                                                 lru_system, passes_gate, rank_for_fraction, rank_for_tolerance,
-                                                ranks_for_budget, reduce_lru_, resize_lru_, tail_energy)
+                                                reduce_lru_)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -400,11 +400,13 @@ def test_reduction_is_deterministic_and_independent_of_the_modal_order() -> None
 
 
 def test_resize_then_load_a_reduced_state_dict() -> None:
+    from ctprune_lightning.surgery.arch import apply_arch_, capture_arch
+
     torch.manual_seed(0)
     reduced = LRUClassifier(input_dim=16, d_model=4, d_state=10, num_blocks=2)
     reduce_lru_(reduced.blocks[1].lru, 3)
     fresh = LRUClassifier(input_dim=16, d_model=4, d_state=10, num_blocks=2)
-    resize_lru_(fresh.blocks[1].lru, 3)
+    apply_arch_(fresh, capture_arch(reduced))
     fresh.load_state_dict(reduced.state_dict())
     x = torch.randn(2, 16, 1)
     reduced.eval(), fresh.eval()
@@ -421,22 +423,6 @@ def test_rank_rules() -> None:
     for bad in (lambda: rank_for_tolerance(hsv, 1.0), lambda: rank_for_fraction(10, 0.0)):
         with pytest.raises(ValueError):
             bad()
-
-
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4),
-       budget=st.integers(0, 50))
-def test_budget_ranks_are_the_largest_common_tolerance_ranks_within_budget(seed: int, sizes: list[int],
-                                                                          budget: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    hsvs = {f"l{i}": torch.rand(n, generator=g, dtype=torch.float64).sort(descending=True).values
-            for i, n in enumerate(sizes)}
-    ranks = ranks_for_budget(hsvs, budget)
-    taus = sorted({0.0, *(float(e) for v in hsvs.values() for e in tail_energy(v).tolist())})
-    by_tau = [{k: rank_for_tolerance(v, t) for k, v in hsvs.items()} for t in taus]
-    fits = [r for r in by_tau if sum(r.values()) <= budget]
-    assert ranks == (fits[0] if fits else by_tau[-1])  # the smallest common τ that fits, else 1 state each
-    assert sum(ranks.values()) <= max(budget, len(sizes)) and all(r >= 1 for r in ranks.values())
 
 
 # ------------------------------------------------------------------------------------------- importance, plan
@@ -456,12 +442,13 @@ def test_hankel_importance_scores_plans_and_apply() -> None:
     assert restored.spectra == imp.spectra and list(imp.spectra) == ["blocks.0.lru"]
     assert plan_lru_ranks(model, mode="fraction") == {"blocks.0.lru": 14, "blocks.1.lru": 14}
     assert plan_lru_ranks(model, mode="tolerance", tau=0.0) == {}  # r = N fails the 5% gate
-    budget = plan_lru_ranks(model, mode="budget", total_states=12)
-    assert sum(budget.values()) <= 12 and set(budget) == {"blocks.0.lru", "blocks.1.lru"}
-    with pytest.raises(ValueError, match="mode"):
-        plan_lru_ranks(model, mode="magic")
+    budget = plan_lru_ranks(model, mode="fraction", fraction=0.4)
+    assert budget == {"blocks.0.lru": 9, "blocks.1.lru": 9}
+    for bad in ("magic", "budget"):  # "budget" was a mode nothing used; removed
+        with pytest.raises(ValueError, match="mode"):
+            plan_lru_ranks(model, mode=bad)
     hsvs = {n: hankel_singular_values(model.get_submodule(n)) for n in budget}
-    reports = apply_lru_plan_(model, budget)
+    reports = {n: reduce_lru_(model.get_submodule(n), r) for n, r in sorted(budget.items())}
     assert model.state_dims == [budget["blocks.0.lru"], budget["blocks.1.lru"]]
     for name, rep in reports.items():  # the r largest σ are kept: energy and H∞ bound from the spectrum
         r, hsv = budget[name], hsvs[name]
@@ -472,7 +459,7 @@ def test_hankel_importance_scores_plans_and_apply() -> None:
 
 
 # ------------------------------------------------------------------------------------------- cost
-def test_flops_formula_matches_the_flop_counter_and_scales_with_the_state_dim() -> None:
+def test_flop_counter_scales_linearly_with_the_state_dim() -> None:
     torch.manual_seed(0)
     model = LRUClassifier(input_dim=40, d_model=8, d_state=12, num_blocks=2, dropout=0.0)
     x, y = torch.randn(3, 40, 1), torch.randint(0, 10, (3,))
@@ -483,9 +470,8 @@ def test_flops_formula_matches_the_flop_counter_and_scales_with_the_state_dim() 
             torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
         return {k: int(sum(v.values())) for k, v in fc.get_flop_counts().items()}
 
-    assert counted()["LRUClassifier.blocks.0.lru"] == lru_layer_flops(8, 12, 40, batch=3)
+    before = counted()
     reduce_lru_(model.blocks[0].lru, 5)
     counts = counted()
-    assert counts["LRUClassifier.blocks.0.lru"] == lru_layer_flops(8, 5, 40, batch=3)
-    assert counts["LRUClassifier.blocks.1.lru"] == lru_layer_flops(8, 12, 40, batch=3)
-    assert lru_layer_flops(64, 64, 784) * 4 == lru_layer_flops(64, 256, 784)  # linear in N
+    assert counts["LRUClassifier.blocks.0.lru"] * 12 == before["LRUClassifier.blocks.0.lru"] * 5  # linear in N
+    assert counts["LRUClassifier.blocks.1.lru"] == before["LRUClassifier.blocks.1.lru"]

@@ -161,14 +161,19 @@ def test_flattened_conv_maps_cut_whole_blocks_of_linear_inputs() -> None:
         torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=0)
 
 
-def test_grouped_and_depthwise_convolutions_are_refused_with_a_reason() -> None:
+def test_depthwise_convolutions_are_cut_and_grouped_ones_refused_with_a_reason() -> None:
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1),
                           nn.Conv2d(4, 4, 1, groups=2), nn.Flatten(), nn.Linear(64, 3))
     groups, skipped = discover_groups(model, torch.zeros(2, 1, 8, 8))
     reasons = dict(skipped)
-    assert groups == []
-    assert "depthwise convolution '2' (groups=8)" in reasons["0"]
+    (group,) = groups  # the depthwise conv carries the channels of '0' to '3'
+    assert group.name == "0" and [(s.module, s.kind) for s in group.slices] == [
+        ("0", "conv_out"), ("2", "depthwise"), ("3", "conv_in")]
     assert "grouped convolution '4' (groups=2)" in reasons["3"] and "grouped convolution" in reasons["4"]
+    x = torch.randn(2, 1, 8, 8)
+    apply_plan_(model, groups, {"0": torch.tensor([1, 4, 6])})
+    assert (model[2].groups, model[2].in_channels, model[2].out_channels) == (3, 3, 3)
+    assert model(x).shape == (2, 3)
 
 
 def test_gpt_groups_heads_and_mlp_but_never_the_vocabulary() -> None:

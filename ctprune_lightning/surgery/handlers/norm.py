@@ -1,0 +1,75 @@
+"""BatchNorm channels and 1-D LayerNorm features (pass-through slices of a group).
+
+New BatchNorm entries are neutral: weight 1, bias 0, running mean 0, running variance 1. A LayerNorm's
+features cannot grow function-preservingly (the new features enter every feature's mean and variance), so
+a group that holds one refuses to grow.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..optim import grow_buffer_, grow_parameter_
+from ..shrink import shrink_norm_
+from .base import Claim, ClaimContext, GrowInit, ParamSlice, SliceHandler, register
+
+NORM = "norm"
+
+
+def grow_batchnorm_(norm: nn.Module, n: int, optimizers: Sequence[Optimizer]) -> None:
+    """Append ``n`` neutral channels (weight 1, bias 0, running mean 0, running variance 1)."""
+    for name, fill in (("weight", 1.0), ("bias", 0.0)):
+        p = getattr(norm, name, None)
+        if p is not None:
+            grow_parameter_(norm, name, torch.full((n,), fill, dtype=p.dtype, device=p.device), 0, optimizers)
+    for name, fill in (("running_mean", 0.0), ("running_var", 1.0)):
+        b = getattr(norm, name, None)
+        if b is not None:
+            grow_buffer_(norm, name, torch.full((n,), fill, dtype=b.dtype, device=b.device))
+    norm.num_features += n
+
+
+@register
+class NormHandler(SliceHandler):
+    kinds = {NORM: "through"}
+    size_attrs = ("num_features", "normalized_shape")
+    priority = 70
+
+    def owns(self, module: nn.Module, kind: str) -> bool:
+        return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+
+    def claims(self, module: nn.Module, is_out: bool, ctx: ClaimContext) -> Claim | str | None:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return Claim(NORM)
+        if isinstance(module, nn.LayerNorm):
+            if len(module.normalized_shape) != 1:
+                return f"coupled to LayerNorm '{{}}' over {tuple(module.normalized_shape)} (1-D only)"
+            return Claim(NORM)
+        return None
+
+    def width(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...]) -> int:
+        return int(module.normalized_shape[0]) if isinstance(module, nn.LayerNorm) else int(module.num_features)
+
+    def unit_slices(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...]) -> list[ParamSlice]:
+        return [ParamSlice("", "weight", 0, None), ParamSlice("", "bias", 0, None)]
+
+    def shrink_(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...], keep: Tensor,
+                optimizers: Sequence[Optimizer]) -> None:
+        shrink_norm_(module, keep, optimizers)
+
+    def grow_refusal(self, module: nn.Module, kind: str) -> str | None:
+        if isinstance(module, nn.LayerNorm):
+            return ("a LayerNorm normalises over the grown features: new features would change every feature's "
+                    "mean and variance, so growth would not preserve the model's function")
+        return None
+
+    def grow_(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...], n: int,
+              optimizers: Sequence[Optimizer], init: GrowInit) -> None:
+        why = self.grow_refusal(module, kind)
+        if why:
+            raise ValueError(f"cannot grow {type(module).__name__}: {why}")
+        grow_batchnorm_(module, n, optimizers)

@@ -187,6 +187,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         log.info("architecture of %s (%d surgeries), fresh weights", cfg.architecture_from, len(spec.get("history", [])))
     dense_params = _num_params(model)
     if cfg.get("compile"):  # nn.Module.compile: names and checkpoints unchanged; ControlPruning resets per surgery
+        torch.compiler.reset()  # a multirun's earlier jobs must not use up this model's recompile budget
         compile_module_(model, **dict(cfg.get("compile_options") or {}))
     cuda = torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "")) in ("gpu", "cuda", "auto")
     if cuda:

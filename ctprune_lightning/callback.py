@@ -214,7 +214,7 @@ class ControlPruning(Callback):
         if isinstance(strategy, PruningStrategy):
             self.loop.flop_view = strategy.flop_view
         if pl_module.example_input_array is not None and not self.groups:
-            with self._eager():
+            with self._eager(pl_module):
                 self._discover(pl_module, pl_module.example_input_array)
 
     @override
@@ -222,9 +222,9 @@ class ControlPruning(Callback):
         if stage == "fit":
             self.compile_watch.close()
 
-    def _eager(self) -> contextlib.AbstractContextManager[Any]:
+    def _eager(self, pl_module: nn.Module) -> contextlib.AbstractContextManager[Any]:
         """Measurements (probe, FLOPs, tracing) run eagerly: no compilation for their eval/no-grad variants."""
-        return eager() if self.compile_watch.compiled else contextlib.nullcontext()
+        return eager(pl_module) if self.compile_watch.compiled else contextlib.nullcontext()
 
     @torch.no_grad()
     def _network_call(self, pl_module: L.LightningModule, batch: Any) -> CallInputs:
@@ -251,6 +251,7 @@ class ControlPruning(Callback):
     # ------------------------------------------------------------------------------ training hooks
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.compile_watch.clear(pl_module)  # undo "skip" marks of set-up under FlopCounterMode (ModelSummary)
         self.ledger.start_clock()
         if getattr(self.controller, "budget", None) is not None:
             total = trainer.estimated_stepping_batches
@@ -272,7 +273,7 @@ class ControlPruning(Callback):
         try:
             if not batches:
                 raise ValueError("the trainer has no validation batches (no val_dataloader, or limit_val_batches=0)")
-            with self._eager():
+            with self._eager(pl_module):
                 self.loop.set_held_out(pl_module, batches)
         except ValueError as err:
             if self.probe_data == "val":
@@ -288,7 +289,7 @@ class ControlPruning(Callback):
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        with self._eager():
+        with self._eager(pl_module):
             self._sense_batch(pl_module, batch)
 
     def _sense_batch(self, pl_module: L.LightningModule, batch: Any) -> None:
@@ -321,7 +322,7 @@ class ControlPruning(Callback):
             self.importance.after_optimizer_step(pl_module)
         due = step % self.every_n_steps == 0 or self.controller.due(self._progress(trainer))
         if step >= self.start_step and due and self.loop.ready:
-            with self._eager():
+            with self._eager(pl_module):
                 self._control(trainer, pl_module)
 
     # ------------------------------------------------------------------------------ control step

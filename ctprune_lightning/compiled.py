@@ -63,10 +63,27 @@ def compile_module_(module: nn.Module, **options: Any) -> nn.Module:
     return module
 
 
-def eager() -> contextlib.AbstractContextManager[Any]:
-    """Run compiled callables eagerly inside the block (measurements: probes, FLOP counting, tracing)."""
+@contextlib.contextmanager
+def eager(module: nn.Module | None = None) -> Iterator[None]:
+    """Run ``module`` (and any compiled callable) eagerly inside the block: probes, FLOP counting, tracing.
+
+    ``module.compile()``'d modules are called through their plain ``_call_impl`` (Dynamo never sees the
+    frames: a frame first met under a dispatch mode such as ``FlopCounterMode`` would otherwise be marked
+    "skip" and stay eager after the block); everything else runs under ``set_stance("force_eager")``.
+    """
+    stashed = []
+    if module is not None:
+        for m in module.modules():
+            if getattr(m, "_compiled_call_impl", None) is not None:
+                stashed.append((m, m._compiled_call_impl))
+                m._compiled_call_impl = None
     set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+    try:
+        with set_stance("force_eager") if set_stance is not None else contextlib.nullcontext():
+            yield
+    finally:
+        for m, fn in stashed:
+            m._compiled_call_impl = fn
 
 
 def _reset_code_caches() -> None:
@@ -130,14 +147,32 @@ class CompileWatch:
         self._installed = False
 
     def after_surgery(self, module: nn.Module) -> bool:
-        """After a shape change of ``module``: drop the stale compiled code if it is compiled; return whether."""
-        if not is_compiled(module):
+        """After a shape change of ``module``: drop the stale compiled code if it is compiled; return whether.
+
+        ``compiled`` (set by :meth:`clear` or the caller) counts too: inside :func:`eager` the module looks plain.
+        """
+        if not (self.compiled or is_compiled(module)):
             return False
         self.compiled = True
         _reset_code_caches()
         if self._installed:
             self.install()  # re-register if a full reset dropped the callbacks
         self.resets += 1
+        return True
+
+    def clear(self, module: nn.Module) -> bool:
+        """Before training: drop code state set up so far if ``module`` is compiled; return whether.
+
+        A frame Dynamo first meets under a dispatch mode is marked "skip" for good; Lightning's
+        ``ModelSummary`` runs ``example_input_array`` under ``FlopCounterMode`` at ``on_fit_start``, which
+        would leave a ``module.compile()``'d model eager for the whole fit.
+        """
+        if not (self.compiled or is_compiled(module)):
+            return False
+        self.compiled = True
+        _reset_code_caches()
+        if self._installed:
+            self.install()
         return True
 
     def summary(self) -> dict[str, Any]:

@@ -96,21 +96,25 @@ def test_compile_options_are_checked() -> None:
         compile_module_(TinyMLP(), backend="aot_eager", fullgrpah=True)
 
 
-def test_callback_resets_a_compiled_lightning_module_and_reports_it() -> None:
+@pytest.mark.parametrize("model_summary", [False, True])
+def test_callback_resets_a_compiled_lightning_module_and_reports_it(model_summary: bool) -> None:
+    """Also with Lightning's ModelSummary, which runs the example input under FlopCounterMode at fit start
+    (without the watch's clear at train start the model then stays eager: no compilation before the first cut)."""
     L.seed_everything(0)
     dm = SyntheticDataModule(num_samples=1024, input_shape=(32,), batch_size=32)
-    model = compile_module_(MLPClassifier(input_dim=32, hidden=(64, 64), num_classes=10),
-                            backend="aot_eager", fullgraph=True)
+    model = compile_module_(MLPClassifier(input_dim=32, hidden=(64, 64), num_classes=10),  # ModelSummary's
+                            backend="aot_eager", fullgraph=not model_summary)  # FlopCounterMode breaks fullgraph
     cb = ControlPruning(controller="linear", target=0.2, every_n_steps=1, round_to=1, min_width=4,
                         importance="magnitude", controller_kwargs={"end": 0.6})  # a cut at every step
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+                        enable_progress_bar=False, enable_model_summary=model_summary, limit_val_batches=2)
     trainer.callbacks.append(cb)
     trainer.fit(model, datamodule=dm)
     s = cb.summary()
     assert s["surgeries"] > 8, s["surgeries"]
     assert s["compiled"] and s["compile_resets"] == s["surgeries"]
     assert s["compile_recompiles"] >= s["surgeries"]
+    assert s["compile_count"] - s["compile_recompiles"] >= 2  # the dense net compiled: forward and backward
     x = torch.randn(16, 32)
     model.eval()
     with torch.no_grad():

@@ -6,7 +6,7 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site:$PWD bash experiments/gpu_check.sh $OUT
 # Per task one Hydra multirun (one process, so the start-up is paid once): compile=false,true x
-# check=warmup,dense,budget,gmp (conf/check/; warmup is a throwaway few seconds so the dense run is not charged
+# check=warmup,dense,gmp,budget (conf/check/; warmup is a throwaway few seconds so the dense run is not charged
 # for CUDA/cuDNN/compile-worker start-up). Each task is cut at GPU_CHECK_TASK_LIMIT_S (eager runs come first).
 # Writes OUT/runs/<task>/<job>/summary.json and OUT/table.md (also printed): FLOPs and wall-clock ratios to the
 # dense run, recompiles and their time, peak CUDA memory.
@@ -52,7 +52,7 @@ for task in $TASKS; do
   esac
   echo "== $task ($(date +%T)), limit ${TASK_LIMIT_S}s"
   timeout --signal=TERM --kill-after=10 "$TASK_LIMIT_S" "$PY" train.py -m "${COMMON[@]}" "${ARGS[@]}" \
-    compile=false,true check=warmup,dense,budget,gmp seed=0 \
+    compile=false,true check=warmup,dense,gmp,budget seed=0 \
     hydra.sweep.dir="$OUT/runs/$task" 'hydra.sweep.subdir=${hydra.job.num}_${hydra.runtime.choices.check}_compile${compile}' \
     > "$OUT/$task.log" 2>&1
   rc=$?

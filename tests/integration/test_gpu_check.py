@@ -39,7 +39,7 @@ def test_gpu_check_tiny_runs_every_variant_eager_and_compiled(tmp_path: Path) ->
     assert got[("gmp", True)]["widths"] == got[("gmp", False)]["widths"]
     table = (out / "table.md").read_text()
     assert table.count("| mlp |") == 6 and "wall/eager" in table
-    assert json.loads((out / "runs" / "mlp" / "3_gmp_compileFalse" / "summary.json").read_text())["controller"] == "gmp"
+    assert json.loads((out / "runs" / "mlp" / "2_gmp_compileFalse" / "summary.json").read_text())["controller"] == "gmp"
 
 
 def test_table_needs_a_folder(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@
 #   PYTHONPATH=/tmp/site:$PWD bash experiments/gpu_check.sh $OUT
 # Per task one Hydra multirun (one process, so the start-up is paid once): compile=false,true x
 # check=warmup,dense,gmp,budget (conf/check/; warmup is a throwaway few seconds so the dense run is not charged
-# for CUDA/cuDNN/compile-worker start-up). Each task is cut at GPU_CHECK_TASK_LIMIT_S (eager runs come first).
+# for CUDA/cuDNN start-up; compiled, it only traces). Each task is cut at GPU_CHECK_LIMIT_<TASK> s (eager runs first).
 # Writes OUT/runs/<task>/<job>/summary.json and OUT/table.md (also printed): FLOPs and wall-clock ratios to the
 # dense run, recompiles and their time, peak CUDA memory.
 set -uo pipefail
@@ -16,7 +16,10 @@ OUT=${1:?usage: experiments/gpu_check.sh OUT}
 PY=${PY:-python3}
 TINY=${GPU_CHECK_TINY:-0}
 TASKS=${GPU_CHECK_TASKS:-mlp resnet gpt}
-TASK_LIMIT_S=${GPU_CHECK_TASK_LIMIT_S:-135}
+# Seconds per task (one multirun); all three together stay under ~7 min with the wheels' install.
+if [ "$TINY" = 1 ]; then DEFAULT_LIMITS=(300 300 300); else DEFAULT_LIMITS=(100 160 140); fi
+LIMIT_MLP=${GPU_CHECK_LIMIT_MLP:-${DEFAULT_LIMITS[0]}}; LIMIT_RESNET=${GPU_CHECK_LIMIT_RESNET:-${DEFAULT_LIMITS[1]}}
+LIMIT_GPT=${GPU_CHECK_LIMIT_GPT:-${DEFAULT_LIMITS[2]}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 # Data: the copies in .gpudata/ when present (a bare machine), else the usual lookup (Debian path, package data).
@@ -47,7 +50,9 @@ fi
 
 for task in $TASKS; do
   case $task in
-    mlp) ARGS=("${MLP[@]}") ;; resnet) ARGS=("${RESNET[@]}") ;; gpt) ARGS=("${GPT[@]}") ;;
+    mlp) ARGS=("${MLP[@]}"); TASK_LIMIT_S=$LIMIT_MLP ;;
+    resnet) ARGS=("${RESNET[@]}"); TASK_LIMIT_S=$LIMIT_RESNET ;;
+    gpt) ARGS=("${GPT[@]}"); TASK_LIMIT_S=$LIMIT_GPT ;;
     *) echo "gpu_check.sh: unknown task '$task'; choose from mlp resnet gpt" >&2; exit 2 ;;
   esac
   echo "== $task ($(date +%T)), limit ${TASK_LIMIT_S}s"
@@ -59,3 +64,4 @@ for task in $TASKS; do
   if [ $rc -ne 0 ]; then echo "   $task: exit $rc (124: cut at the time limit); tail of $OUT/$task.log:"; tail -n 15 "$OUT/$task.log"; fi
 done
 "$PY" experiments/gpu_check_table.py "$OUT/runs" | tee "$OUT/table.md"
+echo "gpu_check.sh: ${SECONDS}s in all"

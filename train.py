@@ -195,6 +195,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_time_s = time.perf_counter() - start
+    peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None  # of the fit (not the test)
 
     test_metrics: dict[str, Any] = {}
     if cfg.get("run_test", True):
@@ -210,7 +211,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         (dense_params, _num_params(model)),
     )
     summary["run_dir"] = str(output_dir)
-    summary["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    summary["peak_memory_mb"] = peak_memory_mb
     log_summary(loggers, summary, trainer.global_step)  # loggers write on rank 0 only
     if trainer.is_global_zero:  # every rank holds the same summary (same plan, all-reduced metrics)
         path = write_summary(summary, Path(output_dir) / "summary.json")

@@ -5,6 +5,8 @@
 Variants, all at the final widths and timed side by side (median of ``--repeats`` rounds of ``--steps`` steps):
   reset    compiled once, shrunk ``--surgeries`` times with CompileWatch.after_surgery after each (our path)
   noreset  the same surgeries without the reset: past Dynamo's recompile_limit (8) the frame runs eagerly
+  dynamic  no reset, ``torch._dynamo.config.force_parameter_static_shapes=False`` (what Dynamo's guard message
+           suggests): on torch 2.13 / aot_eager it still recompiled once per width (12 compilations for 5 surgeries)
   fresh    a new model of the final widths, compiled once
   eager    the final model, not compiled
 One training step = forward, cross-entropy, backward, AdamW step; batch ``--batch``, MLP 784-h-h-10.
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default="reset,noreset,dynamic,fresh,eager")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -76,8 +79,13 @@ def main() -> None:
 
     models: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
     info: dict[str, str] = {}
-    for name, reset in (("reset", True), ("noreset", False)):
+    chosen = args.variants.split(",")
+    for name, reset in (("reset", True), ("noreset", False), ("dynamic", False)):
+        if name not in chosen:
+            continue
         torch._dynamo.reset()
+        static = torch._dynamo.config.force_parameter_static_shapes
+        torch._dynamo.config.force_parameter_static_shapes = name != "dynamic"
         model = compile_module_(MLP(args.dense), backend=args.backend)
         watch = CompileWatch().install()
         start = time.perf_counter()
@@ -89,32 +97,38 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters())
         steps(model, opt, x, y, 3)  # the final architecture's compile
         watch.close()
+        torch._dynamo.config.force_parameter_static_shapes = static
         s = watch.summary()
         info[name] = (f"{s['compile_count']} compilations in {s['compile_time_s']:.1f} s; "
                       f"{args.surgeries} surgeries took {time.perf_counter() - start:.1f} s in all")
         models[name] = (model, opt)
-    fresh = compile_module_(MLP(args.final), backend=args.backend)
-    opt = torch.optim.AdamW(fresh.parameters())
-    steps(fresh, opt, x, y, 3)
-    models["fresh"] = (fresh, opt)
-    eager_model = MLP(args.final)
-    models["eager"] = (eager_model, torch.optim.AdamW(eager_model.parameters()))
+    if "fresh" in chosen:
+        fresh = compile_module_(MLP(args.final), backend=args.backend)
+        opt = torch.optim.AdamW(fresh.parameters())
+        steps(fresh, opt, x, y, 3)
+        models["fresh"] = (fresh, opt)
+    if "eager" in chosen:
+        eager_model = MLP(args.final)
+        models["eager"] = (eager_model, torch.optim.AdamW(eager_model.parameters()))
 
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(args.repeats):  # interleaved rounds: the machine's noise hits every variant alike
         for name, (model, opt) in models.items():
             times[name].append(steps(model, opt, x, y, args.steps) / args.steps)
-    ref = statistics.median(times["fresh"])
+    ref = statistics.median(times["fresh" if "fresh" in times else next(iter(times))])
     print(f"MLP 784-{args.dense}-{args.dense}-10 -> {args.final} in {args.surgeries} surgeries, batch {args.batch}, "
           f"backend {args.backend}, {args.threads} thread(s), median of {args.repeats} x {args.steps} steps")
     print(f"{'variant':<8} {'ms/step':>8} {'vs fresh':>9}  notes")
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name:<8} {1e3 * med:8.2f} {med / ref:9.2f}  {info.get(name, '')}")
-    with eager(models["reset"][0]):
-        eager_out = models["reset"][0](x)
-    torch.testing.assert_close(models["reset"][0](x), eager_out, rtol=1e-4, atol=1e-4)
-    print("reset: compiled output matches eager after the last surgery")
+    for name in ("reset", "dynamic"):
+        if name in models:
+            model = models[name][0]
+            with eager(model):
+                eager_out = model(x)
+            torch.testing.assert_close(model(x), eager_out, rtol=1e-4, atol=1e-4)
+            print(f"{name}: compiled output matches eager after the last surgery")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     python train.py -m controller=none,gmp,lqr seed=0,1 # multirun sweep
     python train.py ckpt_path=outputs/.../checkpoints/last.ckpt trainer.max_epochs=10   # resume
     python train.py controller=none architecture_from=outputs/.../checkpoints/last.ckpt  # that net, from scratch
+    python train.py compile=true compile_options.fullgraph=true   # torch.compile, re-specialised per surgery
 
 Writes ``<run dir>/summary.json`` (see ``ctprune_lightning.summary.SUMMARY_KEYS``) and prints the
 summary table. Bad configs exit non-zero: Hydra lists the options of an unknown group choice, and
@@ -24,6 +25,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
@@ -31,6 +33,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from ctprune_lightning.checkpoint import shrink_to_checkpoint_
+from ctprune_lightning.compiled import compile_module_
 from ctprune_lightning.summary import SUMMARY_KEYS, format_summary, write_summary
 
 log = logging.getLogger(__name__)
@@ -183,9 +186,16 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         spec = shrink_to_checkpoint_(model, cfg.architecture_from)
         log.info("architecture of %s (%d surgeries), fresh weights", cfg.architecture_from, len(spec.get("history", [])))
     dense_params = _num_params(model)
+    if cfg.get("compile"):  # nn.Module.compile: names and checkpoints unchanged; ControlPruning resets per surgery
+        torch.compiler.reset()  # a multirun's earlier jobs must not use up this model's recompile budget
+        compile_module_(model, **dict(cfg.get("compile_options") or {}))
+    cuda = torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "")) in ("gpu", "cuda", "auto")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_time_s = time.perf_counter() - start
+    peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None  # of the fit (not the test)
 
     test_metrics: dict[str, Any] = {}
     if cfg.get("run_test", True):
@@ -201,6 +211,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         (dense_params, _num_params(model)),
     )
     summary["run_dir"] = str(output_dir)
+    summary["peak_memory_mb"] = peak_memory_mb
     log_summary(loggers, summary, trainer.global_step)  # loggers write on rank 0 only
     if trainer.is_global_zero:  # every rank holds the same summary (same plan, all-reduced metrics)
         path = write_summary(summary, Path(output_dir) / "summary.json")

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from typing import Any, Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from torch import nn
 from typing_extensions import override
 
 from .checkpoint import CTPRUNE_KEY, install_checkpoint_hooks, make_spec
+from .compiled import CompileWatch, eager, is_compiled
 from .controllers import Controller, build_controller
 from .controllers.base import check_number
 from .importance import Importance, build_importance
@@ -177,6 +179,7 @@ class ControlPruning(Callback):
         self._refresh = False
         self._rollback: dict[str, Any] | None = None  # CompreSSM rollback mode: the event awaiting validation
         self._train_loss: list[Any] = []  # the budget sensor's training channel: losses since the last interval
+        self.compile_watch = CompileWatch()  # torch.compile: re-specialise after each surgery, count the cost
 
     # the loop's state, under the names users and reports read
     groups = property(lambda self: self.loop.groups)
@@ -203,6 +206,8 @@ class ControlPruning(Callback):
         install_checkpoint_hooks(trainer)  # any stage: validate/test(ckpt_path=...) must rebuild too
         if stage != "fit":
             return
+        self.compile_watch.install()
+        self.compile_watch.compiled = self.compile_watch.compiled or is_compiled(pl_module)
         require_pruning_strategy(trainer.strategy, trainer.world_size)
         strategy = trainer.strategy
         self.loop.reduce_mean = lambda x: float(strategy.reduce(torch.tensor(float(x)), reduce_op="mean"))
@@ -210,7 +215,17 @@ class ControlPruning(Callback):
         if isinstance(strategy, PruningStrategy):
             self.loop.flop_view = strategy.flop_view
         if pl_module.example_input_array is not None and not self.groups:
-            self._discover(pl_module, pl_module.example_input_array)
+            with self._eager(pl_module):
+                self._discover(pl_module, pl_module.example_input_array)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.compile_watch.close()
+
+    def _eager(self, pl_module: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """Measurements (probe, FLOPs, tracing) run eagerly: no compilation for their eval/no-grad variants."""
+        return eager(pl_module) if self.compile_watch.compiled else contextlib.nullcontext()
 
     @torch.no_grad()
     def _network_call(self, pl_module: L.LightningModule, batch: Any) -> CallInputs:
@@ -237,6 +252,7 @@ class ControlPruning(Callback):
     # ------------------------------------------------------------------------------ training hooks
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.compile_watch.clear(pl_module)  # undo "skip" marks of set-up under FlopCounterMode (ModelSummary)
         self.ledger.start_clock()
         if getattr(self.controller, "budget", None) is not None:
             total = trainer.estimated_stepping_batches
@@ -258,7 +274,8 @@ class ControlPruning(Callback):
         try:
             if not batches:
                 raise ValueError("the trainer has no validation batches (no val_dataloader, or limit_val_batches=0)")
-            self.loop.set_held_out(pl_module, batches)
+            with self._eager(pl_module):
+                self.loop.set_held_out(pl_module, batches)
         except ValueError as err:
             if self.probe_data == "val":
                 raise ValueError(f"ControlPruning: probe_data='val': {err}") from err
@@ -273,6 +290,10 @@ class ControlPruning(Callback):
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        with self._eager(pl_module):
+            self._sense_batch(pl_module, batch)
+
+    def _sense_batch(self, pl_module: L.LightningModule, batch: Any) -> None:
         if not self.groups:
             self._discover(pl_module, self._network_call(pl_module, batch))
         if not self.loop.ready:
@@ -306,7 +327,8 @@ class ControlPruning(Callback):
             self.importance.after_optimizer_step(pl_module)
         due = step % self.every_n_steps == 0 or self.controller.due(self._progress(trainer))
         if step >= self.start_step and due and self.loop.ready:
-            self._control(trainer, pl_module)
+            with self._eager(pl_module):
+                self._control(trainer, pl_module)
 
     # ------------------------------------------------------------------------------ control step
     @staticmethod
@@ -341,6 +363,7 @@ class ControlPruning(Callback):
                 self._rollback = {"snapshot": Snapshot.take(pl_module, trainer.optimizers), "step": obs.step,
                                   "before": None if monitor is None else float(monitor)}
             self._actuate(trainer, lambda model, optimizers: self.loop.apply_(model, plan, optimizers))
+            self.compile_watch.after_surgery(trainer.lightning_module)
         row = self.loop.record(pl_module, obs, plan)
         self._log(pl_module, row)
 
@@ -366,6 +389,7 @@ class ControlPruning(Callback):
         if pending["before"] is None or not ctl.worse(pending["before"], after):
             return  # an event before any validation is accepted unchecked
         self._actuate(trainer, lambda model, optimizers: pending["snapshot"].restore_(model, optimizers))
+        self.compile_watch.after_surgery(trainer.lightning_module)
         self.loop.record_rollback(pl_module, trainer.global_step, pending["step"], pending["before"], after)
         rank_zero_info(f"ControlPruning: validation {ctl.rollback_monitor} went {pending['before']:.4f} -> {after:.4f}; "
                        f"rolled back the reduction of step {pending['step']} and stopped reducing")
@@ -373,7 +397,7 @@ class ControlPruning(Callback):
     # ---------------------------------------------------------------------------- state and report
     def summary(self) -> dict[str, Any]:
         """Plain-Python report of the run so far (what train.py writes to summary.json)."""
-        return self.loop.summary(steps=self._last_step)
+        return self.loop.summary(steps=self._last_step) | self.compile_watch.summary()
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -381,10 +405,11 @@ class ControlPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.loop.state_dict() | {"last_step": self._last_step}
+        return self.loop.state_dict() | {"last_step": self._last_step, "compile": self.compile_watch.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.loop.load_state_dict(state_dict)
         self._last_step = int(state_dict.get("last_step", -1))
+        self.compile_watch.load_state_dict(state_dict.get("compile", {}))
         self._refresh = bool(self.loop.probe)

@@ -37,6 +37,12 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "fit_time_s",
     "steps",
     "world_size",
+    "compiled",
+    "compile_count",
+    "compile_recompiles",
+    "compile_time_s",
+    "compile_resets",
+    "peak_memory_mb",
     "trace",
 )
 
@@ -155,6 +161,13 @@ def format_summary(summary: Mapping[str, Any], max_trace_rows: int = 20) -> str:
         ("fit wall-clock", _fmt(summary.get("fit_time_s"), "s")),
         ("steps", _fmt(summary.get("steps"))),
     ]
+    if summary.get("compiled"):
+        rows.append(("torch.compile", f"{_fmt(summary.get('compile_count'))} compilations "
+                                      f"({_fmt(summary.get('compile_recompiles'))} after surgeries, "
+                                      f"{_fmt(summary.get('compile_resets'))} resets), "
+                                      f"{_fmt(summary.get('compile_time_s'), 's')}"))
+    if summary.get("peak_memory_mb") is not None:
+        rows.append(("peak memory", f"{_fmt(summary.get('peak_memory_mb'))} MiB"))
     key_w = max(len(k) for k, _ in rows)
     lines = ["ctprune summary", "-" * (key_w + 24)]
     lines += [f"{k.ljust(key_w)}  {v}" for k, v in rows]

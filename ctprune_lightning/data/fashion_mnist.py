@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import logging
 import os
@@ -280,16 +281,24 @@ class FashionMNISTDataModule(SplitDataModule):
     def _cache_root(self) -> Path:
         return ensure_arrow_cache(find_idx_dir(self.hparams.data_dir), self.hparams.cache_dir)
 
+    def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One split as uint8 images and int64 labels: from the Arrow cache, or the IDX files without HF datasets."""
+        if importlib.util.find_spec("datasets") is None:  # e.g. a bare GPU image: parse the IDX files each time
+            images, labels = read_idx_split(*_idx_paths(find_idx_dir(self.hparams.data_dir))[split])  # type: ignore[index]
+            return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+        return load_split(self._cache_root(), split)
+
     def prepare_data(self) -> None:
-        """Build the Arrow cache once (rank zero only under Lightning)."""
-        self._cache_root()
+        """Build the Arrow cache once (rank zero only under Lightning); without HF datasets, check the files."""
+        if importlib.util.find_spec("datasets") is None:
+            find_idx_dir(self.hparams.data_dir)
+        else:
+            self._cache_root()
 
     def setup(self, stage: str | None = None) -> None:
         """Load the splits ``stage`` needs as normalised tensors; idempotent."""
-        root = None
         if stage in (None, "fit", "validate") and self.data_train is None:
-            root = self._cache_root()
-            images, labels = load_split(root, "train")
+            images, labels = self._load("train")
             val_size = int(self.hparams.val_size)
             if val_size >= len(labels):
                 raise ValueError(f"val_size={val_size} leaves no training data out of {len(labels)} samples")
@@ -298,5 +307,5 @@ class FashionMNISTDataModule(SplitDataModule):
             self.data_train = TensorDataset(normalize(images[self.train_indices]), labels[self.train_indices])
             self.data_val = TensorDataset(normalize(images[self.val_indices]), labels[self.val_indices])
         if stage in (None, "test", "predict") and self.data_test is None:
-            images, labels = load_split(root or self._cache_root(), "test")
+            images, labels = self._load("test")
             self.data_test = TensorDataset(normalize(images), labels)

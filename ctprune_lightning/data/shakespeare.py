@@ -94,26 +94,41 @@ class CharVocab:
 
 def split_segments(ids: np.ndarray, segment_size: int, fractions: tuple[float, float], seed: int
                    ) -> dict[str, np.ndarray]:
-    """Cut ``ids`` into whole segments and split them train/val/test at random with HF ``datasets``."""
-    from datasets import Dataset, Features, Sequence as HFSequence, Value
-
+    """Cut ``ids`` into whole segments and split them train/val/test at random with HF ``datasets``
+    (without it, e.g. on a bare GPU image: the same split from numpy, see :func:`_numpy_split`)."""
     n = len(ids) // segment_size
     if n < 3:
         raise ValueError(f"the corpus ({len(ids)} characters) holds fewer than 3 segments of {segment_size}; "
                          "lower segment_size")
-    dtype = "uint8" if ids.dtype == np.uint8 else "int32"
     segments = ids[: n * segment_size].reshape(n, segment_size)
-    ds = Dataset.from_dict({"ids": segments}, features=Features({"ids": HFSequence(Value(dtype), length=segment_size)}))
     val_f, test_f = fractions
     n_val, n_test = max(1, round(n * val_f)), max(1, round(n * test_f))
     if n_val + n_test >= n:
         raise ValueError(f"val/test fractions {fractions} leave no training segment out of {n}")
+    if importlib.util.find_spec("datasets") is None:
+        return _numpy_split(segments, n_val, n_test, seed)
+    from datasets import Dataset, Features, Sequence as HFSequence, Value
+
+    dtype = "uint8" if ids.dtype == np.uint8 else "int32"
+    ds = Dataset.from_dict({"ids": segments}, features=Features({"ids": HFSequence(Value(dtype), length=segment_size)}))
     first = ds.train_test_split(test_size=n_val + n_test, seed=seed, shuffle=True)
     second = first["test"].train_test_split(test_size=n_test, seed=seed, shuffle=True)
     out = {}
     for name, part in (("train", first["train"]), ("val", second["train"]), ("test", second["test"])):
         out[name] = np.asarray(part.with_format("numpy")["ids"]).reshape(len(part), segment_size)
     return out
+
+
+def _numpy_split(segments: np.ndarray, n_val: int, n_test: int, seed: int) -> dict[str, np.ndarray]:
+    """HF ``train_test_split(test_size=k, seed=seed)`` twice, in numpy: test rows are the first ``k`` of
+    ``default_rng(seed).permutation(n)``, train rows the rest (in permutation order)."""
+    def split(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        perm = np.random.default_rng(seed).permutation(len(rows))
+        return rows[perm[k:]], rows[perm[:k]]
+
+    train, held = split(segments, n_val + n_test)
+    val, test = split(held, n_test)
+    return {"train": train, "val": val, "test": test}
 
 
 def make_blocks(segments: np.ndarray, block_size: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import train
 CONF = train.CONFIG_DIR
 # Groups whose options are composed one by one; hydra/paths are covered by every composition.
 GROUPS = ("model", "dataset", "controller", "importance", "pruning", "callbacks", "trainer",
-          "logger", "debug", "experiment")
+          "logger", "debug", "experiment", "check")
 CONTROLLERS = ("none", "gmp", "linear", "pid", "lqr")
 
 

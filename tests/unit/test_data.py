@@ -251,3 +251,24 @@ def test_synthetic_is_seeded_balanced_and_shaped() -> None:
     centroids = torch.stack([xs[ys == k].mean(0) for k in range(10)])
     nearest = torch.cdist(a.data_val.tensors[0].flatten(1), centroids).argmin(1)
     assert (nearest == a.data_val.tensors[1]).float().mean() > 0.9
+
+
+def test_datamodule_without_hf_datasets_reads_the_idx_files_alike(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare image (e.g. a GPU node) without `datasets`: the same tensors, parsed from the IDX files."""
+    _fake_fashion_dir(tmp_path / "idx")
+    with_arrow = FashionMNISTDataModule(data_dir=str(tmp_path / "idx"), val_size=8, cache_dir=str(tmp_path / "c"))
+    with_arrow.setup()
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else find_spec(name, *a))
+    bare = FashionMNISTDataModule(data_dir=str(tmp_path / "idx"), val_size=8, cache_dir=str(tmp_path / "none"))
+    bare.prepare_data()
+    bare.setup()
+    assert not (tmp_path / "none").exists()  # no Arrow cache written
+    for a, b in ((with_arrow.data_train, bare.data_train), (with_arrow.data_val, bare.data_val),
+                 (with_arrow.data_test, bare.data_test)):
+        assert len(a) == len(b) > 0
+        for x, y in zip(a.tensors, b.tensors):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)

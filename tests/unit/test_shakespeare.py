@@ -127,3 +127,20 @@ def test_the_complete_works_from_the_package() -> None:
     assert (len(dm.data_train), len(dm.data_val), len(dm.data_test)) == (34965, 1953, 1953)
     x, y = dm.data_train[[0, 1]]
     assert x.shape == (2, 128) and int(x.max()) < 84
+
+
+def test_split_without_hf_datasets_is_the_same_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare image (no `datasets`): numpy reproduces HF's seeded train_test_split row for row."""
+    import importlib.util
+
+    from ctprune_lightning.data import shakespeare as sh
+
+    ids = np.arange(64 * 50, dtype=np.int32) % 251
+    hf = sh.split_segments(ids, 64, (0.1, 0.1), seed=3)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else find_spec(name, *a))
+    bare = sh.split_segments(ids, 64, (0.1, 0.1), seed=3)
+    assert {k: v.shape for k, v in bare.items()} == {"train": (40, 64), "val": (5, 64), "test": (5, 64)}
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(bare[name], hf[name])
+    assert not np.array_equal(sh.split_segments(ids, 64, (0.1, 0.1), seed=4)["val"], bare["val"])

@@ -232,7 +232,7 @@ class ControlLoop:
                 final, final_std = ref * math.expm1(final), ref * math.exp(final) * final_std
             sensed = {"final_damage": final, "final_std": final_std, "damage_std": damage_std,
                       "reference": r["reference"], "rho": r["rho"], "next_factor": r["next_factor"],
-                      "next_factor_std": r["next_factor_std"]}
+                      "next_factor_std": r["next_factor_std"], "jump_noise": r["jump_noise"]}
             if self.budget_metric == "error":  # a log-jump of the error rate becomes points at the reference
                 ref = r["reference"]
                 sensed["next_factor"], sensed["next_factor_std"] = ref * r["next_factor"], ref * r["next_factor_std"]

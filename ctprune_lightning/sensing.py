@@ -36,7 +36,12 @@ Reported, all relative (log-ratio ≈ relative excess):
 * ``final`` / ``final_std``: the same at the end of training ``T`` (what a quality budget is judged on);
 * ``next_factor`` / ``next_factor_std``: the final damage per unit of immediate log-jump of a cut made
   now (the predictive ``ρ`` of a new cut, with the recovery still to come before ``T``);
-* ``reference``: ``exp f_p(τ_k)``, the estimated dense probe loss now; ``rho``: the posterior mean of ``μ``.
+* ``reference``: ``exp f_p(τ_k)``, the estimated dense probe loss now; ``rho``: the posterior mean of ``μ``;
+* ``jump_noise``: the error of one measured jump (its batches are a sample of the data), pooled from the
+  differences of each cut's probe and training-batch jumps; it widens ``final_std``, and the controller
+  keeps a trial cut's jump that far below its allowance, so a cut is not taken because its batches
+  happened to read it low (the winner's curse of sizing by a noisy measurement). For the same reason the
+  predictions take each cut's jump as the mean of its probe and training-batch readings.
 
 Example::
 
@@ -63,6 +68,8 @@ N_TREND = 4 + N_BUMPS  # θ of one channel
 TREND_STD = (10.0,) * 4 + (BUMP_STD,) * N_BUMPS  # prior std of the level, the shape terms and the bumps
 NOISE_PRIOR = 0.03  # a channel's noise std before its residuals can tell (3% per reading)
 PHI_MAX = 0.9
+JUMP_NOISE_PRIOR = 0.002  # a measured jump's error (its batches are a sample), until probe and training jumps tell
+JUMP_NOISE_WEIGHT = 2.0  # the prior's weight, in cuts
 RHO_MAX = 3.0  # a cut's damage may grow after it: the net loses capacity it would have used (MLP: 2.6x the jumps)
 
 
@@ -104,6 +111,13 @@ class DamageSensor:
         if math.isfinite(log_jump):
             tj = log_jump if train_log_jump is None or not math.isfinite(train_log_jump) else train_log_jump
             self.cuts.append((int(step), float(log_jump), float(tj)))
+
+    @property
+    def jump_noise(self) -> float:
+        """The standard deviation of one measured jump: the probe's and the training batches' jumps of the same
+        cut differ by two such errors (pooled with the prior ``JUMP_NOISE_PRIOR``)."""
+        diffs = [(p - t) ** 2 / 2 for _, p, t in self.cuts if p != t]
+        return math.sqrt((JUMP_NOISE_WEIGHT * JUMP_NOISE_PRIOR ** 2 + sum(diffs)) / (JUMP_NOISE_WEIGHT + len(diffs)))
 
     # ------------------------------------------------------------------------------------ model
     def _times(self) -> tuple[np.ndarray, np.ndarray]:
@@ -215,17 +229,20 @@ class DamageSensor:
     def estimate(self, step: int) -> dict[str, Any]:
         """The sensor's reading at ``step`` (plain floats)."""
         n = len(self.cuts)
-        jumps = np.array([c[1] for c in self.cuts], dtype=float)
+        # each cut's jump as the mean of the probe's and the training batches' readings: the cut was sized on the
+        # probe's (it fit because it read low there), the training batches' reading was not selected on
+        jumps = np.array([(c[1] + c[2]) / 2 for c in self.cuts], dtype=float)
         remaining = max(self.total_steps - int(step), 0) / self.interval
         if not self.readings:
             return {"damage": 0.0, "damage_std": 0.0, "final": 0.0, "final_std": 0.0, "reference": float("nan"),
                     "rho": self.rho_mean, "recovery": None, "jumps": 0.0, "next_factor": self.rho_mean,
-                    "next_factor_std": self.rho_mean_std}
+                    "next_factor_std": self.rho_mean_std, "jump_noise": self.jump_noise}
         fits = [(self._fit(a), a) for a in RECOVERY_GRID]
         ev = np.array([f[0][2] for f in fits])
         weights = np.exp(ev - ev.max())
         weights /= weights.sum()
         now, end = np.array([float(step)]), np.array([float(self.total_steps)])
+        jump_var = self.jump_noise ** 2  # each measured jump's own error
         moments = np.zeros((4, 2))  # (damage, final, next factor, μ) × (mean, second moment)
         for w, ((mean, cov, _), a) in zip(weights, fits):
             rho, cov_rho = np.clip(mean[:n + 1], 0.0, RHO_MAX), cov[:n + 1, :n + 1]  # never heals past 0
@@ -234,7 +251,9 @@ class DamageSensor:
                 if n:
                     on, decay = (v[0] for v in self._decay(t, a))
                     g = np.concatenate([jumps * (on - decay), [0.0]])
-                    values.append((float(jumps @ decay + g @ rho), float(g @ cov_rho @ g)))
+                    factor = decay + (on - decay) * rho[:n]  # each cut's share still there at t
+                    noise = float(np.sum(factor ** 2)) * jump_var  # the measured jumps' own errors
+                    values.append((float(jumps @ decay + g @ rho), float(g @ cov_rho @ g) + noise))
                 else:
                     values.append((0.0, 0.0))
             heal = a ** remaining
@@ -252,7 +271,8 @@ class DamageSensor:
         return {"damage": float(moments[0, 0]), "damage_std": float(math.hypot(stds[0], probe_noise)),
                 "final": float(moments[1, 0]), "final_std": float(stds[1]), "reference": reference,
                 "rho": float(moments[3, 0]), "recovery": best_a, "jumps": float(jumps.sum()),
-                "next_factor": float(max(moments[2, 0], 0.0)), "next_factor_std": float(stds[2])}
+                "next_factor": float(max(moments[2, 0], 0.0)), "next_factor_std": float(stds[2]),
+                "jump_noise": self.jump_noise}
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class Observation:
             damage (loss now vs the dense reference now). ``None`` / ``0.0`` without a budget.
         next_factor / next_factor_std: the sensor's final damage per unit of immediate log-jump of a
             cut made now (how much of it will persist), and its standard deviation.
+        jump_noise: the standard deviation of one measured (or trial) jump.
     """
 
     step: int
@@ -62,6 +63,7 @@ class Observation:
     rho: float | None = None
     next_factor: float | None = None
     next_factor_std: float = 0.0
+    jump_noise: float = 0.0
 
 
 def check_number(

@@ -21,11 +21,10 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..controllers.hankel import RANK_MODES  # the one definition: how a rank event picks each SSM layer's rank
 from ..surgery.balanced import hankel_singular_values, is_lru_layer, passes_gate, rank_for_fraction, rank_for_tolerance
 from .base import Importance
 
-#: How a rank event picks each SSM layer's rank (the one definition; the Hankel controller's ``mode``).
-RANK_MODES = ("tolerance", "fraction")
 
 
 def find_lru_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -309,7 +309,8 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
         obs = _observation(getattr(ctl, "harness", False), step=t, progress=progress, compute=c, damage=r["damage"],
                            jump=last_jump, last_action=last_u, final_damage=r["final"], final_std=r["final_std"],
                            damage_std=r["damage_std"], reference=r["reference"], rho=r["rho"],
-                           next_factor=r.get("next_factor"), next_factor_std=r.get("next_factor_std", 0.0))
+                           next_factor=r.get("next_factor"), next_factor_std=r.get("next_factor_std", 0.0),
+                           jump_noise=r.get("jump_noise", 0.0))
         last_u, last_jump = 0.0, None
         requested = float(ctl.step(obs))
         reason = str(getattr(ctl, "reason", ""))

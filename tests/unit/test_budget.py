@@ -120,3 +120,24 @@ def test_size_cut_finds_the_largest_cut_that_fits() -> None:
     assert len(calls) <= 8 and trial(u) <= 0.01 < trial(u + 0.02)
     assert size_cut(trial, 0.5, max_jump=None) == 0.5 and size_cut(trial, 0.5, max_jump=0.0) == 0.0
     assert size_cut(lambda v: 1e-4 * v, 0.3, max_jump=0.01) == 0.3  # the whole request fits: one trial
+
+
+def test_jump_noise_is_pooled_from_probe_and_training_jumps_and_kept_as_a_margin() -> None:
+    sensor = DamageSensor(T, EVERY)
+    assert sensor.jump_noise == pytest.approx(0.002)  # the prior before any cut
+    for step, (p, t) in enumerate([(0.004, 0.010), (-0.002, 0.006), (0.003, 0.001)], start=1):
+        sensor.add_cut(step * EVERY, p, t)
+    pooled = math.sqrt((2 * 0.002 ** 2 + (0.006 ** 2 + 0.008 ** 2 + 0.002 ** 2) / 2) / 5)
+    assert sensor.jump_noise == pytest.approx(pooled)
+    ctl = build_controller("lqr", 0.1, budget=0.01, warmup=0.0)
+    quiet = Observation(step=100, progress=0.1, compute=1.0, damage=0.0, final_damage=0.0, next_factor=0.5)
+    ctl.step(quiet)
+    allowance = ctl.max_jump
+    ctl = build_controller("lqr", 0.1, budget=0.01, warmup=0.0)
+    ctl.step(Observation(step=100, progress=0.1, compute=1.0, damage=0.0, final_damage=0.0, next_factor=0.5,
+                         jump_noise=0.001))
+    assert ctl.max_jump == pytest.approx(allowance - 0.001)  # a trial must fit with one noise std to spare
+    ctl = build_controller("lqr", 0.1, budget=0.01, warmup=0.0)
+    assert ctl.step(Observation(step=100, progress=0.1, compute=1.0, damage=0.0, final_damage=0.0,
+                                next_factor=0.5, jump_noise=0.05)) == 0
+    assert "within the noise of a measured jump" in ctl.reason

@@ -396,8 +396,10 @@ class ControlPruning(Callback):
 
     # ---------------------------------------------------------------------------- state and report
     def summary(self) -> dict[str, Any]:
-        """Plain-Python report of the run so far (what train.py writes to summary.json)."""
-        return self.loop.summary(steps=self._last_step) | self.compile_watch.summary()
+        """Plain-Python report of the run so far (what train.py writes to summary.json); ``left_dense`` is
+        ``{layer: why}`` for every layer discovery left dense."""
+        return (self.loop.summary(steps=self._last_step) | {"left_dense": dict(self.skipped)}
+                | self.compile_watch.summary())
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "test_loss",
     "widths",
     "dense_widths",
+    "left_dense",
     "flops_fraction",
     "train_flops_saved",
     "train_flops",

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
+import traceback
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -27,11 +29,18 @@ from ..probe import as_call
 from .handlers import Claim, ClaimContext, SliceHandler, claim, handlers, role_of, traced_layers
 from .shrink import NORM_TYPES
 from .slices import PrunableGroup, Slice, apply_plan_, tied_parameters
+from .tracing import TRACE_BOUND_MIN_S, hooks_kept, record_calls, time_bound, trace_bound_s
 
 log = logging.getLogger(__name__)
 
 ROOT_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+OUTPUT_REASON = "output layer (its features leave the model)"
 Limits = Mapping["str | type", int]
+Candidates = list[tuple[PrunableGroup, "str | None"]]
+
+
+class DiscoveryError(ValueError):
+    """Nothing in the model could be traced: raised before anything changed, naming the module and the cause."""
 
 
 def _matches(name: str, module: nn.Module, ignored: Sequence[str | type]) -> bool:
@@ -127,7 +136,9 @@ def _block(item: Any, width: int, kind: str) -> tuple[int, str | None]:
     return 0, "partially coupled to '{}' (concat/split/permutation of channels)"
 
 
-def _trace(model: nn.Module, example_inputs: Any, layers: Mapping[nn.Module, SliceHandler]) -> tuple[Any, list]:
+def _trace(model: nn.Module, example_inputs: Any, layers: Mapping[nn.Module, SliceHandler],
+           bound_s: float) -> tuple[Any, list]:
+    """Torch-Pruning's graph and groups, within ``bound_s`` seconds (else :class:`TraceTimeout`)."""
     import torch_pruning as tp  # heavy import, only when a fit starts
 
     custom = {type(m): _widths_pruner(h, _is_through(h, m)) for m, h in layers.items()}
@@ -135,12 +146,12 @@ def _trace(model: nn.Module, example_inputs: Any, layers: Mapping[nn.Module, Sli
     model.eval()
     hooks = [m.register_forward_hook(h.trace_hook, with_kwargs=True) for m, h in layers.items()]
     try:
-        with torch.enable_grad():
+        with hooks_kept(model), time_bound(bound_s), torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=_forward,
                                                           customized_pruners=custom or None, verbose=False,
                                                           output_transform=_graph_outputs)
-        roots = ROOT_TYPES + tuple(custom)  # an attention output group is named after its output projection
-        return graph, list(graph.get_all_groups(ignored_layers=[], root_module_types=roots))
+            roots = ROOT_TYPES + tuple(custom)  # an attention output group is named after its output projection
+            return graph, list(graph.get_all_groups(ignored_layers=[], root_module_types=roots))
     finally:
         for hook in hooks:
             hook.remove()
@@ -185,6 +196,129 @@ def _tie_reason(model: nn.Module, group: PrunableGroup, ties: Mapping[int, list[
         if len(dims) > 1:
             return f"tied weights: {owners} are one Parameter, but this group cuts it along dims {dims}; left dense"
     return None
+
+
+def _tp_candidates(graph: Any, tp_groups: list, names: Mapping[nn.Module, str], order: Mapping[str, int],
+                   pnames: Mapping[int, str], ctx: ClaimContext, round_to: int | None) -> tuple[Candidates, set[str]]:
+    """Torch-Pruning's groups as ours, each with the reason it is refused (None: prunable)."""
+    candidates: Candidates = []
+    covered: set[str] = set()
+    for tp_group in tp_groups:
+        width = int(graph.get_out_channels(tp_group.items[0].dep.target.module))
+        slices: list[Slice] = []
+        producers: list[tuple[int, str]] = []
+        reason = None
+        for item in tp_group.items:
+            module = item.dep.target.module
+            if isinstance(module, nn.Parameter):
+                reason = reason or (f"coupled to a bare nn.Parameter '{pnames.get(id(module), '?')}' outside any "
+                                    "supported layer (cannot be cut)")
+                continue
+            if module not in names:  # Torch-Pruning's pseudo-modules for element-wise ops, reshapes, ...
+                continue
+            covered.add(names[module])
+            is_out = getattr(item.dep.handler, "__name__", "") == "prune_out_channels"
+            found, why = claim(module, is_out, ctx)
+            if is_out and not isinstance(module, NORM_TYPES) and (found is None or role_of(found.kind) != "through"):
+                producers.append((order[names[module]], _display(module, names[module])))
+            block, why_block = (0, None) if found is None else _block(item, width, found.kind)
+            if why or why_block:
+                reason = reason or (why or why_block).format(names[module])
+                continue
+            slices.append(Slice(names[module], found.kind, block, found.parts))
+        slices = list(dict.fromkeys(slices))
+        name = min(producers)[1] if producers else names.get(tp_group.items[0].dep.target.module, "?")
+        first = next((s for s in slices if s.role == "out" and _group_name(s) == name), None)
+        if first is not None:  # the named producer leads: the group's width is read from it
+            slices.remove(first)
+            slices.insert(0, first)
+        if reason is None and not any(s.role == "in" for s in slices):
+            reason = OUTPUT_REASON
+        candidates.append((PrunableGroup(name, tuple(slices), round_to=round_to), reason))
+
+    return candidates, covered
+
+
+def _cause(err: BaseException) -> str:
+    """An exception in a line: its type, message and the innermost function (``index_mapping.py update_...``)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" in {frames[-1].filename.rsplit('/', 1)[-1]} {frames[-1].name}" if frames else ""
+    return f"{type(err).__name__}{where}: {' '.join(str(err).split())[:160]}"
+
+
+def _traced_candidates(model: nn.Module, example_inputs: Any, layers: Mapping[nn.Module, SliceHandler],
+                       names: Mapping[nn.Module, str], order: Mapping[str, int], pnames: Mapping[int, str],
+                       ctx: ClaimContext, round_to: int | None
+                       ) -> tuple[Candidates, set[str], dict[str, str], list[str]]:
+    """Candidates from one trace of the whole model, or, when that raises or runs past its bound, from a trace
+    of each submodule on its own (block by block, descending into a submodule that fails too); a layer no
+    trace reaches is left dense with the cause. Returns ``(candidates, covered names, {layer: reason}, names of
+    the submodules traced on their own)``."""
+    bound = trace_bound_s(model)
+    try:
+        return (*_tp_candidates(*_trace(model, example_inputs, layers, bound), names, order, pnames, ctx, round_to),
+                {}, [])
+    except Exception as err:  # noqa: BLE001 - any failure of the tracer degrades to tracing block by block
+        cause = _cause(err)
+    root = as_call(example_inputs).path
+    label = f"{type(model).__name__}" + (f" ('{root}')" if root else "")
+    log.warning("discover_groups: the dependency graph of %s failed (%s); tracing it block by block", label, cause)
+    try:
+        calls = record_calls(model, example_inputs)
+    except Exception as err:  # noqa: BLE001 - the model's own forward fails on the example
+        raise DiscoveryError(f"discover_groups: {label} could not be traced ({cause}) and its forward on the example "
+                             f"fails ({_cause(err)}); nothing was changed") from err
+    candidates: Candidates = []
+    covered: set[str] = set()
+    dense: dict[str, str] = {}
+    traced: list[str] = []
+    failed: list[tuple[str, str]] = []
+    failed_types: dict[type, str] = {}  # blocks of one type fail alike (a ModuleList of identical layers)
+    deadline = time.monotonic() + 2 * bound
+    total = sum(1 for _ in model.modules())
+
+    def descend(name: str) -> None:
+        module = model.get_submodule(name)
+        if not any(True for _ in module.parameters()):
+            return
+        why = None if name in calls else "not called by the example forward"
+        if name != root and name in calls:
+            if type(module) in failed_types:
+                why = f"another {type(module).__name__} failed: {failed_types[type(module)]}"
+            elif time.monotonic() > deadline:
+                why = f"discovery's time budget ({2 * bound:.0f} s) was spent before this module was traced"
+            else:
+                share = bound * sum(1 for _ in module.modules()) / total  # its share of the model's bound
+                try:
+                    found, cov = _tp_candidates(*_trace(model, calls[name], layers, max(TRACE_BOUND_MIN_S, share)),
+                                                names, order, pnames, ctx, round_to)
+                except Exception as err:  # noqa: BLE001 - descend into the children
+                    why = failed_types[type(module)] = _cause(err)
+                    failed.append((name, why))
+                else:
+                    leave = (f"its features leave '{name}', traced on its own because the whole model could not be "
+                             f"({cause})")
+                    candidates.extend((g, leave if r == OUTPUT_REASON else r) for g, r in found)
+                    covered.update(cov)
+                    traced.append(name)
+                    return
+        children = [f"{name}.{c}" if name else c for c, _ in module.named_children()]
+        if children and name in calls and name == root:
+            why = None
+        if any(True for _ in module.parameters(recurse=False)) or not children:
+            dense[name] = (f"left dense: the dependency graph failed on the whole model ({cause})"
+                           + (f" and on '{name}' ({why})" if why else ""))
+        for child in children:
+            descend(child)
+
+    descend(root)
+    if not traced:
+        where = "; ".join(f"'{n}': {w}" for n, w in failed[:3])
+        raise DiscoveryError(f"discover_groups: nothing in {label} could be traced: the whole model failed ({cause})"
+                             + (f", and so did its submodules ({where})" if where else "") + "; nothing was changed")
+    log.warning("discover_groups: traced %d submodules of %s on their own (%s ...); %d left dense",
+                len(traced), label, ", ".join(traced[:3]), len(dense))
+    return candidates, covered, dense, traced
 
 
 def _trial_cuts(model: nn.Module, example_inputs: Any, groups: list[PrunableGroup]) -> dict[str, str]:
@@ -243,47 +377,12 @@ def discover_groups(
     order = {n: i for i, n in enumerate(names.values())}
     ignored = {n for m, n in names.items() if n and _matches(n, m, ignored_layers)}
     layers = traced_layers(model)
-    graph, tp_groups = _trace(model, example_inputs, layers)
     ctx = ClaimContext(prune_embeddings=prune_embeddings)
     pnames = {id(p): n for n, p in model.named_parameters()}
     ties = tied_parameters(model)
+    candidates, covered, skipped, alone = _traced_candidates(model, example_inputs, layers, names, order, pnames, ctx,
+                                                      round_to)
 
-    candidates: list[tuple[PrunableGroup, str | None]] = []
-    covered: set[str] = set()
-    for tp_group in tp_groups:
-        width = int(graph.get_out_channels(tp_group.items[0].dep.target.module))
-        slices: list[Slice] = []
-        producers: list[tuple[int, str]] = []
-        reason = None
-        for item in tp_group.items:
-            module = item.dep.target.module
-            if isinstance(module, nn.Parameter):
-                reason = reason or (f"coupled to a bare nn.Parameter '{pnames.get(id(module), '?')}' outside any "
-                                    "supported layer (cannot be cut)")
-                continue
-            if module not in names:  # Torch-Pruning's pseudo-modules for element-wise ops, reshapes, ...
-                continue
-            covered.add(names[module])
-            is_out = getattr(item.dep.handler, "__name__", "") == "prune_out_channels"
-            found, why = claim(module, is_out, ctx)
-            if is_out and not isinstance(module, NORM_TYPES) and (found is None or role_of(found.kind) != "through"):
-                producers.append((order[names[module]], _display(module, names[module])))
-            block, why_block = (0, None) if found is None else _block(item, width, found.kind)
-            if why or why_block:
-                reason = reason or (why or why_block).format(names[module])
-                continue
-            slices.append(Slice(names[module], found.kind, block, found.parts))
-        slices = list(dict.fromkeys(slices))
-        name = min(producers)[1] if producers else names.get(tp_group.items[0].dep.target.module, "?")
-        first = next((s for s in slices if s.role == "out" and _group_name(s) == name), None)
-        if first is not None:  # the named producer leads: the group's width is read from it
-            slices.remove(first)
-            slices.insert(0, first)
-        if reason is None and not any(s.role == "in" for s in slices):
-            reason = "output layer (its features leave the model)"
-        candidates.append((PrunableGroup(name, tuple(slices), round_to=round_to), reason))
-
-    skipped: dict[str, str] = {}
     for h in handlers():  # groups inside one module: heads, SSM states (or why they are left dense)
         for module, name in names.items():
             own = h.own_group(module) if name else None
@@ -332,7 +431,10 @@ def discover_groups(
         if (n and n not in in_groups and n not in skipped and n not in covered
                 and any(True for _ in m.parameters(recurse=False))
                 and not any(n.startswith(s + ".") for s in skipped)):
-            skipped[n] = ("not coupled" if isinstance(m, ROOT_TYPES + tuple({type(t) for t in layers}))
+            block = next((a for a in alone if n.startswith(a + ".")), None)
+            skipped[n] = (f"coupled only to the input of '{block}', which was traced on its own (its input width is "
+                          "set outside it)" if block is not None
+                          else "not coupled" if isinstance(m, ROOT_TYPES + tuple({type(t) for t in layers}))
                           else f"unsupported layer type {type(m).__name__}")
     return (sorted(groups, key=lambda g: order[g.name]),
             sorted(skipped.items(), key=lambda kv: order.get(kv[0], -1)))

@@ -231,7 +231,8 @@ def plot_traces(stats: list[dict[str, Any]], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(g["label"], min(g["runs"], key=lambda r: r.get("seed") or 0)) for g in stats]
+    runs = [(g["label"], min(g["runs"], key=lambda r: r.get("seed") or 0)) for g in stats
+            if not g["label"].startswith("gmp_sweep")]  # the sweep's fixed ramps: in the Pareto plots, not here
     runs = [(label, r) for label, r in runs if r.get("trace") and r.get("surgeries")]
     if not runs:
         return None
@@ -251,8 +252,8 @@ def plot_traces(stats: list[dict[str, Any]], out: Path) -> Path | None:
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("optimizer step")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     path = out / "traces.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -55,29 +55,30 @@ def test_a_task_runs_every_baseline_with_three_seeds_and_derives_short_and_small
     proc, calls = run_suite(tmp_path, "resnet")
     assert proc.returncode == 0, proc.stderr
     groups = [group_of(c) for c in calls]
-    assert groups == ["dense", "lqr", "pid", "gmp", "gmp_mild", "linear", "budget", "budget_pid", "null",
+    assert groups == ["dense", "lqr", "pid", "gmp", "gmp_mild", "gmp_sweep", "linear", "budget", "budget_pid", "null",
                       "lqr_taylor", "lqr_magnitude", "model_pruning", "short", "small", "small", "small", "budget_points",
                       "lqr_round8"]
     for c in calls:
         assert "experiment=resnet_fmnist" in c and "trainer.limit_train_batches=100" in c
-    assert all("seed=0,1,2" in c for c in calls[:13])
+    assert all("seed=0,1,2" in c for c in calls[:14])
     assert "pruning.target=0.25,0.35,0.5" in calls[3] and "pruning.target=0.75,0.9" in calls[4]
-    assert "controller=pid" in calls[7] and "pruning.quality_budget=0.01" in calls[7]
-    assert "controller=gmp" in calls[8] and "pruning.target=0.99" in calls[8]
-    assert "trainer.max_steps=300" in calls[12]  # lqr's 30% of the training FLOPs of 1000 dense steps
-    assert "pruning.budget_metric=error" in calls[16] and "pruning.quality_budget=0.003" in calls[16]
-    for seed, c in zip("012", calls[13:16]):  # each seed's small net is that seed's lqr architecture
+    assert "pruning.target=0.1,0.2,0.3,0.4,0.6,0.7,0.8" in calls[5]  # with 0.5 and 0.9: the sweep 0.1 .. 0.9
+    assert "controller=pid" in calls[8] and "pruning.quality_budget=0.01" in calls[8]
+    assert "controller=gmp" in calls[9] and "pruning.target=0.99" in calls[9]
+    assert "trainer.max_steps=300" in calls[13]  # lqr's 30% of the training FLOPs of 1000 dense steps
+    assert "pruning.budget_metric=error" in calls[17] and "pruning.quality_budget=0.003" in calls[17]
+    for seed, c in zip("012", calls[14:17]):  # each seed's small net is that seed's lqr architecture
         assert f"seed={seed}" in c and "controller=none" in c
         ckpt = next(a.split("=", 1)[1] for a in c if a.startswith("architecture_from="))
         assert ckpt[0] == ckpt[-1] == "'"  # quoted for Hydra's override grammar (a path may hold '=' or ',')
         ckpt = ckpt[1:-1]
         assert Path(ckpt).read_text() == seed and "/lqr/" in ckpt
-    assert "callbacks.model_pruning.epochs=2" in calls[11]
+    assert "callbacks.model_pruning.epochs=2" in calls[12]
     assert calls[-1][-1] == "pruning.round_to=8"
 
     # a second call resumes: every group is done already, nothing runs again
     proc2, calls2 = run_suite(tmp_path, "resnet")
-    assert proc2.returncode == 0 and len(calls2) == len(calls) and proc2.stdout.count("done already") == 18
+    assert proc2.returncode == 0 and len(calls2) == len(calls) and proc2.stdout.count("done already") == 19
 
 
 def test_lru_adds_the_hankel_group_and_mlp_masks_over_four_epochs(tmp_path: Path) -> None:

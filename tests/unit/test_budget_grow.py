@@ -150,3 +150,12 @@ def test_a_growth_plan_restores_the_last_cut_groups_and_the_trace_records_it() -
     # the next observation reports the growth as a negative action: the controller's hysteresis sees it
     nxt = loop.observe(model, 40, 0.4)
     assert nxt.last_action < 0
+
+
+def test_the_printed_trace_keeps_every_growth_like_every_cut() -> None:
+    from ctprune_lightning.summary import _pick_rows
+
+    trace = [{"step": 10 * i, "action": 0.0} for i in range(40)]
+    trace[7]["action"], trace[23]["action"] = 0.3, -0.25  # a cut, then a growth
+    rows = _pick_rows(trace, 6)
+    assert 7 in rows and 23 in rows

@@ -233,6 +233,8 @@ class ControlLoop:
             sensed = {"final_damage": final, "final_std": final_std, "damage_std": damage_std,
                       "reference": r["reference"], "rho": r["rho"], "next_factor": r["next_factor"],
                       "next_factor_std": r["next_factor_std"], "jump_noise": r["jump_noise"]}
+            removed = 1.0 - self.compute(model)  # the sensor's final damage is the sum of the cuts': per unit removed
+            sensed["cut_damage_rate"] = final / removed if removed > 1e-9 else None
             if self.budget_metric == "error":  # a log-jump of the error rate becomes points at the reference
                 ref = r["reference"]
                 sensed["next_factor"], sensed["next_factor_std"] = ref * r["next_factor"], ref * r["next_factor_std"]
@@ -252,6 +254,14 @@ class ControlLoop:
         rule = self.controller.rank_event(obs) if events_allowed else None
         snapshot = False
         self.trials, self.hold_reason = 0, ""
+        request = float(getattr(self.controller, "grow_request", 0.0) or 0.0)
+        if rule is None and u <= 0 and request > 0 and math.isfinite(request):  # grow back the groups cut last
+            grow = self.plan_growth(model, request)
+            units = ", ".join(f"{n} +{k}" for n, k in grow.items())
+            self.hold_reason = (f"{self.controller.reason}; +{sum(grow.values())} units to groups {units}" if grow
+                                else f"{self.controller.reason}; nothing to grow back (no cut group can grow)")
+            return Plan(step=obs.step, widths={n: w + grow.get(n, 0) for n, w in widths.items()},
+                        requested=-request, grow=grow)
         if rule is not None:  # CompreSSM event: SSM ranks from the Hankel singular values
             new = self._ssm_ranks(model, widths, rule)
             snapshot = new != widths and self.controller.rollback
@@ -266,6 +276,36 @@ class ControlLoop:
             self._train_before = self.store.train_loss(model)
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}
         return Plan(step=obs.step, widths=new, keep=keep, requested=u, snapshot=snapshot, spectra=spectra)
+
+    def plan_growth(self, model: nn.Module, request: float) -> dict[str, int]:
+        """``{group: units to add}`` giving back about ``request`` of the dense compute, from the cuts of
+        :attr:`history`, the last one first: each cut's groups grow in proportion to the units it took (its compute
+        taken as proportional to them), never above their width before it nor their dense width; groups that
+        cannot grow function-preservingly (a LayerNorm's, tied weights) are left as they are."""
+        widths = self.widths(model)
+        refused = {g.name for g in self.groups if g.grow_refusal(model)}
+        cuts, before, before_c = [], dict(self.dense_widths), 1.0
+        for h in self.history:
+            if h["compute"] < before_c - 1e-9 and "rollback_to_step" not in h:
+                cuts.append((before, dict(h["widths"]), before_c - h["compute"]))
+            before, before_c = dict(h["widths"]), h["compute"]
+        have, grow, left = dict(widths), {}, float(request)
+        for b, a, removed in reversed(cuts):
+            taken = {n: b[n] - a[n] for n in a if n in b and n in have and b[n] > a[n]}
+            missing = {n: max(0, min(b[n], self.dense_widths.get(n, b[n])) - have[n])
+                       for n in taken if n not in refused}
+            if not sum(missing.values()):
+                continue
+            still = removed * sum(missing.values()) / sum(taken.values())  # this cut's compute not yet given back
+            share = min(1.0, left / still)
+            for n, d in missing.items():
+                k = min(d, self.round_to * math.ceil(share * d / self.round_to))
+                if k > 0:
+                    grow[n], have[n] = grow.get(n, 0) + k, have[n] + k
+            left -= share * still
+            if left <= 1e-9:
+                break
+        return grow
 
     def _plan_widths(self, model: nn.Module, obs: Observation, u: float) -> dict[str, int]:
         total, per_module = self.flops(model)
@@ -327,7 +367,10 @@ class ControlLoop:
             self.last_u = obs.compute - compute
             log_jump = math.log(max(after, 1e-12) / max(before, 1e-12))
             self.jump_rate = log_jump / self.last_u if self.last_u > 1e-9 else self.jump_rate
-            if self.estimator is not None:
+            if self.estimator is not None and not plan.grow:
+                # a growth is no cut for the sensor: it preserves the function (jump 0, which would read as a
+                # perfectly measured jump and shrink the jump noise); it reaches the sensor through the readings
+                # that follow (the loss falls below the prediction: the cuts' persistent fractions ρ fall)
                 train_jump = None
                 if self._train_before is not None:
                     train_after = self.store.train_loss(model)
@@ -335,10 +378,13 @@ class ControlLoop:
                     self._train_before = None
                 self.estimator.add_cut(plan.step, log_jump, train_jump)
             self.history.append({"step": plan.step, "widths": dict(plan.widths), "compute": compute}
-                                | ({"hankel_spectra": plan.spectra} if plan.spectra else {}))
+                                | ({"hankel_spectra": plan.spectra} if plan.spectra else {})
+                                | ({"grown": dict(plan.grow)} if plan.grow else {}))
             self.update_saturation(model)
         row = {"step": obs.step, "progress": obs.progress, "compute": compute, "damage": obs.damage,
                "action": self.last_u, "requested": plan.requested, "widths": self.widths(model)}
+        if plan.grow:  # a growth: the units added per group (action < 0: compute given back)
+            row["grown"] = dict(plan.grow)
         if self.estimator is not None:
             row |= {"damage_std": obs.damage_std, "final_damage": obs.final_damage, "final_std": obs.final_std,
                     "reference": obs.reference, "rho": obs.rho, "budget": self.controller.budget,

@@ -118,11 +118,11 @@ def _num(value: Any, spec: str) -> str:
 
 
 def _pick_rows(trace: Sequence[Mapping[str, Any]], max_rows: int) -> list[int]:
-    """Indices to show: every interval that cut, the last one, then evenly spaced others up to ``max_rows``."""
+    """Indices to show: every interval that cut or grew, the last one, then evenly spaced others up to ``max_rows``."""
     n = len(trace)
     if n <= max_rows:
         return list(range(n))
-    cuts = [i for i, ev in enumerate(trace) if (ev.get("action") or 0) > 0]
+    cuts = [i for i, ev in enumerate(trace) if (ev.get("action") or 0) != 0]  # a growth's action is negative
     keep = set(cuts[: max_rows - 2]) | {0, n - 1}
     spare = max_rows - len(keep)
     if spare > 0:
@@ -140,7 +140,7 @@ def _trace_table(trace: Sequence[Mapping[str, Any]], max_rows: int) -> list[str]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in [list(cols), *rows]]
     if len(rows) < len(trace):
-        lines.append(f"({len(rows)} of {len(trace)} intervals shown: every cut, the last, evenly spaced others)")
+        lines.append(f"({len(rows)} of {len(trace)} intervals shown: every cut and growth, the last, evenly spaced others)")
     return lines
 
 

@@ -48,6 +48,9 @@ class Observation:
         next_factor / next_factor_std: the sensor's final damage per unit of immediate log-jump of a
             cut made now (how much of it will persist), and its standard deviation.
         jump_noise: the standard deviation of one measured (or trial) jump.
+        cut_damage_rate: with a quality budget, the predicted final damage per unit of dense compute the cuts
+            removed (``final_damage / (1 − compute)``, the sensor's damage being the sum of the cuts'); ``None``
+            before any cut. Sizes a growth (:mod:`.budget`).
     """
 
     step: int
@@ -64,6 +67,7 @@ class Observation:
     next_factor: float | None = None
     next_factor_std: float = 0.0
     jump_noise: float = 0.0
+    cut_damage_rate: float | None = None
 
 
 def check_number(
@@ -129,6 +133,10 @@ class Controller(ABC):
     #: the largest immediate log-jump the cut asked for by the last :meth:`step` may cause (``None``: no limit);
     #: the loop sizes the cut by trial under it
     max_jump: float | None = None
+    #: the compute (fraction of dense FLOPs per step) the last :meth:`step` asks the loop to add back by growing the
+    #: groups cut last (0: none; the budget mode's ``grow``); the loop reports a realised growth as a negative
+    #: ``last_action``
+    grow_request: float = 0.0
     #: undo an event that made the validation metric ``rollback_monitor`` worse (see :meth:`worse`)
     rollback: bool = False
     rollback_monitor: str | None = None

@@ -117,7 +117,9 @@ class LQRController(BudgetModeMixin, Controller):
         budget: a quality budget (:mod:`.budget`): the controller then spends the budget's slack instead of
             driving compute to ``target`` (the floor); ``margin``, ``warmup``, ``max_rate`` are that mode's
             chance-constraint width, warm-up and rate cap (in training progress), and ``slack_q`` /
-            ``slack_r`` the LQR weights of its slack integrator (``slack_r / slack_q`` small: spend fast).
+            ``slack_r`` the LQR weights of its slack integrator (``slack_r / slack_q`` small: spend fast);
+            ``grow`` grows back the groups cut last when the budget is broken even on the optimistic bound, with
+            ``grow_hold`` control intervals of hysteresis (:mod:`.budget`).
     """
 
     name = "lqr"
@@ -140,6 +142,8 @@ class LQRController(BudgetModeMixin, Controller):
         max_rate: float = 5.0,
         slack_q: float = 1.0,
         slack_r: float = 0.25,
+        grow: bool = False,
+        grow_hold: int = 3,
     ) -> None:
         super().__init__(target)
         self.slack_q = check_number("slack_q", slack_q, 0.0, low_open=True)
@@ -151,7 +155,7 @@ class LQRController(BudgetModeMixin, Controller):
         self.deadband = check_number("deadband", deadband, 0.0, 1.0)
         self.resolve_tol = check_number("resolve_tol", resolve_tol, 0.0)
         self.plant = PlantEstimator(a_prior=a_prior, b_prior=b_prior, forgetting=forgetting)
-        self._init_budget(budget, margin, warmup, max_rate)
+        self._init_budget(budget, margin, warmup, max_rate, grow, grow_hold)
         self.reset()
 
     def spend(self, x: float) -> float:

@@ -45,6 +45,8 @@ class PIDController(BudgetModeMixin, Controller):
         damage_max: damage above which no cut is made, ``> 0``.
         budget / margin / warmup / max_rate: the quality-budget mode (:mod:`.budget`); there the PI law acts
             on the budget's slack ``x`` (in budgets): spend ``kp·x + ki·Σx`` of it, integrator bounded by ``1/ki``.
+        grow / grow_hold: grow back the groups cut last when the budget is broken even on the optimistic bound,
+            with that many control intervals of hysteresis (:mod:`.budget`).
     """
 
     name = "pid"
@@ -62,6 +64,8 @@ class PIDController(BudgetModeMixin, Controller):
         margin: float = 2.0,
         warmup: float = 0.05,
         max_rate: float = 5.0,
+        grow: bool = False,
+        grow_hold: int = 3,
     ) -> None:
         super().__init__(target)
         self.kp = check_number("kp", kp, 0.0)
@@ -74,7 +78,7 @@ class PIDController(BudgetModeMixin, Controller):
             None if rate_limit is None else check_number("rate_limit", rate_limit, 0.0, low_open=True)
         )
         self.damage_max = check_number("damage_max", damage_max, 0.0, low_open=True)
-        self._init_budget(budget, margin, warmup, max_rate)
+        self._init_budget(budget, margin, warmup, max_rate, grow, grow_hold)
         self.reset()
 
     def spend(self, x: float) -> float:

@@ -220,3 +220,13 @@ def test_wandb_gets_the_control_trace_as_a_table_with_the_reasons(hydra_init: No
     data = json.loads(table.read_text())
     assert data["columns"] == list(train.TRACE_COLUMNS)
     assert [row[0] for row in data["data"]] == [10, 20] and data["data"][1][-1].startswith("budget:")
+
+
+@pytest.mark.parametrize("controller", ["lqr", "pid"])
+def test_pruning_grow_reaches_the_budget_mode(hydra_init: None, tmp_path: Path, controller: str) -> None:
+    cfg = compose_cfg([f"controller={controller}", "debug=fast", "pruning.quality_budget=0.02"], tmp_path)
+    assert cfg.pruning.grow is False and instantiate(cfg.controller).mode.grow is False  # off by default
+    cfg = compose_cfg([f"controller={controller}", "debug=fast", "pruning.quality_budget=0.02", "pruning.grow=true",
+                       "controller.grow_hold=5"], tmp_path)
+    ctrl = instantiate(cfg.controller)
+    assert ctrl.mode.grow is True and ctrl.mode.grow_hold == 5

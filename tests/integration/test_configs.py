@@ -230,3 +230,26 @@ def test_pruning_grow_reaches_the_budget_mode(hydra_init: None, tmp_path: Path, 
                        "controller.grow_hold=5"], tmp_path)
     ctrl = instantiate(cfg.controller)
     assert ctrl.mode.grow is True and ctrl.mode.grow_hold == 5
+
+
+def test_every_budget_setting_round_trips_through_hydra_and_the_callback(hydra_init: None, tmp_path: Path) -> None:
+    """Each budget-mode setting of the lqr family set from the command line reaches the controller the callback
+    runs (none dropped once a budget is set), and its state survives a state_dict round trip mid-run."""
+    overrides = ["controller=lqr", "debug=fast", "pruning.quality_budget=0.02", "controller.margin=1.5",
+                 "controller.warmup=0.2", "controller.max_rate=3.0", "controller.slack_q=2.0", "controller.slack_r=0.5",
+                 "controller.u_max=0.07"]
+    cfg = compose_cfg(overrides, tmp_path)
+    callback = instantiate(cfg.callbacks.control_pruning, _convert_="all")
+    ctrl = callback.controller
+    assert (ctrl.budget, ctrl.mode.margin, ctrl.mode.warmup, ctrl.mode.max_rate) == (0.02, 1.5, 0.2, 3.0)
+    assert (ctrl.slack_q, ctrl.slack_r, ctrl.u_max) == (2.0, 0.5, 0.07)
+    from ctprune_lightning.controllers import Observation
+
+    obs = Observation(step=50, progress=0.25, compute=0.9, damage=0.0, final_damage=0.004, final_std=0.001,
+                      next_factor=0.6, next_factor_std=0.2, last_action=0.05)
+    ctrl.step(obs)
+    clone = instantiate(compose_cfg(overrides, tmp_path).controller)
+    clone.load_state_dict(ctrl.state_dict())
+    later = Observation(step=60, progress=0.3, compute=0.85, damage=0.0, final_damage=0.005, final_std=0.001,
+                        next_factor=0.6, next_factor_std=0.2)
+    assert clone.step(later) == ctrl.step(later) and clone.max_jump == ctrl.max_jump and clone.cuts == ctrl.cuts == 1

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 import hf_catalogue as catalogue  # noqa: E402
 
+from ctprune_lightning.accounting import count_training_flops  # noqa: E402
 from ctprune_lightning.surgery.groups import apply_plan_, discover_groups  # noqa: E402
 from ctprune_lightning.surgery.handlers.moe import MOE_FFN  # noqa: E402
 
@@ -111,6 +112,9 @@ def test_growth_keeps_the_outputs_and_the_old_units_state(family: str) -> None:
     old_gu, old_state = mod.gate_up_proj.detach().clone(), opt.state[mod.gate_up_proj]["exp_avg"].clone()
     before = _logits(model)
 
+    with pytest.raises(ValueError, match="multiple of 4"):  # grouped_mm needs 16-byte strides: nothing changes
+        apply_plan_(model, experts, {}, [opt], grow={g.name: 3})
+    assert g.width(model) == width and mod.gate_up_proj.shape[1] == 2 * width
     apply_plan_(model, experts, {}, [opt], grow={g.name: 8})
 
     assert g.width(model) == mod.intermediate_dim == width + 8
@@ -128,6 +132,24 @@ def test_growth_keeps_the_outputs_and_the_old_units_state(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_the_experts_flops_are_counted_and_scale_with_their_width(family: str) -> None:
+    """transformers' experts run ``aten._grouped_mm``, which torch's FLOP counter ignores: uncounted, the
+    experts would look free and the planner would cut them to the floor for nothing."""
+    model = _model(family)
+    batch = {**catalogue._inputs("causal"), "labels": catalogue._inputs("causal")["input_ids"]}
+    experts, _ = _experts(model)
+    mod = model.get_submodule(experts[0].name)
+    rows = batch["input_ids"].numel() * model.config.num_experts_per_tok  # (token, chosen expert) pairs
+    hidden, inner = mod.hidden_dim, mod.intermediate_dim
+    forward = 2 * rows * (2 * inner * hidden + inner * hidden)  # gate_up then down, per pair
+    _, per = count_training_flops(model, batch, lambda m, b: m(**b).loss)
+    assert per[experts[0].name] == 3 * forward  # forward + input and weight gradients
+    apply_plan_(model, experts, {experts[0].name: torch.arange(inner // 2)})
+    _, per = count_training_flops(model, batch, lambda m, b: m(**b).loss)
+    assert per[experts[0].name] == 3 * forward // 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_gmp_fit_shrinks_the_experts_and_everything_still_works(family: str, tmp_path: Path) -> None:
     """The catalogue's run: GMP to 50 %; every live parameter in the optimizer, load_pruned gives equal
     outputs, generate (KV cache) equals a cache-free loop."""
@@ -139,4 +161,5 @@ def test_a_gmp_fit_shrinks_the_experts_and_everything_still_works(family: str, t
         assert name in row["shrunk"], row["shrunk"]
         dense, final = row["shrunk"][name]
         assert final < dense and final % 4 == 0
+        assert final > 4  # counted FLOPs: cut in proportion, not to the floor (min_width 4)
     assert not any("Experts" in r for r in row["dense"].values()), row["dense"]

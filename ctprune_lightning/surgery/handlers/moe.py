@@ -15,7 +15,8 @@ consistent (the router is reported dense with that reason). A layer whose expert
 (``nn.ModuleList`` of MLPs) needs nothing from here: each expert's ``Linear`` layers are traced as usual.
 
 Growth: new gate/up rows drawn like the experts' init (N(0, 0.02²); ``match``: the tensor's own std) in every
-expert, zero down-projection columns: the output does not change.
+expert, zero down-projection columns: the output does not change. With the ``grouped_mm`` experts kernel the
+new width must stay a multiple of :func:`alignment` (refused otherwise, before anything changes).
 
 The group is internal to the module (:meth:`MoEExpertsHandler.own_group`), like attention heads: the
 module's input and output (the residual width) are not part of it.
@@ -146,6 +147,10 @@ def grow_experts_ffn_(module: nn.Module, n: int, optimizers: Sequence[Optimizer]
     """Append ``n`` intermediate units to every expert: gate/up rows drawn, zero down-projection columns."""
     layout = experts_layout(module)
     width = layout.width(module)
+    align = alignment(module)
+    if align and (width + n) % align:  # before anything changes: the kernel would fail at the next forward
+        raise ValueError(f"grow_experts_ffn_: {width} + {n} units is not a multiple of {align}, which the grouped_mm "
+                         "experts kernel needs (16-byte strides); grow by a multiple of the group's round_to")
     rows = layout.new_rows(width, n)
     inp = getattr(module, layout.inp)
     shape = list(inp.shape)

@@ -35,12 +35,23 @@ def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape,
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+    """``aten._grouped_mm`` (mixture-of-experts kernels): every row of ``a`` meets one group's ``[K, N]``
+    matrix, so 2·rows·K·N whichever operand is grouped (2-D x 3-D forward, 2-D x 2-D weight gradient); a
+    batched 3-D x 3-D call is that times the batch."""
+    flops = 2 * a_shape[-2] * a_shape[-1] * b_shape[-1]
+    return flops * (a_shape[0] if len(a_shape) == 3 and len(b_shape) == 3 else 1)
+
+
 # torch's FlopCounterMode counts the CUDA attention kernels but not the CPU one that
-# F.scaled_dot_product_attention dispatches to on a CPU, which would make attention look free.
+# F.scaled_dot_product_attention dispatches to on a CPU, which would make attention look free; nor does it
+# count grouped matmuls (transformers' default MoE experts), which would make the experts look free.
 EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flop,
 }
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    EXTRA_FLOP_FORMULAS[torch.ops.aten._grouped_mm] = _grouped_mm_flop
 
 
 class AutogradModuleTracker:

@@ -321,6 +321,12 @@ def _traced_candidates(model: nn.Module, example_inputs: Any, layers: Mapping[nn
     return candidates, covered, dense, traced
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer (``LlamaRMSNorm``, ``T5LayerNorm``, ...): its name says so, its own tensors are 1-D."""
+    own = list(module.parameters(recurse=False))
+    return "Norm" in type(module).__name__ and bool(own) and all(p.dim() <= 1 for p in own)
+
+
 def _trial_cuts(model: nn.Module, example_inputs: Any, groups: list[PrunableGroup]) -> dict[str, str]:
     """Cut one unit of every group on a copy and run a forward; failures refuse the group."""
     failures: dict[str, str] = {}
@@ -332,10 +338,11 @@ def _trial_cuts(model: nn.Module, example_inputs: Any, groups: list[PrunableGrou
     work.eval()
     for g in groups:
         width = g.width(work)
+        step = max(1, g.round_to or 1)  # a width the layer can run at (a kernel's alignment)
         if width < 2:
             continue
         try:
-            apply_plan_(work, [g], {g.name: torch.arange(width - 1)})
+            apply_plan_(work, [g], {g.name: torch.arange(width - step if width > step else width - 1)})
             with torch.no_grad():
                 _forward(work, example_inputs)
         except Exception as err:  # noqa: BLE001 - any failure means the coupling is not what we think
@@ -392,7 +399,8 @@ def discover_groups(
             if not own.parts and own.reason is not None:  # nothing to cut at all (nn.MultiheadAttention)
                 skipped[name] = own.reason
                 continue
-            candidates.append((PrunableGroup(name, (Slice(name, own.kind, 1, own.parts),), round_to=1), own.reason))
+            candidates.append((PrunableGroup(name, (Slice(name, own.kind, 1, own.parts),), round_to=own.round_to or 1),
+                               own.reason))
 
     groups: list[PrunableGroup] = []
     for group, reason in candidates:
@@ -435,6 +443,7 @@ def discover_groups(
             skipped[n] = (f"coupled only to the input of '{block}', which was traced on its own (its input width is "
                           "set outside it)" if block is not None
                           else "not coupled" if isinstance(m, ROOT_TYPES + tuple({type(t) for t in layers}))
-                          else f"unsupported layer type {type(m).__name__}")
+                          else f"{type(m).__name__} normalises a width that is not cut (nothing to slice)"
+                          if _is_norm(m) else f"unsupported layer type {type(m).__name__}")
     return (sorted(groups, key=lambda g: order[g.name]),
             sorted(skipped.items(), key=lambda kv: order.get(kv[0], -1)))

@@ -162,11 +162,25 @@ def case_hf_conv1d() -> Case:
     return model, x, fwd, "transformer.h.0.mlp.c_fc", kw
 
 
+def case_hf_moe() -> Case:
+    """Mixtral's fused experts; eager experts (any width: growth by 3 units)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=50, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=16, bos_token_id=0,
+                                     eos_token_id=0, pad_token_id=0)
+    model = transformers.MixtralForCausalLM(cfg)
+    model.config._experts_implementation = "eager"
+    ids = torch.randint(0, 50, (4, 8))
+    return model, {"input_ids": ids}, lambda m: m(input_ids=ids).logits, "model.layers.0.mlp.experts", {}
+
+
 CASES = {n[5:]: f for n, f in dict(globals()).items() if n.startswith("case_")}
 #: which case covers which built-in handler (every registered one must be covered)
 COVERS = {"LinearHandler": "linear", "ConvHandler": "depthwise", "NormHandler": "conv_norm_flatten",
           "EmbeddingHandler": "embedding", "AttentionHandler": "heads", "MultiheadAttentionHandler": "mha",
-          "HuggingFaceHandler": "hf_gpt2", "LRUHandler": "lru", "RNNHandler": "gru"}
+          "HuggingFaceHandler": "hf_gpt2", "LRUHandler": "lru", "RNNHandler": "gru",
+          "MoEExpertsHandler": "hf_moe"}
 
 
 def test_every_builtin_handler_has_a_growth_case() -> None:

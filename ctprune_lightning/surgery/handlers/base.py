@@ -59,13 +59,15 @@ class Claim:
 class OwnGroup:
     """A group a handler finds inside one module, independent of the trace (heads, SSM states).
 
-    ``reason``: why it is left dense (None: prunable); ``covers``: child names the group accounts for.
+    ``reason``: why it is left dense (None: prunable); ``covers``: child names the group accounts for;
+    ``round_to``: widths the layer can run at are multiples of this (None: any width; e.g. a kernel's alignment).
     """
 
     kind: str
     parts: tuple[str, ...] = ()
     reason: str | None = None
     covers: tuple[str, ...] = ()
+    round_to: int | None = None
 
 
 @dataclass

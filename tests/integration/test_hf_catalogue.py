@@ -56,5 +56,5 @@ def test_family_fits_shrinks_or_says_why_and_still_works(family: str, tmp_path: 
     assert row["problems"] == [], row["problems"]
     assert row["shrunk"] or all(row["dense"].values()), row
     assert all(isinstance(r, str) and r for r in row["dense"].values())
-    if catalogue.FAMILIES[family].kind == "causal":
-        assert row["generate"] is True
+    if catalogue.FAMILIES[family].kind == "causal" and row["shrunk"]:  # a model refused before its fit
+        assert row["generate"] is True                                  # (nothing prunable) has nothing to run

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..probe import as_call
+from .handlers.conv import tile_slices
 from .handlers import Claim, ClaimContext, SliceHandler, claim, handlers, role_of, traced_layers
 from .shrink import NORM_TYPES
 from .slices import PrunableGroup, Slice, apply_plan_, tied_parameters
@@ -203,6 +204,7 @@ def _tp_candidates(graph: Any, tp_groups: list, names: Mapping[nn.Module, str], 
     """Torch-Pruning's groups as ours, each with the reason it is refused (None: prunable)."""
     candidates: Candidates = []
     covered: set[str] = set()
+    modules = {n: m for m, n in names.items()}
     for tp_group in tp_groups:
         width = int(graph.get_out_channels(tp_group.items[0].dep.target.module))
         slices: list[Slice] = []
@@ -227,6 +229,8 @@ def _tp_candidates(graph: Any, tp_groups: list, names: Mapping[nn.Module, str], 
                 continue
             slices.append(Slice(names[module], found.kind, block, found.parts))
         slices = list(dict.fromkeys(slices))
+        slices, why_tiled = tile_slices(slices, modules)  # channels tied to a grouped convolution's groups
+        reason = reason or why_tiled
         name = min(producers)[1] if producers else names.get(tp_group.items[0].dep.target.module, "?")
         first = next((s for s in slices if s.role == "out" and _group_name(s) == name), None)
         if first is not None:  # the named producer leads: the group's width is read from it

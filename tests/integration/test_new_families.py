@@ -49,6 +49,22 @@ class Separable(Base):
         return self.record(F.cross_entropy(self(batch["features"].view(-1, 1, 4, 4)), batch["label"]))
 
 
+class Grouped(Base):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn1 = nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.gc, self.bn2 = nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32)
+        self.head = nn.Linear(32, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.stem(x)))
+        x = F.relu(self.bn2(self.gc(x)))
+        return self.head(x.mean((2, 3)))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.record(F.cross_entropy(self(batch["features"].view(-1, 1, 4, 4)), batch["label"]))
+
+
 def _check(module: Base, trainer: object, cb: object, tmp_path: Path, shrunk: dict[str, int]) -> None:
     s = cb.summary()
     assert s["surgeries"] >= 2 and s["train_flops_saved"] > 0.1, s
@@ -82,3 +98,18 @@ def test_depthwise_separable_convolution_shrinks_in_a_fit(tmp_path: Path) -> Non
                               ("pw", "conv_in")}, slices
     _check(module, trainer, cb, tmp_path, {"stem": 32})
     assert module.dw.groups == module.dw.in_channels == module.dw.out_channels == module.stem.out_channels < 32
+
+
+def test_grouped_convolution_shrinks_uniformly_per_group_in_a_fit(tmp_path: Path) -> None:
+    module = Grouped()
+    trainer, cb = fit(module, tmp_path, target=0.5, round_to=1)
+    slices = {g.name: {(s.module, s.kind) for s in g.slices} for g in cb.groups}
+    assert slices["stem"] == {("stem", "tiled4:conv_out"), ("bn1", "tiled4:norm"), ("gc", "gconv_in")}, slices
+    assert slices["gc"] == {("gc", "gconv_out"), ("bn2", "tiled4:norm"), ("head", "tiled4:linear_in")}, slices
+    s = cb.summary()
+    assert any(s["widths"][n] < s["dense_widths"][n] == 8 for n in ("stem", "gc")), s["widths"]
+    _check(module, trainer, cb, tmp_path, {})
+    gc = module.gc
+    assert gc.groups == 4 and gc.in_channels == module.stem.out_channels == 4 * gc.weight.shape[1]
+    assert gc.out_channels == module.bn2.num_features == module.head.in_features
+    assert gc.out_channels % 4 == 0 and gc.in_channels * gc.out_channels < 32 * 32

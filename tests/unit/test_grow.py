@@ -74,6 +74,33 @@ def case_depthwise() -> Case:
     return model, x, _plain(model, x), "c1", {}
 
 
+class GroupedConv(nn.Module):
+    """conv -> BN -> grouped conv (groups=4) -> BN -> conv -> flatten -> linear: both sides of a grouped conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.gc, self.bn2 = nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16)
+        self.pw, self.fc = nn.Conv2d(16, 6, 1), nn.Linear(6 * 16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.c1(x)))
+        x = torch.relu(self.bn2(self.gc(x)))
+        return self.fc(torch.relu(self.pw(x)).flatten(1))
+
+
+def case_grouped_in() -> Case:  # tiled producer + BatchNorm, the grouped conv's input (one column per unit)
+    model = GroupedConv()
+    x = torch.randn(16, 3, 4, 4)
+    return model, x, _plain(model, x), "c1", {}
+
+
+def case_grouped_out() -> Case:  # the grouped conv's outputs (one filter per group per unit), tiled BN + consumer
+    model = GroupedConv()
+    x = torch.randn(16, 3, 4, 4)
+    return model, x, _plain(model, x), "gc", {}
+
+
 class EmbedNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -180,7 +207,7 @@ CASES = {n[5:]: f for n, f in dict(globals()).items() if n.startswith("case_")}
 COVERS = {"LinearHandler": "linear", "ConvHandler": "depthwise", "NormHandler": "conv_norm_flatten",
           "EmbeddingHandler": "embedding", "AttentionHandler": "heads", "MultiheadAttentionHandler": "mha",
           "HuggingFaceHandler": "hf_gpt2", "LRUHandler": "lru", "RNNHandler": "gru",
-          "MoEExpertsHandler": "hf_moe"}
+          "MoEExpertsHandler": "hf_moe", "TiledHandler": "grouped_out"}
 
 
 def test_every_builtin_handler_has_a_growth_case() -> None:

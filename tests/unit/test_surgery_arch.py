@@ -161,19 +161,21 @@ def test_flattened_conv_maps_cut_whole_blocks_of_linear_inputs() -> None:
         torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=0)
 
 
-def test_depthwise_convolutions_are_cut_and_grouped_ones_refused_with_a_reason() -> None:
+def test_depthwise_convolutions_are_cut_and_grouped_ones_cut_uniformly_per_group() -> None:
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1),
                           nn.Conv2d(4, 4, 1, groups=2), nn.Flatten(), nn.Linear(64, 3))
     groups, skipped = discover_groups(model, torch.zeros(2, 1, 8, 8))
-    reasons = dict(skipped)
-    (group,) = groups  # the depthwise conv carries the channels of '0' to '3'
-    assert group.name == "0" and [(s.module, s.kind) for s in group.slices] == [
-        ("0", "conv_out"), ("2", "depthwise"), ("3", "conv_in")]
-    assert "grouped convolution '4' (groups=2)" in reasons["3"] and "grouped convolution" in reasons["4"]
+    by = {g.name: [(s.module, s.kind, s.block) for s in g.slices] for g in groups}
+    assert by == {"0": [("0", "conv_out", 1), ("2", "depthwise", 1), ("3", "conv_in", 1)],  # depthwise carries them
+                  "3": [("3", "tiled2:conv_out", 1), ("4", "gconv_in", 1)],  # '4' (groups=2): one unit per group
+                  "4": [("4", "gconv_out", 1), ("6", "tiled2:linear_in", 16)]}, by
+    assert {g.name: g.width(model) for g in groups} == {"0": 8, "3": 2, "4": 2}
+    assert not any("grouped" in why for _, why in skipped), skipped
     x = torch.randn(2, 1, 8, 8)
-    apply_plan_(model, groups, {"0": torch.tensor([1, 4, 6])})
+    apply_plan_(model, groups, {"0": torch.tensor([1, 4, 6]), "3": torch.tensor([1]), "4": torch.tensor([0])})
     assert (model[2].groups, model[2].in_channels, model[2].out_channels) == (3, 3, 3)
-    assert model(x).shape == (2, 3)
+    assert (model[3].out_channels, model[4].in_channels, model[4].out_channels, model[4].groups) == (2, 2, 2, 2)
+    assert model[6].in_features == 32 and model(x).shape == (2, 3)
 
 
 def test_gpt_groups_heads_and_mlp_but_never_the_vocabulary() -> None:

@@ -3,13 +3,11 @@ ends within the budget, where a shrink-only run with the same cut does not."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 
 from ctprune_lightning import ControlPruning
 from ctprune_lightning.controllers import LQRController, Observation
-from ctprune_lightning.data import SyntheticDataModule
-from ctprune_lightning.models import MLPClassifier
+from test_budget_fit import fit as budget_fit  # the same task and trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BUDGET, FLOOR = 0.02, 0.03
@@ -31,13 +29,8 @@ class OverAggressive(LQRController):
 
 def fit(cb: ControlPruning) -> tuple[float, dict]:
     """The overlapping classes of test_budget_fit (class_sep=2): cutting to 3% of the FLOPs breaks a 2% budget."""
-    L.seed_everything(0)
-    dm = SyntheticDataModule(num_samples=2048, input_shape=(32,), batch_size=64, class_sep=2.0)
-    model = MLPClassifier(input_dim=32, hidden=(128, 128), num_classes=10, lr=3e-3)
-    trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
-    trainer.fit(model, datamodule=dm)
-    return float(trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]), cb.summary()
+    loss, summary, _ = budget_fit(cb)
+    return loss, summary
 
 
 def test_an_over_aggressive_cut_is_undone_by_growth_and_the_budget_kept() -> None:

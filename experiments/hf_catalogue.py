@@ -317,7 +317,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     shrink = sum(1 for r in rows if r.get("shrunk"))
     crashes = sum(1 for r in rows if r["error"])
     total = sum(r["seconds"] for r in rows)
-    out = [f"<!-- written by experiments/hf_catalogue.py; do not edit by hand -->",
+    out = ["<!-- written by experiments/hf_catalogue.py; do not edit by hand -->",
            f"{len(rows)} families (transformers {T.__version__}, torch {torch.__version__}); {shrink} shrink, "
            f"{len(rows) - shrink - crashes} leave everything dense (with reasons), {crashes} crash; "
            f"{total:.0f} s in all on CPU. GMP to 50 %, {EPOCHS * N_BATCHES} steps, min_width 4.", "",

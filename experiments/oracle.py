@@ -13,7 +13,6 @@ classifiers the error rate's excess in points (budget 0.3 pt).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path

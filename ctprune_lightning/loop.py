@@ -30,7 +30,7 @@ from .controllers import Controller, NoneController, Observation
 from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .controllers.sizing import size_cut
-from .planning import group_floor, plan_widths, select_units
+from .planning import group_floor, plan_growth, plan_widths, select_units
 from .probe import batch_size, step_error, step_loss
 from .probe_store import LossFn, ProbeStore
 from .sensing import DamageSensor
@@ -278,34 +278,10 @@ class ControlLoop:
         return Plan(step=obs.step, widths=new, keep=keep, requested=u, snapshot=snapshot, spectra=spectra)
 
     def plan_growth(self, model: nn.Module, request: float) -> dict[str, int]:
-        """``{group: units to add}`` giving back about ``request`` of the dense compute, from the cuts of
-        :attr:`history`, the last one first: each cut's groups grow in proportion to the units it took (its compute
-        taken as proportional to them), never above their width before it nor their dense width; groups that
-        cannot grow function-preservingly (a LayerNorm's, tied weights) are left as they are."""
-        widths = self.widths(model)
+        """``{group: units to add}`` giving back about ``request`` of the dense compute from the cuts of
+        :attr:`history`, the last one first (:func:`~ctprune_lightning.planning.plan_growth`)."""
         refused = {g.name for g in self.groups if g.grow_refusal(model)}
-        cuts, before, before_c = [], dict(self.dense_widths), 1.0
-        for h in self.history:
-            if h["compute"] < before_c - 1e-9 and "rollback_to_step" not in h:
-                cuts.append((before, dict(h["widths"]), before_c - h["compute"]))
-            before, before_c = dict(h["widths"]), h["compute"]
-        have, grow, left = dict(widths), {}, float(request)
-        for b, a, removed in reversed(cuts):
-            taken = {n: b[n] - a[n] for n in a if n in b and n in have and b[n] > a[n]}
-            missing = {n: max(0, min(b[n], self.dense_widths.get(n, b[n])) - have[n])
-                       for n in taken if n not in refused}
-            if not sum(missing.values()):
-                continue
-            still = removed * sum(missing.values()) / sum(taken.values())  # this cut's compute not yet given back
-            share = min(1.0, left / still)
-            for n, d in missing.items():
-                k = min(d, self.round_to * math.ceil(share * d / self.round_to))
-                if k > 0:
-                    grow[n], have[n] = grow.get(n, 0) + k, have[n] + k
-            left -= share * still
-            if left <= 1e-9:
-                break
-        return grow
+        return plan_growth(self.widths(model), self.history, self.dense_widths, refused, request, self.round_to)
 
     def _plan_widths(self, model: nn.Module, obs: Observation, u: float) -> dict[str, int]:
         total, per_module = self.flops(model)

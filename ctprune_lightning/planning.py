@@ -14,7 +14,8 @@ Example::
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import math
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -128,3 +129,33 @@ def select_units(scores: Tensor, width: int) -> Tensor:
     """Indices (sorted) of the ``width`` highest scores; ties keep the lower index."""
     order = torch.argsort(scores.float(), descending=True, stable=True)
     return order[:width].sort().values
+
+
+def plan_growth(widths: Mapping[str, int], history: Sequence[Mapping[str, Any]], dense_widths: Mapping[str, int],
+                refused: Collection[str], request: float, round_to: int = 1) -> dict[str, int]:
+    """``{group: units to add}`` giving back about ``request`` of the dense compute, from the cuts recorded in
+    ``history`` (``{"widths", "compute"}`` after each surgery), the last one first: each cut's groups grow in
+    proportion to the units it took (its compute taken as proportional to them), never above their width before
+    it nor their dense width; ``refused`` groups (no function-preserving growth: a LayerNorm's, tied weights)
+    are left as they are."""
+    cuts, before, before_c = [], dict(dense_widths), 1.0
+    for h in history:
+        if h["compute"] < before_c - 1e-9 and "rollback_to_step" not in h:
+            cuts.append((before, dict(h["widths"]), before_c - h["compute"]))
+        before, before_c = dict(h["widths"]), h["compute"]
+    have, grow, left = dict(widths), {}, float(request)
+    for b, a, removed in reversed(cuts):
+        taken = {n: b[n] - a[n] for n in a if n in b and n in have and b[n] > a[n]}
+        missing = {n: max(0, min(b[n], dense_widths.get(n, b[n])) - have[n]) for n in taken if n not in refused}
+        if not sum(missing.values()):
+            continue
+        still = removed * sum(missing.values()) / sum(taken.values())  # this cut's compute not yet given back
+        share = min(1.0, left / still)
+        for n, d in missing.items():
+            k = min(d, round_to * math.ceil(share * d / round_to))
+            if k > 0:
+                grow[n], have[n] = grow.get(n, 0) + k, have[n] + k
+        left -= share * still
+        if left <= 1e-9:
+            break
+    return grow

@@ -16,8 +16,10 @@ and just after each surgery, same weights otherwise):
 The dense reference ``f`` is a learning curve in learning-rate-area time ``τ = Σ lr`` (a saturating power
 law in ``τ``, an annealing term that falls with the learning rate of cosine / OneCycle schedules, an early
 transient; on simulated curves ``log(L∞ + A τ^−α)`` this basis told recovery from trend better than one
-with ``log τ``, which bends the reference under a persistent cut), fitted jointly with the cuts on every reading of the run: before the first cut it is all
-the data says, afterwards it is the prior the cuts are measured against. ``s_j`` / ``s'_j`` are cut
+with ``log τ``, which bends the reference under a persistent cut; six smooth bumps in ``log τ`` under a
+small prior let it depart from that shape at a price in ``final_std``), fitted jointly with the cuts on the
+last ``window`` readings: before the first cut it is all the data says, afterwards the cuts are measured
+against it. ``s_j`` / ``s'_j`` are cut
 j's measured log-jumps on the probe / training batches; the damage recovers at rate ``a`` per ``Δ``
 steps down to a persistent fraction ``ρ_j``, one per cut, under a shared (hierarchical) prior
 ``ρ_j = μ + δ_j``, ``μ ~ N(rho_mean, rho_mean_std²)``, ``δ_j ~ N(0, rho_spread²)``: what early cuts
@@ -27,8 +29,10 @@ For each ``a`` on a grid the model is linear and Gaussian in ``(ρ, θ)``: an ex
 and its evidence. The grid points are averaged by evidence, so where the data cannot tell a fast
 recovery from a persistent shift the reading keeps both and its spread shows in ``final_std``. Noise
 is estimated from the residuals of each channel and inflated for their lag-1 autocorrelation
-(``(1 + φ) / (1 − φ)``), since readings a few steps apart share most of their error. Nothing is
-frozen: every reading updates every cut's ``ρ_j``, so ``final_std`` shrinks with evidence.
+(``(1 + φ) / (1 − φ)``), since readings a few steps apart share most of their error. Every reading
+updates every cut's ``ρ_j`` while the cut's effect is in the window (its transient and the level after
+it); a cut whose whole history has left the window reverts towards the shared prior (the window keeps a
+misspecified global trend from posing as damage: a whole-run fit mis-read ``ρ`` on test curves).
 
 Reported, all relative (log-ratio ≈ relative excess):
 
@@ -81,6 +85,7 @@ class DamageSensor:
         interval: steps per control interval ``Δ`` (the unit of the recovery rate ``a``).
         rho_mean / rho_mean_std: the prior on the shared persistent fraction ``μ``.
         rho_spread: how far one cut's ``ρ_j`` may stray from ``μ``.
+        window: the readings the fit uses (the trend need only hold locally).
     """
 
     def __init__(self, total_steps: int, interval: int, rho_mean: float = 1.0, rho_mean_std: float = 0.6,

@@ -254,7 +254,7 @@ class ControlPruning(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.compile_watch.clear(pl_module)  # undo "skip" marks of set-up under FlopCounterMode (ModelSummary)
         self.ledger.start_clock()
-        if getattr(self.controller, "budget", None) is not None:
+        if self.controller.budget is not None:
             total = trainer.estimated_stepping_batches
             if not math.isfinite(total):
                 raise ValueError("ControlPruning: a quality_budget is judged at the end of training; give the "

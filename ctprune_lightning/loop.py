@@ -213,8 +213,9 @@ class ControlLoop:
         ``train_loss`` (the mean training loss of the steps since the last observation, averaged over ranks)
         and ``lr`` (the learning rate now) feed the budget sensor's second channel and its clock.
         """
+        compute = self.compute(model)
         if isinstance(self.controller, NoneController):  # the dense baseline never acts: no probe to pay for
-            return Observation(step=step, progress=progress, compute=self.compute(model), damage=0.0)
+            return Observation(step=step, progress=progress, compute=compute, damage=0.0)
         loss = self.probe_loss(model)
         best = loss if self.best is None else self.best
         damage = max(0.0, loss - best) / max(best, 1e-12)
@@ -233,12 +234,12 @@ class ControlLoop:
             sensed = {"final_damage": final, "final_std": final_std, "damage_std": damage_std,
                       "reference": r["reference"], "rho": r["rho"], "next_factor": r["next_factor"],
                       "next_factor_std": r["next_factor_std"], "jump_noise": r["jump_noise"]}
-            removed = 1.0 - self.compute(model)  # the sensor's final damage is the sum of the cuts': per unit removed
+            removed = 1.0 - compute  # the sensor's final damage is the sum of the cuts': per unit removed
             sensed["cut_damage_rate"] = final / removed if removed > 1e-9 else None
             if self.budget_metric == "error":  # a log-jump of the error rate becomes points at the reference
                 ref = r["reference"]
                 sensed["next_factor"], sensed["next_factor_std"] = ref * r["next_factor"], ref * r["next_factor_std"]
-        obs = Observation(step=step, progress=progress, compute=self.compute(model), damage=damage,
+        obs = Observation(step=step, progress=progress, compute=compute, damage=damage,
                           jump=self.jump, last_action=self.last_u, **sensed)
         self.jump, self.last_u = None, 0.0
         return obs
@@ -254,7 +255,7 @@ class ControlLoop:
         rule = self.controller.rank_event(obs) if events_allowed else None
         snapshot = False
         self.trials, self.hold_reason = 0, ""
-        request = float(getattr(self.controller, "grow_request", 0.0) or 0.0)
+        request = float(self.controller.grow_request or 0.0)
         if rule is None and u <= 0 and request > 0 and math.isfinite(request):  # grow back the groups cut last
             grow = self.plan_growth(model, request)
             units = ", ".join(f"{n} +{k}" for n, k in grow.items())
@@ -311,7 +312,7 @@ class ControlLoop:
             return u if rate is None else min(u, max_jump / max(rate, 1e-9))
         sized = size_cut(trial, u, max_jump, quantum=self.QUANTUM)
         self.trials = len(seen)
-        if sized > 0 and not self._keep(model, widths, self._plan_widths(model, obs, sized)):
+        if sized > 0 and self._plan_widths(model, obs, sized) == widths:
             self.hold_reason = f"the cut that fits (u={sized:.4f}) is below one planner step"
             return 0.0
         if sized <= 0:

@@ -224,7 +224,7 @@ class DamageSensor:
     def _fit(self, a: float) -> tuple[np.ndarray, np.ndarray, float]:
         X, y, channel = self._design(a)
         mean0, cov0 = self._prior(len(self.cuts))
-        var = np.where(channel == 0, NOISE_PRIOR ** 2, NOISE_PRIOR ** 2)
+        var = np.full(len(y), NOISE_PRIOR ** 2)
         for _ in range(2):  # noise from the residuals of the fit, then the fit under that noise
             mean, cov, ev = self._posterior(X, y, 1.0 / var, mean0, cov0)
             var = self._noise(X, y, channel, mean)

@@ -64,6 +64,11 @@ def check_grow(grow: Any, grow_hold: Any) -> bool:
     return grow
 
 
+def predicted_final(obs: Observation) -> float:
+    """The sensor's predicted final damage (its current damage when it has no prediction)."""
+    return float(obs.final_damage if obs.final_damage is not None else obs.damage)
+
+
 class BudgetMode:
     """The budget policy a feedback controller runs in when given a ``budget`` (see the module docstring).
 
@@ -99,8 +104,7 @@ class BudgetMode:
     def slack_of(self, obs: Observation) -> float:
         """The budget left under the chance constraint ``D + zσ <= budget``, in budgets (at most 1: a predicted
         improvement is not banked beyond the whole budget)."""
-        final = obs.final_damage if obs.final_damage is not None else obs.damage
-        return (self.budget - max(float(final) + self.margin * float(obs.final_std), 0.0)) / self.budget
+        return (self.budget - max(predicted_final(obs) + self.margin * float(obs.final_std), 0.0)) / self.budget
 
     def step(self, obs: Observation, target: float, spend: Callable[[float], float]) -> float:
         """``u``: the most compute the next cut may remove (the trial sizes it under ``max_jump``);
@@ -140,8 +144,7 @@ class BudgetMode:
 
     def _grow(self, obs: Observation, x: float) -> bool:
         """Whether to grow now (then ``grow_request`` and ``reason`` say how much and why)."""
-        final = obs.final_damage if obs.final_damage is not None else obs.damage
-        low = float(final) - self.margin * float(obs.final_std)
+        low = predicted_final(obs) - self.margin * float(obs.final_std)
         removed = 1.0 - float(obs.compute)
         if not (math.isfinite(low) and low > self.budget and removed > 1e-9):
             return False
@@ -167,8 +170,7 @@ class BudgetMode:
         if not math.isfinite(x):
             return "damage estimate not finite"
         if x <= 0:
-            final = obs.final_damage if obs.final_damage is not None else obs.damage
-            return (f"budget spent: predicted final damage {final:.4f} + {self.margin:g}σ ({obs.final_std:.4f}) "
+            return (f"budget spent: predicted final damage {predicted_final(obs):.4f} + {self.margin:g}σ ({obs.final_std:.4f}) "
                     f">= {self.budget:g}")
         return ""
 

@@ -223,22 +223,8 @@ class ControlLoop:
         sensed: dict[str, Any] = {}
         if self.estimator is not None:  # quality budget: loss now vs the dense reference now, and at the end
             self.estimator.observe(step, loss, train_loss, lr)
-            r = self.estimator.estimate(step)
-            damage, final, final_std, damage_std = r["damage"], r["final"], r["final_std"], r["damage_std"]
-            if self.budget_metric == "error":  # relative excess of the error rate -> points (a fraction)
-                # read at the dense error now, not extrapolated to the end: the trend's extrapolation of an
-                # error rate is unstable early, and the error only falls, so this errs on the safe side
-                ref = r["reference"]
-                damage, damage_std = ref * math.expm1(damage), ref * math.exp(damage) * damage_std
-                final, final_std = ref * math.expm1(final), ref * math.exp(final) * final_std
-            sensed = {"final_damage": final, "final_std": final_std, "damage_std": damage_std,
-                      "reference": r["reference"], "rho": r["rho"], "next_factor": r["next_factor"],
-                      "next_factor_std": r["next_factor_std"], "jump_noise": r["jump_noise"]}
-            removed = 1.0 - compute  # the sensor's final damage is the sum of the cuts': per unit removed
-            sensed["cut_damage_rate"] = final / removed if removed > 1e-9 else None
-            if self.budget_metric == "error":  # a log-jump of the error rate becomes points at the reference
-                ref = r["reference"]
-                sensed["next_factor"], sensed["next_factor_std"] = ref * r["next_factor"], ref * r["next_factor_std"]
+            sensed = self.estimator.reading(step, self.budget_metric, compute)
+            damage = sensed.pop("damage")
         obs = Observation(step=step, progress=progress, compute=compute, damage=damage,
                           jump=self.jump, last_action=self.last_u, **sensed)
         self.jump, self.last_u = None, 0.0

@@ -279,6 +279,28 @@ class DamageSensor:
                 "next_factor": float(max(moments[2, 0], 0.0)), "next_factor_std": float(stds[2]),
                 "jump_noise": self.jump_noise}
 
+    def reading(self, step: int, metric: str = "loss", compute: float = 1.0) -> dict[str, Any]:
+        """:meth:`estimate` as the controller reads it: ``damage``, ``final_damage``, ``final_std``, ``damage_std``,
+        ``reference``, ``rho``, ``next_factor(_std)``, ``jump_noise`` and ``cut_damage_rate`` (the final damage per
+        unit of compute removed, ``compute`` being the fraction of dense compute now), in the budget's ``metric``.
+
+        ``metric="error"``: the relative excesses become points at the dense error now. Not extrapolated to the
+        end: the trend's extrapolation of an error rate is unstable early, and the error only falls, so this
+        errs on the safe side.
+        """
+        r = self.estimate(step)
+        damage, final, final_std, damage_std = r["damage"], r["final"], r["final_std"], r["damage_std"]
+        factor, factor_std = r["next_factor"], r["next_factor_std"]
+        if metric == "error":  # a relative excess (a log-ratio) of the error rate -> points at the reference
+            ref = r["reference"]
+            damage, damage_std = ref * math.expm1(damage), ref * math.exp(damage) * damage_std
+            final, final_std = ref * math.expm1(final), ref * math.exp(final) * final_std
+            factor, factor_std = ref * factor, ref * factor_std
+        removed = 1.0 - compute  # the final damage is the sum of the cuts': per unit of compute removed
+        return {"damage": damage, "final_damage": final, "final_std": final_std, "damage_std": damage_std,
+                "reference": r["reference"], "rho": r["rho"], "next_factor": factor, "next_factor_std": factor_std,
+                "jump_noise": r["jump_noise"], "cut_damage_rate": final / removed if removed > 1e-9 else None}
+
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps, "interval": self.interval,

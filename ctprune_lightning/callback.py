@@ -31,6 +31,7 @@ from .checkpoint import CTPRUNE_KEY, install_checkpoint_hooks, make_spec
 from .compiled import CompileWatch, eager, is_compiled
 from .controllers import Controller, build_controller
 from .controllers.base import check_number
+from .cost import AUTO, auto_round_to, check_cost, check_round_to, precision_dtype
 from .importance import Importance, build_importance
 from .loop import BUDGET_METRICS, ControlLoop, default_loss
 from .probe import CallInputs, capture_network_call
@@ -69,7 +70,8 @@ class ControlPruning(Callback):
         every_n_steps: optimizer steps per control interval.
         start_step: no cut before this optimizer step.
         min_width: no group narrower than this.
-        round_to: widths are multiples of this (hardware-friendly), unless ``min_width`` binds.
+        round_to: widths are multiples of this (hardware-friendly), unless ``min_width`` binds; ``"auto"``:
+            the alignment for the trainer's device and precision (:func:`ctprune_lightning.cost.auto_round_to`).
         ignored_layers: qualified module names (prefixes) or module types left dense.
         controller_kwargs / importance_kwargs: passed to the builder when given by name.
         probe_batches: number of batches kept to measure the loss damage.
@@ -95,6 +97,14 @@ class ControlPruning(Callback):
         convert_attention: replace every ``nn.MultiheadAttention`` by the drop-in
             :class:`~ctprune_lightning.surgery.mha.PrunableMultiheadAttention` at ``setup`` (same forward,
             same state-dict names) so its heads can be cut; ``False`` leaves them dense.
+        cost: what the controller's compute is: ``"flops"`` (FLOPs per step ÷ dense, the default) or ``"time"``
+            (the measured cost model's modelled time per step ÷ dense); the summary reports both when a cost
+            model is measured.
+        cost_model: measure a cost model on the first batch (:mod:`ctprune_lightning.cost`: each group's step
+            time at a ladder of widths): the planner then keeps to each group's cost frontier, and a plan not
+            modelled faster than dense is not cut. ``None`` (default): measured when ``cost="time"``.
+        cost_kwargs: settings of :func:`~ctprune_lightning.cost.measure_cost` (``max_seconds``, ``points``,
+            ``repeats``, ``warmup``, ``cache_dir``).
 
     Any LightningModule works as it is: the probe loss is ``compute_loss(batch)`` when the module
     defines it, else its own ``training_step`` (logging silenced, metric states restored); the layers
@@ -122,6 +132,9 @@ class ControlPruning(Callback):
         probe_data: str = "auto",
         budget_metric: str = "loss",
         error_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        cost: str = "flops",
+        cost_model: bool | None = None,
+        cost_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if probe_data not in PROBE_DATA:
@@ -130,9 +143,16 @@ class ControlPruning(Callback):
             raise ValueError(f"ControlPruning: `budget_metric` must be one of {', '.join(BUDGET_METRICS)}, "
                              f"got {budget_metric!r}")
         self.probe_data, self.budget_metric = probe_data, budget_metric
+        try:
+            check_round_to(round_to)
+            check_cost(cost)
+        except ValueError as err:
+            raise ValueError(f"ControlPruning: {err}") from None
+        if cost == "time" and cost_model is False:
+            raise ValueError("ControlPruning: cost='time' reads the measured cost model; cost_model=False turns it off")
+        measure = cost_model if cost_model is not None else cost == "time"
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("start_step", start_step, 0),
-                                 ("min_width", min_width, 1), ("round_to", round_to, 1),
-                                 ("probe_batches", probe_batches, 1)):
+                                 ("min_width", min_width, 1), ("probe_batches", probe_batches, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ControlPruning: `{name}` must be an integer >= {low}, got {value!r}")
         if isinstance(controller, Controller):
@@ -172,7 +192,8 @@ class ControlPruning(Callback):
         self.prune_embeddings = bool(prune_embeddings)
         self.convert_attention = bool(convert_attention)
         self.loop = ControlLoop(self.controller, self.importance, self.controller.target, min_width=min_width,
-                                round_to=round_to, probe_batches=probe_batches,
+                                round_to=round_to, probe_batches=probe_batches, cost=cost,
+                                cost_kwargs=dict(cost_kwargs or {}) if measure else None,
                                 **({"error_fn": error_fn} if error_fn is not None else {}))
         self.target = self.loop.target  # the dense baseline's setpoint is dense, whatever it was built with
         self._last_step = -1
@@ -214,6 +235,11 @@ class ControlPruning(Callback):
         self.loop.world_size = trainer.world_size
         if isinstance(strategy, PruningStrategy):
             self.loop.flop_view = strategy.flop_view
+        if self.loop.round_to == AUTO:  # the model is not on its device yet: the trainer's device and precision
+            self.loop.round_to = auto_round_to(strategy.root_device.type, precision_dtype(trainer.precision))
+            rank_zero_info(f"ControlPruning: round_to='auto' -> {self.loop.round_to} "
+                           f"({strategy.root_device.type}, {trainer.precision})")
+        self.loop.cost_context = trainer.precision_plugin.forward_context  # the cost model times autocast steps
         if pl_module.example_input_array is not None and not self.groups:
             with self._eager(pl_module):
                 self._discover(pl_module, pl_module.example_input_array)
@@ -285,7 +311,8 @@ class ControlPruning(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ledger.stop_clock()
         s = self.summary()
-        rank_zero_info(f"ControlPruning: final FLOPs/step {s['flops_fraction']:.3f} of dense, "
+        modelled = "" if s["time_fraction"] is None else f", modelled time/step {s['time_fraction']:.3f} of dense"
+        rank_zero_info(f"ControlPruning: final FLOPs/step {s['flops_fraction']:.3f} of dense{modelled}, "
                        f"training FLOPs saved {s['train_flops_saved']:.1%}, widths {s['widths']}")
 
     @override

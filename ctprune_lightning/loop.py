@@ -30,6 +30,7 @@ from .controllers import Controller, NoneController, Observation
 from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .controllers.sizing import size_cut
+from .cost import AUTO, CostModel, TimeLedger, auto_round_to, check_cost, check_round_to, measure_cost
 from .planning import group_floor, plan_growth, plan_widths, select_units
 from .probe import batch_size, step_error, step_loss
 from .probe_store import LossFn, ProbeStore
@@ -87,6 +88,11 @@ class ControlLoop:
         reduce_mean: averages a float over ranks (identity on one process).
         flop_view: ``flop_view(model)`` is a context in which ``model`` holds plain (unsharded) modules
             of the same shapes, for FLOP counting without collectives (FSDP2); none by default.
+        cost: the controller's compute reading: ``"flops"`` (FLOPs per step ÷ dense) or ``"time"`` (the
+            measured cost model's modelled time per step ÷ dense; see :mod:`ctprune_lightning.cost`).
+        cost_kwargs: measure a cost model on the first probe batch with these
+            :func:`~ctprune_lightning.cost.measure_cost` settings (``cost="time"``: ``{}`` when None); with
+            it, the planner keeps to the cost frontier and a plan not modelled faster than dense is held.
     """
 
     QUANTUM = 0.005
@@ -94,8 +100,15 @@ class ControlLoop:
     def __init__(self, controller: Controller, importance: Importance, target: float, *, min_width: int = 8,
                  round_to: int = 1, probe_batches: int = 2, loss_fn: LossFn = default_loss,
                  error_fn: LossFn = step_error, reduce_mean: Callable[[float], float] = _identity,
-                 flop_view: Callable[[nn.Module], AbstractContextManager[Any]] = nullcontext) -> None:
+                 flop_view: Callable[[nn.Module], AbstractContextManager[Any]] = nullcontext,
+                 cost: str = "flops", cost_kwargs: Mapping[str, Any] | None = None) -> None:
         self.controller, self.importance = controller, importance
+        self.cost = check_cost(cost)
+        check_round_to(round_to)
+        self.cost_kwargs = dict(cost_kwargs) if cost_kwargs is not None else ({} if cost == "time" else None)
+        self.cost_model: CostModel | None = None  # measured on the first probe batch when cost_kwargs is set
+        self.cost_context: Callable[[], AbstractContextManager[Any]] = nullcontext  # e.g. the trainer's autocast
+        self.time_ledger = TimeLedger()
         self.target = 1.0 if isinstance(controller, NoneController) else float(target)
         self.min_width, self.round_to = min_width, round_to
         self.loss_fn, self.flop_view = loss_fn, flop_view
@@ -124,7 +137,12 @@ class ControlLoop:
     # ------------------------------------------------------------------------------------ set-up
     def discover(self, model: nn.Module, example: Any, ignored_layers: Sequence[str | type] = (),
                  group_limits: Mapping[str | type, int] | None = None, prune_embeddings: bool = False) -> None:
-        """Find the prunable groups; raise ``ValueError`` naming the reasons when there are none."""
+        """Find the prunable groups; raise ``ValueError`` naming the reasons when there are none.
+
+        ``round_to="auto"`` is resolved here from the model's device and dtype, unless set before."""
+        if self.round_to == AUTO:
+            param = next(model.parameters())
+            self.round_to = auto_round_to(param.device.type, param.dtype)
         self.groups, self.skipped = discover_groups(model, example, ignored_layers, self.min_width,
                                                     round_to=self.round_to, group_limits=group_limits or {},
                                                     prune_embeddings=prune_embeddings)
@@ -157,6 +175,17 @@ class ControlLoop:
             self.ref_batch = batch_size(batch)
             if not self.ledger.dense_step_flops:
                 self.ledger.dense_step_flops = self.flops(model)[0]
+            if self.cost_kwargs is not None and self.cost_model is None:
+                self.cost_model = self.measure_cost(model)
+
+    def measure_cost(self, model: nn.Module) -> CostModel:
+        """The cost model of ``model`` on the first probe batch (:func:`~ctprune_lightning.cost.measure_cost`)."""
+        if not can_trial(model):
+            raise ValueError("ControlPruning: a cost model cuts the model for a moment; sharded (FSDP2) parameters "
+                             "cannot be cut that way: use cost='flops' and no cost model there")
+        with self.cost_context():
+            return measure_cost(model, self.groups, self.store.on(model, self.probe[0]), self.loss_fn,
+                                min_width=self.min_width, round_to=self.round_to, **self.cost_kwargs)
 
     def set_held_out(self, model: nn.Module, batches: Sequence[Any]) -> None:
         """Measure the probe loss on these (validation) batches instead of training batches (FLOPs are still
@@ -166,6 +195,9 @@ class ControlLoop:
     def count_batch(self, model: nn.Module, batch: Any) -> None:
         """Charge one training batch at the current architecture to the ledger."""
         self.ledger.add_batch(self.flops(model)[0], batch_size(batch) / self.ref_batch)
+        if self.cost_model is not None:
+            self.time_ledger.add(self.cost_model.step_time(self.widths(model)), self.cost_model.dense_time,
+                                 batch_size(batch) / self.ref_batch)
 
     def start_budget(self, total_steps: int, interval: int, metric: str = "loss") -> None:
         """With a quality-budget controller: the damage sensor for a run of ``total_steps`` steps.
@@ -191,7 +223,18 @@ class ControlLoop:
         return self.meter.cache[key]
 
     def compute(self, model: nn.Module) -> float:
+        """The controller's compute reading: FLOPs ÷ dense, or the modelled time ÷ dense with ``cost="time"``."""
+        if self.cost == "time" and self.cost_model is not None:
+            return self.cost_model.fraction(self.widths(model))
         return self.flops(model)[0] / self.ledger.dense_step_flops
+
+    def _planner(self, model: nn.Module) -> tuple[float, dict[str, int], float, dict[str, Any]]:
+        """(now, per-module FLOPs, dense, extra planner arguments) in the unit of the compute reading."""
+        total, per_module = self.flops(model)
+        cm = self.cost_model
+        if self.cost == "time" and cm is not None:
+            return cm.step_time(self.widths(model)), per_module, cm.dense_time, {"cost": cm, "predict": cm.step_time}
+        return total, per_module, self.ledger.dense_step_flops, {"cost": cm}
 
     def probe_loss(self, model: nn.Module) -> float:
         """The probe reading (:meth:`ProbeStore.loss`): loss or error rate, held-out batches when kept."""
@@ -199,11 +242,11 @@ class ControlLoop:
 
     def update_saturation(self, model: nn.Module) -> None:
         """Saturated when even the deepest allowed cut (down to the floor) changes no width."""
-        total, per_module = self.flops(model)
-        floor = self.target * self.ledger.dense_step_flops
+        total, per_module, dense, extra = self._planner(model)
+        floor = self.target * dense
         widths = self.widths(model)
         self.saturated = widths == plan_widths(widths, per_module, total, self.groups, floor,
-                                               self.min_width, self.round_to, floor_flops=floor)
+                                               self.min_width, self.round_to, floor_flops=floor, **extra)
 
     # ------------------------------------------------------------------------------- the control step
     def observe(self, model: nn.Module, step: int, progress: float, train_loss: float | None = None,
@@ -258,6 +301,7 @@ class ControlLoop:
             new = self._plan_widths(model, obs, u) if u > 0 else widths
         else:
             new = widths
+        new = self._never_slower(widths, new)
         keep = self._keep(model, widths, new)
         if keep and self.estimator is not None and self.held_out:  # the training channel's jump, measured too
             self._train_before = self.store.train_loss(model)
@@ -271,11 +315,23 @@ class ControlLoop:
         return plan_growth(self.widths(model), self.history, self.dense_widths, refused, request, self.round_to)
 
     def _plan_widths(self, model: nn.Module, obs: Observation, u: float) -> dict[str, int]:
-        total, per_module = self.flops(model)
-        dense = self.ledger.dense_step_flops
+        total, per_module, dense, extra = self._planner(model)
         return plan_widths(self.widths(model), per_module, total, self.groups, (obs.compute - u) * dense,
                            self.min_width, self.round_to, floor_flops=self.target * dense,
-                           reference=self.dense_widths)
+                           reference=self.dense_widths, **extra)
+
+    def _never_slower(self, widths: dict[str, int], new: dict[str, int]) -> dict[str, int]:
+        """``new``, unless the cost model's modelled time per step of it is not below dense: then no cut (the
+        reason is kept for the trace row)."""
+        cm = self.cost_model
+        if cm is None or new == widths:
+            return new
+        modelled = cm.fraction(new)
+        if modelled < 1.0:
+            return new
+        self.hold_reason = self.hold_reason or (f"cost: the planned widths' modelled time per step is {modelled:.3f} "
+                                                "of dense (not below dense); no cut")
+        return dict(widths)
 
     def _keep(self, model: nn.Module, widths: Mapping[str, int], new: Mapping[str, int]) -> dict[str, list[int]]:
         return {g.name: select_units(self._scores(model, g), new[g.name]).tolist()
@@ -341,6 +397,7 @@ class ControlLoop:
                     self._train_before = None
                 self.estimator.add_cut(plan.step, log_jump, train_jump)
             self.history.append({"step": plan.step, "widths": dict(plan.widths), "compute": compute}
+                                | self._flops_entry(model)
                                 | ({"hankel_spectra": plan.spectra} if plan.spectra else {})
                                 | ({"grown": dict(plan.grow)} if plan.grow else {}))
             self.update_saturation(model)
@@ -354,6 +411,8 @@ class ControlLoop:
                     "budget_metric": self.budget_metric, "next_factor": obs.next_factor,
                     "max_jump": self.controller.max_jump, "trials": self.trials,
                     "reason": self.hold_reason or self.controller.reason}
+        elif self.hold_reason:  # e.g. the cost model held a cut (never slower than dense)
+            row["reason"] = self.hold_reason
         self.trace.append(row)
         return row
 
@@ -362,7 +421,8 @@ class ControlLoop:
         self.controller.stopped = True
         self.importance.attach(model, self.groups)
         self.history.append({"step": step, "widths": self.widths(model), "compute": self.compute(model),
-                             "rollback_to_step": to_step, "val_before": before, "val_after": after})
+                             "rollback_to_step": to_step, "val_before": before, "val_after": after}
+                            | self._flops_entry(model))
         self.update_saturation(model)
 
     def _scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
@@ -379,10 +439,15 @@ class ControlLoop:
         floors = {g.name: group_floor(g, self.min_width) for g in states}  # the planner's one rule (planning.py)
         return {**widths, **{n: min(widths[n], max(r, floors[n])) for n, r in ranks.items() if n in hsvs}}
 
+    def _flops_entry(self, model: nn.Module) -> dict[str, float]:
+        """With ``cost="time"`` the history's compute is modelled time: the FLOPs fraction is kept beside it."""
+        return {"flops": self.flops(model)[0] / self.ledger.dense_step_flops} if self.cost == "time" else {}
+
     # ------------------------------------------------------------------------------ state and report
     def summary(self, steps: int) -> dict[str, Any]:
-        """Plain-Python report of the run so far."""
+        """Plain-Python report of the run so far (with a cost model: the modelled time beside the FLOPs)."""
         last = self.trace[-1]["widths"] if self.trace else dict(self.dense_widths)
+        cm = self.cost_model
         return {
             "controller": type(self.controller).__name__,
             "importance": getattr(self.importance, "name", type(self.importance).__name__),
@@ -390,7 +455,11 @@ class ControlLoop:
             "widths": last,
             "dense_widths": dict(self.dense_widths),
             "dense_step_flops": self.ledger.dense_step_flops,  # one rank's batch
-            "flops_fraction": self.history[-1]["compute"] if self.history else 1.0,
+            "flops_fraction": self.history[-1].get("flops", self.history[-1]["compute"]) if self.history else 1.0,
+            "cost": self.cost,
+            "time_fraction": cm.fraction(last) if cm is not None else None,
+            "train_time_saved": self.time_ledger.saved if cm is not None else None,  # modelled
+            "cost_model": cm.describe() if cm is not None else None,
             "train_flops": self.ledger.train_flops * self.world_size,  # the whole job
             "dense_train_flops": self.ledger.dense_train_flops * self.world_size,
             "world_size": self.world_size,
@@ -418,6 +487,8 @@ class ControlLoop:
             "jump_rate": self.jump_rate,
             "estimator": None if self.estimator is None else self.estimator.state_dict(),
             "budget_metric": self.budget_metric,
+            "cost_model": None if self.cost_model is None else self.cost_model.state_dict(),
+            "time_ledger": self.time_ledger.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -434,6 +505,9 @@ class ControlLoop:
         self.jump_rate = None if rate is None else float(rate)
         self.store.load_state_dict(dict(state))
         self.ref_batch = int(state.get("ref_batch", 1))
+        if state.get("cost_model") is not None:
+            self.cost_model = CostModel.from_state(state["cost_model"])
+        self.time_ledger.load_state_dict(state.get("time_ledger", {}))
         if state.get("estimator") is not None:
             self.estimator = self.estimator or DamageSensor(total_steps=1, interval=1)
             self.estimator.load_state_dict(state["estimator"])

@@ -4,7 +4,9 @@ Widths step down one rounding step (``round_to``) of one group at a time, the gr
 largest share of its dense width first, until the *predicted* FLOPs reach the requested level; a
 plan never cuts below the controller's floor. Prediction uses the per-module FLOPs of the current
 architecture: a Linear's cost scales with (in-width ratio) × (out-width ratio). Importance picks
-which units stay.
+which units stay. Given a measured :class:`~ctprune_lightning.cost.CostModel`, a step goes to the next
+width on the group's cost frontier (never to a width measured no faster than a wider one), and
+``predict`` may state the target in modelled time instead of FLOPs.
 
 Example::
 
@@ -15,12 +17,15 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from .surgery.groups import PrunableGroup
+
+if TYPE_CHECKING:
+    from .cost import CostModel
 
 #: A group may take the next step only while its kept share of width is within this of the largest one,
 #: so small requests cannot drive one narrow group to its floor while the others stay wide.
@@ -65,11 +70,16 @@ def group_floor(group: PrunableGroup, min_width: int) -> int:
     return int(min_width if group.min_width is None else group.min_width)
 
 
-def _step_down(width: int, lo: int, step: int) -> int | None:
-    """The next allowed width below ``width``: the largest multiple of ``step`` under it, >= ``lo``."""
-    w = (width - 1) // step * step
-    w = max(lo, w)
-    return w if w < width else None
+def _step_down(width: int, lo: int, step: int, allowed: Callable[[int], bool] | None = None) -> int | None:
+    """The next allowed width below ``width``: the largest multiple of ``step`` under it, >= ``lo``, that
+    ``allowed`` accepts (a cost model's frontier; default: any)."""
+    while True:
+        w = max(lo, (width - 1) // step * step)
+        if w >= width:
+            return None
+        if allowed is None or allowed(w):
+            return w
+        width = w
 
 
 def plan_widths(
@@ -82,6 +92,8 @@ def plan_widths(
     round_to: int = 1,
     floor_flops: float | None = None,
     reference: Mapping[str, int] | None = None,
+    cost: CostModel | None = None,
+    predict: Callable[[Mapping[str, int]], float] | None = None,
 ) -> dict[str, int]:
     """New width per group whose predicted FLOPs come closest to ``target_flops``.
 
@@ -92,7 +104,14 @@ def plan_widths(
     single step of a single group. When no such step fits, the leading group's step is taken if it
     lands closer to the target than no cut, but nothing goes below ``floor_flops`` (default: the
     target itself, i.e. never cut more than asked). Returns the current widths when nothing fits.
+
+    With ``cost`` (a measured :class:`~ctprune_lightning.cost.CostModel`), every step lands on the group's
+    cost frontier. ``predict(widths)`` replaces the FLOP prediction (``total``, ``target_flops`` and
+    ``floor_flops`` are then in its unit, e.g. the cost model's modelled seconds per step).
     """
+    if predict is None:
+        def predict(trial: Mapping[str, int]) -> float:
+            return predict_flops(widths, trial, per_module, total, groups)
     floor = target_flops if floor_flops is None else floor_flops
     reference = reference or widths
     limits = {g.name: (group_floor(g, min_width), round_to if g.round_to is None else g.round_to) for g in groups}
@@ -101,10 +120,10 @@ def plan_widths(
         trials = []
         for n, w in new.items():
             lo, step = limits.get(n, (min_width, round_to))
-            down = _step_down(w, min(lo, w), step)
+            down = _step_down(w, min(lo, w), step, None if cost is None else lambda x, n=n: cost.allowed(n, x))
             if down is not None:
                 trial = {**new, n: down}
-                trials.append((new[n] / reference[n], w, n, trial, predict_flops(widths, trial, per_module, total, groups)))
+                trials.append((new[n] / reference[n], w, n, trial, predict(trial)))
         if not trials:
             break
         top = max(t[0] for t in trials)

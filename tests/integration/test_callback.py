@@ -89,7 +89,9 @@ def test_cut_units_are_the_least_important() -> None:
         ({"controller": "bang"}, "Unknown controller 'bang'. Choose one of: none, gmp, linear, pid, lqr"),
         ({"importance": "random"}, "Unknown importance 'random'. Choose one of: magnitude, taylor, trajectory"),
         ({"every_n_steps": 0}, "`every_n_steps` must be an integer >= 1, got 0"),
-        ({"round_to": 2.5}, "`round_to` must be an integer >= 1, got 2.5"),
+        ({"round_to": 2.5}, "`round_to` must be an integer >= 1 or 'auto', got 2.5"),
+        ({"round_to": "fast"}, "`round_to` must be an integer >= 1 or 'auto', got 'fast'"),
+        ({"cost": "watts"}, "`cost` must be one of flops, time, got 'watts'"),
         ({"controller_kwargs": {"gain": 1}}, r"Unexpected argument\(s\) \['gain'\] for controller 'lqr'"),
     ],
 )
@@ -217,3 +219,21 @@ def test_ledger_counts_a_partial_last_batch_by_its_size(controller: str) -> None
         assert s["surgeries"] >= 2 and s["train_flops"] < s["dense_train_flops"]
     else:
         assert s["train_flops"] == s["dense_train_flops"] and s["train_flops_saved"] == 0.0
+
+
+def test_cost_time_and_round_to_auto_in_a_fit() -> None:
+    """round_to="auto" resolves to CPU fp32's 8 at set-up; a cost model is measured on the first batch (real
+    timings, so only what does not depend on them is asserted) and the summary reports FLOPs and modelled time."""
+    cb = ControlPruning(controller="linear", target=0.5, every_n_steps=2, importance="magnitude", round_to="auto",
+                        cost="time", cost_kwargs={"max_seconds": 0.5, "points": 3, "repeats": 1, "cache": {}},
+                        controller_kwargs={"end": 0.5})
+    fit(cb, epochs=1)
+    s = cb.summary()
+    assert cb.loop.round_to == 8 and {g.round_to for g in cb.groups} == {8}
+    model = s["cost_model"]
+    assert s["cost"] == "time" and model["device"] == "cpu" and model["dtype"] == "torch.float32"
+    assert set(model["groups"]) == {"net.1", "net.3"} and all(8 in g["measured"] for g in model["groups"].values())
+    assert all(cb.loop.cost_model.allowed(n, w) for n, w in s["widths"].items())  # only frontier widths
+    assert 0.0 < s["time_fraction"] <= 1.0 and 0.0 < s["flops_fraction"] <= 1.0
+    assert all(0.5 - 1e-9 <= r["compute"] <= 1.0 for r in cb.trace)  # the controller read modelled time
+    assert all("flops" in h for h in s["history"])

@@ -253,3 +253,22 @@ def test_every_budget_setting_round_trips_through_hydra_and_the_callback(hydra_i
     later = Observation(step=60, progress=0.3, compute=0.85, damage=0.0, final_damage=0.005, final_std=0.001,
                         next_factor=0.6, next_factor_std=0.2)
     assert clone.step(later) == ctrl.step(later) and clone.max_jump == ctrl.max_jump and clone.cuts == ctrl.cuts == 1
+
+
+def test_cost_settings_round_trip_through_hydra_to_the_callback(hydra_init: None, tmp_path: Path) -> None:
+    """pruning.cost / cost_model / cost_kwargs and round_to=auto reach the loop the callback runs; bad values
+    stop with a message naming the allowed ones."""
+    cfg = compose_cfg(["debug=fast"], tmp_path)
+    assert (cfg.pruning.cost, cfg.pruning.cost_model, dict(cfg.pruning.cost_kwargs)) == ("flops", None, {})
+    loop = train.find_pruning_callback(train.instantiate_callbacks(cfg)).loop
+    assert (loop.cost, loop.cost_kwargs, loop.round_to) == ("flops", None, 1)
+    cfg = compose_cfg(["debug=fast", "pruning.cost=time", "pruning.round_to=auto",
+                       "+pruning.cost_kwargs.max_seconds=1.5"], tmp_path)
+    loop = train.find_pruning_callback(train.instantiate_callbacks(cfg)).loop
+    assert (loop.cost, loop.round_to) == ("time", "auto") and dict(loop.cost_kwargs) == {"max_seconds": 1.5}
+    cfg = compose_cfg(["debug=fast", "pruning.cost_model=true"], tmp_path)
+    assert train.find_pruning_callback(train.instantiate_callbacks(cfg)).loop.cost_kwargs == {}
+    for override, message in (("pruning.cost=watts", "must be one of flops, time, got 'watts'"),
+                              ("pruning.round_to=fast", "must be an integer >= 1 or 'auto', got 'fast'")):
+        with pytest.raises(Exception, match=message):
+            train.instantiate_callbacks(compose_cfg(["debug=fast", override], tmp_path))

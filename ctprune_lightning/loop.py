@@ -23,20 +23,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .accounting import ComputeLedger, FlopMeter
 from .controllers import Controller, NoneController, Observation
 from .importance import Importance
-from .importance.hankel import HankelImportance, plan_lru_ranks
-from .controllers.sizing import size_cut
-from .cost import AUTO, CostModel, TimeLedger, auto_round_to, check_cost, check_round_to, measure_cost
-from .planning import group_floor, plan_growth, plan_widths, select_units
+from .importance.hankel import HankelImportance
+from .cost import AUTO, CostModel, TimeLedger, auto_round_to, check_cost, check_round_to
+from .loop_planning import LoopPlanning
 from .probe import batch_size, step_error, step_loss
 from .probe_store import LossFn, ProbeStore
 from .sensing import DamageSensor
-from .surgery.groups import PrunableGroup, apply_plan_, arch_spec, discover_groups
-from .trial import can_trial, read_cut
+from .surgery.groups import PrunableGroup, apply_plan_, discover_groups
 
 #: the probe loss unless the callback is given another: ``compute_loss(batch)``, else the module's training_step
 default_loss = step_loss
@@ -71,10 +69,11 @@ class Plan:
     grow: dict[str, int] = field(default_factory=dict)
 
 
-class ControlLoop:
+class ControlLoop(LoopPlanning):
     """Sense, decide and plan; record the effect of each actuation. See the module docstring.
 
-    ``QUANTUM`` is the finest cut (fraction of dense compute) the trial sizing resolves.
+    The planning half (compute readings, the planner, trial sizing, growth and SSM rank plans) is
+    :class:`~ctprune_lightning.loop_planning.LoopPlanning`.
 
     Args:
         controller / importance: built objects.
@@ -94,8 +93,6 @@ class ControlLoop:
             :func:`~ctprune_lightning.cost.measure_cost` settings (``cost="time"``: ``{}`` when None); with
             it, the planner keeps to the cost frontier and a plan not modelled faster than dense is held.
     """
-
-    QUANTUM = 0.005
 
     def __init__(self, controller: Controller, importance: Importance, target: float, *, min_width: int = 8,
                  round_to: int = 1, probe_batches: int = 2, loss_fn: LossFn = default_loss,
@@ -152,11 +149,7 @@ class ControlLoop:
         self.dense_widths = self.dense_widths or self.widths(model)
         self.importance.attach(model, self.groups)
 
-    def widths(self, model: nn.Module) -> dict[str, int]:
-        return {g.name: g.width(model) for g in self.groups}
-
-    # the probe store, under the names the callback and users read
-    probe = property(lambda self: self.store.train)
+    # the probe store, under the names the callback and users read (``probe``: :class:`LoopPlanning`)
     held_out = property(lambda self: self.store.held_out)
     budget_metric = property(lambda self: self.store.metric)
     ready = property(lambda self: self.store.ready, doc="Whether enough probe batches are kept to run an interval.")
@@ -177,15 +170,6 @@ class ControlLoop:
                 self.ledger.dense_step_flops = self.flops(model)[0]
             if self.cost_kwargs is not None and self.cost_model is None:
                 self.cost_model = self.measure_cost(model)
-
-    def measure_cost(self, model: nn.Module) -> CostModel:
-        """The cost model of ``model`` on the first probe batch (:func:`~ctprune_lightning.cost.measure_cost`)."""
-        if not can_trial(model):
-            raise ValueError("ControlPruning: a cost model cuts the model for a moment; sharded (FSDP2) parameters "
-                             "cannot be cut that way: use cost='flops' and no cost model there")
-        with self.cost_context():
-            return measure_cost(model, self.groups, self.store.on(model, self.probe[0]), self.loss_fn,
-                                min_width=self.min_width, round_to=self.round_to, **self.cost_kwargs)
 
     def set_held_out(self, model: nn.Module, batches: Sequence[Any]) -> None:
         """Measure the probe loss on these (validation) batches instead of training batches (FLOPs are still
@@ -213,40 +197,6 @@ class ControlLoop:
             self.estimator = DamageSensor(total_steps=max(1, int(total_steps)), interval=interval)
         self.store.metric = metric if self.estimator is not None else "loss"
         self.store.batch_stats = self.estimator is not None  # the budget sensor reads BatchNorm on the batch
-
-    # ------------------------------------------------------------------------------- measurements
-    def flops(self, model: nn.Module) -> tuple[int, dict[str, int]]:
-        key = arch_spec(model, self.groups)
-        if key not in self.meter.cache:
-            with self.flop_view(model):
-                self.meter.measure(model, self.store.on(model, self.probe[0]), key)
-        return self.meter.cache[key]
-
-    def compute(self, model: nn.Module) -> float:
-        """The controller's compute reading: FLOPs ÷ dense, or the modelled time ÷ dense with ``cost="time"``."""
-        if self.cost == "time" and self.cost_model is not None:
-            return self.cost_model.fraction(self.widths(model))
-        return self.flops(model)[0] / self.ledger.dense_step_flops
-
-    def _planner(self, model: nn.Module) -> tuple[float, dict[str, int], float, dict[str, Any]]:
-        """(now, per-module FLOPs, dense, extra planner arguments) in the unit of the compute reading."""
-        total, per_module = self.flops(model)
-        cm = self.cost_model
-        if self.cost == "time" and cm is not None:
-            return cm.step_time(self.widths(model)), per_module, cm.dense_time, {"cost": cm, "predict": cm.step_time}
-        return total, per_module, self.ledger.dense_step_flops, {"cost": cm}
-
-    def probe_loss(self, model: nn.Module) -> float:
-        """The probe reading (:meth:`ProbeStore.loss`): loss or error rate, held-out batches when kept."""
-        return self.store.loss(model)
-
-    def update_saturation(self, model: nn.Module) -> None:
-        """Saturated when even the deepest allowed cut (down to the floor) changes no width."""
-        total, per_module, dense, extra = self._planner(model)
-        floor = self.target * dense
-        widths = self.widths(model)
-        self.saturated = widths == plan_widths(widths, per_module, total, self.groups, floor,
-                                               self.min_width, self.round_to, floor_flops=floor, **extra)
 
     # ------------------------------------------------------------------------------- the control step
     def observe(self, model: nn.Module, step: int, progress: float, train_loss: float | None = None,
@@ -308,65 +258,6 @@ class ControlLoop:
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}
         return Plan(step=obs.step, widths=new, keep=keep, requested=u, snapshot=snapshot, spectra=spectra)
 
-    def plan_growth(self, model: nn.Module, request: float) -> dict[str, int]:
-        """``{group: units to add}`` giving back about ``request`` of the dense compute from the cuts of
-        :attr:`history`, the last one first (:func:`~ctprune_lightning.planning.plan_growth`)."""
-        refused = {g.name for g in self.groups if g.grow_refusal(model)}
-        return plan_growth(self.widths(model), self.history, self.dense_widths, refused, request, self.round_to)
-
-    def _plan_widths(self, model: nn.Module, obs: Observation, u: float) -> dict[str, int]:
-        total, per_module, dense, extra = self._planner(model)
-        return plan_widths(self.widths(model), per_module, total, self.groups, (obs.compute - u) * dense,
-                           self.min_width, self.round_to, floor_flops=self.target * dense,
-                           reference=self.dense_widths, **extra)
-
-    def _never_slower(self, widths: dict[str, int], new: dict[str, int]) -> dict[str, int]:
-        """``new``, unless the cost model's modelled time per step of it is not below dense: then no cut (the
-        reason is kept for the trace row)."""
-        cm = self.cost_model
-        if cm is None or new == widths:
-            return new
-        modelled = cm.fraction(new)
-        if modelled < 1.0:
-            return new
-        self.hold_reason = self.hold_reason or (f"cost: the planned widths' modelled time per step is {modelled:.3f} "
-                                                "of dense (not below dense); no cut")
-        return dict(widths)
-
-    def _keep(self, model: nn.Module, widths: Mapping[str, int], new: Mapping[str, int]) -> dict[str, list[int]]:
-        return {g.name: select_units(self._scores(model, g), new[g.name]).tolist()
-                for g in self.groups if new[g.name] != widths[g.name]}
-
-    def _size_by_trial(self, model: nn.Module, obs: Observation, u: float, max_jump: float) -> float:
-        """The largest cut ``<= u`` whose trial jump is at most ``max_jump`` (the loop's reason says when none)."""
-        widths = self.widths(model)
-        seen: dict[tuple[int, ...], float] = {}
-
-        def trial(v: float) -> float:
-            keep = self._keep(model, widths, self._plan_widths(model, obs, v))
-            key = tuple(len(keep.get(g.name, ())) or widths[g.name] for g in self.groups)
-            if key not in seen:
-                seen[key] = self.trial_jump(model, keep) if keep else 0.0
-            return seen[key]
-
-        if not can_trial(model):  # FSDP2 shards: no trial; the last measured jump rate scales the cut
-            rate = self.jump_rate
-            return u if rate is None else min(u, max_jump / max(rate, 1e-9))
-        sized = size_cut(trial, u, max_jump, quantum=self.QUANTUM)
-        self.trials = len(seen)
-        if sized > 0 and self._plan_widths(model, obs, sized) == widths:
-            self.hold_reason = f"the cut that fits (u={sized:.4f}) is below one planner step"
-            return 0.0
-        if sized <= 0:
-            self.hold_reason = (f"trial: the smallest cut tried jumps more than allowed ({max_jump:.4g})")
-        return sized
-
-    def trial_jump(self, model: nn.Module, keep: Mapping[str, Sequence[int]]) -> float:
-        """The probe's immediate log-jump if ``keep`` were cut now (:func:`~ctprune_lightning.trial.read_cut`)."""
-        before = self._before[0] if self._before is not None else self.probe_loss(model)
-        after = read_cut(model, self.groups, keep, self.probe_loss)
-        return math.log(max(after, 1e-12) / max(before, 1e-12))
-
     def apply_(self, model: nn.Module, plan: Plan, optimizers: Sequence[Any]) -> None:
         """Actuate ``plan`` on this rank's (unwrapped) model; the importance follows the cut."""
         keep = {name: torch.tensor(idx, dtype=torch.long) for name, idx in plan.keep.items()}
@@ -424,24 +315,6 @@ class ControlLoop:
                              "rollback_to_step": to_step, "val_before": before, "val_after": after}
                             | self._flops_entry(model))
         self.update_saturation(model)
-
-    def _scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
-        """SSM state groups are ranked by their Hankel singular values, every other group by the importance."""
-        if group.unit == "state":
-            return self.hankel.scores(model, group)
-        return self.importance.scores(model, group)
-
-    def _ssm_ranks(self, model: nn.Module, widths: dict[str, int], rule: Mapping[str, Any]) -> dict[str, int]:
-        """Widths with each SSM group at the rank that ``rule`` (mode, tau, fraction, gate) gives it."""
-        states = [g for g in self.groups if g.unit == "state"]
-        hsvs = {g.name: self._scores(model, g) for g in states}
-        ranks = plan_lru_ranks(model, hsvs=hsvs, **dict(rule))
-        floors = {g.name: group_floor(g, self.min_width) for g in states}  # the planner's one rule (planning.py)
-        return {**widths, **{n: min(widths[n], max(r, floors[n])) for n, r in ranks.items() if n in hsvs}}
-
-    def _flops_entry(self, model: nn.Module) -> dict[str, float]:
-        """With ``cost="time"`` the history's compute is modelled time: the FLOPs fraction is kept beside it."""
-        return {"flops": self.flops(model)[0] / self.ledger.dense_step_flops} if self.cost == "time" else {}
 
     # ------------------------------------------------------------------------------ state and report
     def summary(self, steps: int) -> dict[str, Any]:

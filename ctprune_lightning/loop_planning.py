@@ -1,0 +1,187 @@
+"""The planning side of the control step: what the model costs now, and which units a cut or a growth moves.
+
+:class:`LoopPlanning` is the half of :class:`~ctprune_lightning.loop.ControlLoop` that turns a controller's
+action into widths and kept units: the FLOPs meter and the cost model (the compute reading), the planner
+(:func:`~ctprune_lightning.planning.plan_widths`, on the cost frontier when a cost model is measured), the
+never-slower-than-dense rule, trial sizing (:func:`~ctprune_lightning.controllers.sizing.size_cut` over
+:func:`~ctprune_lightning.trial.read_cut`), growth planning and the SSM rank events. The state it reads
+(groups, limits, ledger, meter, probe store, importance, history) is the loop's own::
+
+    loop.compute(model)                              # fraction of dense FLOPs (or modelled time) per step
+    widths = loop._plan_widths(model, obs, u=0.1)    # remove about 0.1 of the dense compute
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+from torch import Tensor, nn
+
+from .accounting import ComputeLedger, FlopMeter
+from .controllers import Controller, Observation
+from .controllers.sizing import size_cut
+from .cost import CostModel, measure_cost
+from .importance import Importance
+from .importance.hankel import HankelImportance, plan_lru_ranks
+from .planning import group_floor, plan_growth, plan_widths, select_units
+from .probe_store import LossFn, ProbeStore
+from .surgery.groups import PrunableGroup, arch_spec
+from .trial import can_trial, read_cut
+
+__all__ = ["LoopPlanning"]
+
+
+class LoopPlanning:
+    """Compute readings and plans for :class:`~ctprune_lightning.loop.ControlLoop` (see the module docstring)."""
+
+    QUANTUM = 0.005  # the finest cut (fraction of dense compute) the trial sizing resolves
+
+    controller: Controller
+    importance: Importance
+    hankel: HankelImportance
+    groups: list[PrunableGroup]
+    dense_widths: dict[str, int]
+    history: list[dict[str, Any]]
+    target: float
+    min_width: int
+    round_to: Any
+    store: ProbeStore
+    ledger: ComputeLedger
+    meter: FlopMeter
+    loss_fn: LossFn
+    flop_view: Callable[[nn.Module], AbstractContextManager[Any]]
+    cost: str
+    cost_model: CostModel | None
+    cost_kwargs: dict[str, Any] | None
+    cost_context: Callable[[], AbstractContextManager[Any]]
+    saturated: bool
+    trials: int
+    hold_reason: str
+    jump_rate: float | None
+    _before: tuple[float, float] | None
+
+    def widths(self, model: nn.Module) -> dict[str, int]:
+        return {g.name: g.width(model) for g in self.groups}
+
+    probe = property(lambda self: self.store.train)
+
+    def probe_loss(self, model: nn.Module) -> float:
+        """The probe reading (:meth:`ProbeStore.loss`): loss or error rate, held-out batches when kept."""
+        return self.store.loss(model)
+
+    def measure_cost(self, model: nn.Module) -> CostModel:
+        """The cost model of ``model`` on the first probe batch (:func:`~ctprune_lightning.cost.measure_cost`)."""
+        if not can_trial(model):
+            raise ValueError("ControlPruning: a cost model cuts the model for a moment; sharded (FSDP2) parameters "
+                             "cannot be cut that way: use cost='flops' and no cost model there")
+        with self.cost_context():
+            return measure_cost(model, self.groups, self.store.on(model, self.probe[0]), self.loss_fn,
+                                min_width=self.min_width, round_to=self.round_to, **self.cost_kwargs)
+
+    def flops(self, model: nn.Module) -> tuple[int, dict[str, int]]:
+        key = arch_spec(model, self.groups)
+        if key not in self.meter.cache:
+            with self.flop_view(model):
+                self.meter.measure(model, self.store.on(model, self.probe[0]), key)
+        return self.meter.cache[key]
+
+    def compute(self, model: nn.Module) -> float:
+        """The controller's compute reading: FLOPs ÷ dense, or the modelled time ÷ dense with ``cost="time"``."""
+        if self.cost == "time" and self.cost_model is not None:
+            return self.cost_model.fraction(self.widths(model))
+        return self.flops(model)[0] / self.ledger.dense_step_flops
+
+    def _planner(self, model: nn.Module) -> tuple[float, dict[str, int], float, dict[str, Any]]:
+        """(now, per-module FLOPs, dense, extra planner arguments) in the unit of the compute reading."""
+        total, per_module = self.flops(model)
+        cm = self.cost_model
+        if self.cost == "time" and cm is not None:
+            return cm.step_time(self.widths(model)), per_module, cm.dense_time, {"cost": cm, "predict": cm.step_time}
+        return total, per_module, self.ledger.dense_step_flops, {"cost": cm}
+
+    def update_saturation(self, model: nn.Module) -> None:
+        """Saturated when even the deepest allowed cut (down to the floor) changes no width."""
+        total, per_module, dense, extra = self._planner(model)
+        floor = self.target * dense
+        widths = self.widths(model)
+        self.saturated = widths == plan_widths(widths, per_module, total, self.groups, floor,
+                                               self.min_width, self.round_to, floor_flops=floor, **extra)
+
+    def plan_growth(self, model: nn.Module, request: float) -> dict[str, int]:
+        """``{group: units to add}`` giving back about ``request`` of the dense compute from the cuts of
+        :attr:`history`, the last one first (:func:`~ctprune_lightning.planning.plan_growth`)."""
+        refused = {g.name for g in self.groups if g.grow_refusal(model)}
+        return plan_growth(self.widths(model), self.history, self.dense_widths, refused, request, self.round_to)
+
+    def _plan_widths(self, model: nn.Module, obs: Observation, u: float) -> dict[str, int]:
+        total, per_module, dense, extra = self._planner(model)
+        return plan_widths(self.widths(model), per_module, total, self.groups, (obs.compute - u) * dense,
+                           self.min_width, self.round_to, floor_flops=self.target * dense,
+                           reference=self.dense_widths, **extra)
+
+    def _never_slower(self, widths: dict[str, int], new: dict[str, int]) -> dict[str, int]:
+        """``new``, unless the cost model's modelled time per step of it is not below dense: then no cut (the
+        reason is kept for the trace row)."""
+        cm = self.cost_model
+        if cm is None or new == widths:
+            return new
+        modelled = cm.fraction(new)
+        if modelled < 1.0:
+            return new
+        self.hold_reason = self.hold_reason or (f"cost: the planned widths' modelled time per step is {modelled:.3f} "
+                                                "of dense (not below dense); no cut")
+        return dict(widths)
+
+    def _keep(self, model: nn.Module, widths: Mapping[str, int], new: Mapping[str, int]) -> dict[str, list[int]]:
+        return {g.name: select_units(self._scores(model, g), new[g.name]).tolist()
+                for g in self.groups if new[g.name] != widths[g.name]}
+
+    def _size_by_trial(self, model: nn.Module, obs: Observation, u: float, max_jump: float) -> float:
+        """The largest cut ``<= u`` whose trial jump is at most ``max_jump`` (the loop's reason says when none)."""
+        widths = self.widths(model)
+        seen: dict[tuple[int, ...], float] = {}
+
+        def trial(v: float) -> float:
+            keep = self._keep(model, widths, self._plan_widths(model, obs, v))
+            key = tuple(len(keep.get(g.name, ())) or widths[g.name] for g in self.groups)
+            if key not in seen:
+                seen[key] = self.trial_jump(model, keep) if keep else 0.0
+            return seen[key]
+
+        if not can_trial(model):  # FSDP2 shards: no trial; the last measured jump rate scales the cut
+            rate = self.jump_rate
+            return u if rate is None else min(u, max_jump / max(rate, 1e-9))
+        sized = size_cut(trial, u, max_jump, quantum=self.QUANTUM)
+        self.trials = len(seen)
+        if sized > 0 and self._plan_widths(model, obs, sized) == widths:
+            self.hold_reason = f"the cut that fits (u={sized:.4f}) is below one planner step"
+            return 0.0
+        if sized <= 0:
+            self.hold_reason = (f"trial: the smallest cut tried jumps more than allowed ({max_jump:.4g})")
+        return sized
+
+    def trial_jump(self, model: nn.Module, keep: Mapping[str, Sequence[int]]) -> float:
+        """The probe's immediate log-jump if ``keep`` were cut now (:func:`~ctprune_lightning.trial.read_cut`)."""
+        before = self._before[0] if self._before is not None else self.probe_loss(model)
+        after = read_cut(model, self.groups, keep, self.probe_loss)
+        return math.log(max(after, 1e-12) / max(before, 1e-12))
+
+    def _scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
+        """SSM state groups are ranked by their Hankel singular values, every other group by the importance."""
+        if group.unit == "state":
+            return self.hankel.scores(model, group)
+        return self.importance.scores(model, group)
+
+    def _ssm_ranks(self, model: nn.Module, widths: dict[str, int], rule: Mapping[str, Any]) -> dict[str, int]:
+        """Widths with each SSM group at the rank that ``rule`` (mode, tau, fraction, gate) gives it."""
+        states = [g for g in self.groups if g.unit == "state"]
+        hsvs = {g.name: self._scores(model, g) for g in states}
+        ranks = plan_lru_ranks(model, hsvs=hsvs, **dict(rule))
+        floors = {g.name: group_floor(g, self.min_width) for g in states}  # the planner's one rule (planning.py)
+        return {**widths, **{n: min(widths[n], max(r, floors[n])) for n, r in ranks.items() if n in hsvs}}
+
+    def _flops_entry(self, model: nn.Module) -> dict[str, float]:
+        """With ``cost="time"`` the history's compute is modelled time: the FLOPs fraction is kept beside it."""
+        return {"flops": self.flops(model)[0] / self.ledger.dense_step_flops} if self.cost == "time" else {}

@@ -55,6 +55,17 @@ class JumpCurve(L.Callback):
             trainer.should_stop = True
 
 
+def compose_task(task: str, seed: int, probe_batches: int = 2):
+    """The task's suite config (CPU scale) with a budget controller that never leaves its warm-up."""
+    over = subprocess.run([str(ROOT / "experiments/suite.sh"), "overrides", task], capture_output=True,
+                          text=True, check=True).stdout.split()
+    over += [f"seed={seed}", "controller=lqr", "pruning.quality_budget=0.01", "pruning.target=0.05",
+             "controller.warmup=0.99", "logger=csv", f"pruning.probe_batches={probe_batches}",
+             "~callbacks.model_checkpoint", f"paths.output_dir=/tmp/jc/{task}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=over)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("task")
@@ -63,13 +74,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--probe-batches", type=int, default=2)
     a = ap.parse_args()
-    over = subprocess.run([str(ROOT / "experiments/suite.sh"), "overrides", a.task], capture_output=True,
-                          text=True, check=True).stdout.split()
-    over += [f"seed={a.seed}", "controller=lqr", "pruning.quality_budget=0.01", "pruning.target=0.05",
-             "controller.warmup=0.99", "logger=csv", f"pruning.probe_batches={a.probe_batches}",
-             "~callbacks.model_checkpoint", f"paths.output_dir=/tmp/jc/{a.task}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=over)
+    cfg = compose_task(a.task, a.seed, a.probe_batches)
     L.seed_everything(cfg.seed, workers=True)
     dm = T.instantiate_datamodule(cfg)
     model = T.instantiate_model(cfg, dm)

@@ -12,9 +12,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -207,6 +208,7 @@ class ComputeLedger:
     dense_train_flops: float = 0.0
     batches: int = 0
     train_time_s: float = 0.0
+    overhead_s: float = 0.0  # the callback's own time inside the fit: probe, trials, planning, surgery, importance
     _t0: float | None = None
 
     def add_batch(self, step_flops: int, scale: float = 1.0) -> None:
@@ -227,8 +229,23 @@ class ComputeLedger:
             self.train_time_s += time.perf_counter() - self._t0
             self._t0 = None
 
+    @contextlib.contextmanager
+    def overhead(self) -> Iterator[None]:
+        """Charge the wall-clock of the block to :attr:`overhead_s` (the pruning's own share of the fit)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.overhead_s += time.perf_counter() - t0
+
+    @property
+    def overhead_share(self) -> float | None:
+        """:attr:`overhead_s` as a share of the fit's wall-clock (None before the clock has run)."""
+        return self.overhead_s / self.train_time_s if self.train_time_s > 0 else None
+
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("dense_step_flops", "train_flops", "dense_train_flops", "batches", "train_time_s")}
+        return {k: getattr(self, k) for k in ("dense_step_flops", "train_flops", "dense_train_flops", "batches", "train_time_s",
+                                                "overhead_s")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in self.state_dict().items():

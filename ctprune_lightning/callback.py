@@ -317,7 +317,7 @@ class ControlPruning(Callback):
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        with self._eager(pl_module):
+        with self.ledger.overhead(), self._eager(pl_module):
             self._sense_batch(pl_module, batch)
 
     def _sense_batch(self, pl_module: L.LightningModule, batch: Any) -> None:
@@ -337,7 +337,8 @@ class ControlPruning(Callback):
         # The importance is accumulated only where a decision can use it: from one control interval before
         # `start_step` (each cut restarts it anyway) until no further cut is possible.
         if not self.loop.saturated and trainer.global_step + self.every_n_steps >= self.start_step:
-            self.importance.before_optimizer_step(pl_module)
+            with self.ledger.overhead():
+                self.importance.before_optimizer_step(pl_module)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -350,12 +351,13 @@ class ControlPruning(Callback):
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._train_loss.append(loss.detach())
-        if not self.loop.saturated:
-            self.importance.after_optimizer_step(pl_module)
-        due = step % self.every_n_steps == 0 or self.controller.due(self._progress(trainer))
-        if step >= self.start_step and due and self.loop.ready:
-            with self._eager(pl_module):
-                self._control(trainer, pl_module)
+        with self.ledger.overhead():
+            if not self.loop.saturated:
+                self.importance.after_optimizer_step(pl_module)
+            due = step % self.every_n_steps == 0 or self.controller.due(self._progress(trainer))
+            if step >= self.start_step and due and self.loop.ready:
+                with self._eager(pl_module):
+                    self._control(trainer, pl_module)
 
     # ------------------------------------------------------------------------------ control step
     @staticmethod

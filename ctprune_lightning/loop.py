@@ -209,6 +209,9 @@ class ControlLoop(LoopPlanning):
         compute = self.compute(model)
         if isinstance(self.controller, NoneController):  # the dense baseline never acts: no probe to pay for
             return Observation(step=step, progress=progress, compute=compute, damage=0.0)
+        if self.saturated and self.controller.budget is None and not self.controller.due(progress):
+            # no cut is possible and no budget may ask for growth: nothing to decide, no probe to pay for
+            return Observation(step=step, progress=progress, compute=compute, damage=math.nan)
         loss = self.probe_loss(model)
         best = loss if self.best is None else self.best
         damage = max(0.0, loss - best) / max(best, 1e-12)
@@ -338,6 +341,8 @@ class ControlLoop(LoopPlanning):
             "world_size": self.world_size,
             "train_flops_saved": self.ledger.saved,
             "train_time_s": self.ledger.train_time_s,
+            "control_time_s": self.ledger.overhead_s,  # the callback's own share of it
+            "control_overhead": self.ledger.overhead_share,
             "steps": steps,
             "surgeries": len(self.history),
             "history": list(self.history),

@@ -35,6 +35,8 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "train_flops",
     "dense_train_flops",
     "train_time_s",
+    "control_time_s",
+    "control_overhead",
     "fit_time_s",
     "steps",
     "world_size",
@@ -159,6 +161,8 @@ def format_summary(summary: Mapping[str, Any], max_trace_rows: int = 20) -> str:
         ("train FLOPs", f"{_fmt(summary.get('train_flops'), 'flops')} "
                         f"(dense {_fmt(summary.get('dense_train_flops'), 'flops')})"),
         ("train time", _fmt(summary.get("train_time_s"), "s")),
+        ("pruning overhead", f"{_fmt(summary.get('control_time_s'), 's')} "
+                             f"({_fmt(summary.get('control_overhead'), 'pct')} of the train time)"),
         ("fit wall-clock", _fmt(summary.get("fit_time_s"), "s")),
         ("steps", _fmt(summary.get("steps"))),
     ]

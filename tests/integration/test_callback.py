@@ -237,3 +237,20 @@ def test_cost_time_and_round_to_auto_in_a_fit() -> None:
     assert 0.0 < s["time_fraction"] <= 1.0 and 0.0 < s["flops_fraction"] <= 1.0
     assert all(0.5 - 1e-9 <= r["compute"] <= 1.0 for r in cb.trace)  # the controller read modelled time
     assert all("flops" in h for h in s["history"])
+
+
+def test_the_callback_reports_its_own_time_and_reads_no_probe_once_nothing_is_due() -> None:
+    cb = ControlPruning(controller="gmp", target=0.5, every_n_steps=2, round_to=4, importance="magnitude")
+    reads = []
+    loss = cb.loop.store.loss
+    cb.loop.store.loss = lambda model: reads.append(1) or loss(model)  # count the probe's readings
+    trainer, _ = fit(cb, epochs=2)
+    s = cb.summary()
+    assert s["flops_fraction"] == pytest.approx(0.5, abs=0.05) and cb.loop.saturated
+    intervals = trainer.global_step // 2
+    assert len(cb.trace) == intervals  # every interval keeps its trace row...
+    idle = [r for r in cb.trace if r["damage"] != r["damage"]]  # ...but once saturated, the damage is not read
+    assert idle and all(r["compute"] == s["flops_fraction"] for r in idle)
+    assert len(reads) < intervals  # no probe reading for the idle rows (each cut still reads its jump)
+    assert 0 < s["control_time_s"] < s["train_time_s"]
+    assert s["control_overhead"] == pytest.approx(s["control_time_s"] / s["train_time_s"])

@@ -63,7 +63,11 @@ class Importance:
 
 
 class AccumulatingImportance(Importance):
-    """Shared bookkeeping for criteria that keep one accumulator vector per group."""
+    """Shared bookkeeping for criteria that keep one accumulator vector per group.
+
+    An accumulator lives on the device of the parameters it sums (moved there on first use), so the per-step
+    update never waits for the accelerator; :meth:`scores` and :meth:`state_dict` bring it to the host.
+    """
 
     def attach(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> None:
         super().attach(model, groups)
@@ -73,13 +77,20 @@ class AccumulatingImportance(Importance):
             if g.name not in self.acc or self.acc[g.name].numel() != width:
                 self.acc[g.name] = torch.zeros(width)
 
+    def accumulator(self, name: str, device: torch.device) -> Tensor:
+        """The accumulator of group ``name``, on ``device``."""
+        if self.acc[name].device != device:
+            self.acc[name] = self.acc[name].to(device)
+        return self.acc[name]
+
     def on_surgery(self, plan: Mapping[str, Tensor]) -> None:
         for name, keep in plan.items():
             if name in self.acc:
-                self.acc[name] = self.acc[name][torch.as_tensor(keep, dtype=torch.long)].clone()
+                acc = self.acc[name]
+                self.acc[name] = acc[torch.as_tensor(keep, dtype=torch.long, device=acc.device)].clone()
 
     def scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
-        return self.acc[group.name].clone()
+        return self.acc[group.name].detach().to("cpu", copy=True)
 
     def state_dict(self) -> dict:
         return {"acc": {k: v.tolist() for k, v in self.acc.items()}}

@@ -42,12 +42,16 @@ class TaylorImportance(AccumulatingImportance):
 
     def before_optimizer_step(self, model: nn.Module) -> None:
         for g in self.groups:
-            total = torch.zeros_like(self.acc[g.name])
+            total = None
             for _, p, dim, units in g.unit_slices(model):
                 if p.grad is not None:
                     wg = (full(p.detach()) * full(p.grad.detach())).float()
-                    total += reduce_to_units(wg, dim, units, total.numel()).cpu()
-            self.acc[g.name].mul_(self.beta).add_(total.abs(), alpha=1 - self.beta)
+                    unit = reduce_to_units(wg, dim, units, self.acc[g.name].numel())
+                    total = unit if total is None else total.add_(unit)
+            acc = self.accumulator(g.name, total.device) if total is not None else self.acc[g.name]
+            acc.mul_(self.beta)
+            if total is not None:
+                acc.add_(total.abs(), alpha=1 - self.beta)
 
 
 class TrajectoryImportance(AccumulatingImportance):
@@ -88,7 +92,8 @@ class TrajectoryImportance(AccumulatingImportance):
                     continue
                 if qname not in work:  # -g·(θ_new − θ_old) = g·(θ_old − θ_new), in place in the snapshot
                     work[qname] = saved[qname].sub_(full(p.detach())).mul_(full(p.grad.detach())).float()
-                self.acc[g.name] += reduce_to_units(work[qname], dim, units, self.acc[g.name].numel()).cpu()
+                unit = reduce_to_units(work[qname], dim, units, self.acc[g.name].numel())
+                self.accumulator(g.name, unit.device).add_(unit)
         self._saved = {}
 
     def on_surgery(self, plan) -> None:

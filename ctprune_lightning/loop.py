@@ -168,7 +168,8 @@ class ControlLoop(LoopPlanning):
             self.ref_batch = batch_size(batch)
             if not self.ledger.dense_step_flops:
                 self.ledger.dense_step_flops = self.flops(model)[0]
-            if self.cost_kwargs is not None and self.cost_model is None:
+            measure = self.cost_kwargs is not None and not isinstance(self.controller, NoneController)
+            if measure and self.cost_model is None:  # the dense baseline never cuts: nothing to plan for
                 self.cost_model = self.measure_cost(model)
 
     def set_held_out(self, model: nn.Module, batches: Sequence[Any]) -> None:

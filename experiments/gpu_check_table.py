@@ -16,8 +16,9 @@ from typing import Any
 
 VARIANTS = ("dense", "budget", "gmp")
 TASK_ORDER = ("mlp", "resnet", "gpt")
-COLUMNS = ("task", "variant", "compile", "steps", "surgeries", "FLOPs/step", "train FLOPs", "wall (train)",
-           "wall (fit)", "wall/eager", "compiles (after cuts)", "compile s", "peak MiB", "test acc", "test loss")
+COLUMNS = ("task", "variant", "compile", "steps", "surgeries", "FLOPs/step", "train FLOPs", "modelled time/step",
+           "wall (train)", "wall (fit)", "ours % of train", "wall/eager", "compiles (after cuts)", "compile s",
+           "peak MiB", "test acc", "test loss")
 
 
 def _overrides(job: Path) -> dict[str, str]:
@@ -75,8 +76,10 @@ def rows(runs: list[dict[str, Any]]) -> list[list[str]]:
         out.append([
             r["task"], r["variant"], _f(r["compile"]), _f(s.get("steps"), "d"), _f(s.get("surgeries"), "d"),
             _f(s.get("flops_fraction")), _f(_ratio(s.get("train_flops"), s.get("dense_train_flops"))),
+            _f(s.get("time_fraction")),
             _f(_ratio(s.get("train_time_s"), ref.get("train_time_s"))),
             _f(_ratio(s.get("fit_time_s"), ref.get("fit_time_s"))),
+            _f(None if s.get("control_overhead") is None else 100 * s["control_overhead"], ".1f"),
             _f(_ratio(s.get("train_time_s"), eager.get("train_time_s"))),
             f"{_f(s.get('compile_count'), 'd')} ({_f(s.get('compile_recompiles'), 'd')})" if r["compile"] else "-",
             _f(s.get("compile_time_s"), ".1f") if r["compile"] else "-",
@@ -102,7 +105,9 @@ def main(argv: list[str]) -> int:
     runs = load_runs(root)
     print(markdown(rows(runs)) if runs else f"gpu_check_table: no finished runs under {root}")
     print("\nRatios: to the dense run of the same task and compile setting; wall/eager: to the eager dense run. "
-          "train FLOPs: cumulative, vs the dense schedule. compiles: Dynamo compilations (those after surgeries).")
+          "train FLOPs: cumulative, vs the dense schedule. modelled time/step: the cost model's, vs dense. ours: the "
+          "callback's own wall-clock (probe, trials, planning, surgery, importance) in the train time. "
+          "compiles: Dynamo compilations (those after surgeries).")
     return 0 if runs else 1
 
 

@@ -123,16 +123,21 @@ def candidate_widths(dense: int, lo: int, step: int) -> list[int]:
     return sorted(widths, reverse=True)
 
 
-def frontier(times: Callable[[int], float], widths: Sequence[int]) -> tuple[int, ...]:
-    """The widths (widest first) each strictly faster than every wider one of ``widths``.
+#: a width joins the frontier only when it is measured this much faster than every wider one kept: timings are
+#: noisy (a few % on a shared CPU), and a width as fast as a wider one must be dropped every time, not at random
+FRONTIER_MARGIN = 0.02
 
-    >>> frontier({64: 10.0, 56: 11.0, 48: 8.0}.__getitem__, [64, 56, 48])
+
+def frontier(times: Callable[[int], float], widths: Sequence[int], margin: float = FRONTIER_MARGIN) -> tuple[int, ...]:
+    """The widths (widest first) each faster by ``margin`` (a fraction) than every wider one kept; the widest stays.
+
+    >>> frontier({64: 10.0, 56: 9.9, 48: 8.0}.__getitem__, [64, 56, 48])
     (64, 48)
     """
     kept, best = [], float("inf")
     for w in sorted(widths, reverse=True):
         t = times(w)
-        if t < best:
+        if t < best * (1.0 - margin) or not kept:
             kept.append(w)
             best = t
     return tuple(kept)

@@ -12,9 +12,10 @@ Measurement: warm-up steps, then the median of a few repeats, ``torch.cuda.synch
 on a GPU; the live model is cut and restored exactly (:func:`~ctprune_lightning.trial.read_cut`), its
 buffers (BatchNorm statistics) and the random number generators are left as they were. Times are
 cached in memory per (device type, dtype, model shape, batch shape, group), and in a JSON file when a
-``cache_dir`` is given. ``max_seconds`` bounds the refinement: every group gets its narrowest
-candidate measured (the minimum a frontier needs), further ladder points are added round-robin over
-the groups while the budget lasts; :meth:`CostModel.describe` says what was measured.
+``cache_dir`` is given. ``max_seconds`` bounds the measurement (the dense step is always timed): each
+group's narrowest candidate first, then further ladder points round-robin over the groups while the
+budget lasts; a group the budget did not reach is *assumed* to cost time in proportion to its width
+(:attr:`GroupCost.assumed`); :meth:`CostModel.describe` says what was measured.
 
 The modelled time of a width assignment is first order in each group:
 ``dense × Π_g t_g(w_g) / dense``, where ``t_g`` interpolates group ``g``'s measured times linearly in
@@ -164,9 +165,17 @@ class GroupCost:
         self.times = {int(w): float(t) for w, t in self.times.items()}
         self._frontier = frontier(self.time, self.candidates)
 
+    @property
+    def assumed(self) -> bool:
+        """No width but the dense one was measured (the budget ran out): the time is assumed proportional."""
+        return len(self.times) < 2
+
     def time(self, width: int) -> float:
-        """Seconds per step at ``width``: linear between measured widths, flat beyond them."""
+        """Seconds per step at ``width``: linear between measured widths, flat beyond them; proportional to the
+        width when only the dense width was measured (:attr:`assumed`)."""
         xs = sorted(self.times)
+        if len(xs) < 2:
+            return self.times[xs[0]] * width / xs[0]
         return float(np.interp(width, xs, [self.times[x] for x in xs]))
 
     @property
@@ -232,7 +241,7 @@ class CostModel:
                 "seconds": self.seconds, "max_seconds": self.max_seconds, "complete": self.complete,
                 "warmup": self.warmup, "repeats": self.repeats, "cached_widths": self.cached,
                 "groups": {n: {"measured": dict(sorted(g.times.items(), reverse=True)), "frontier": list(g.frontier),
-                               "dropped": [w for w in g.candidates if w not in g.frontier]}
+                               "dropped": [w for w in g.candidates if w not in g.frontier], "assumed": g.assumed}
                            for n, g in self.groups.items()}}
 
     def state_dict(self) -> dict[str, Any]:
@@ -381,7 +390,7 @@ def measure_cost(
             and ``loss_fn(model, batch) -> scalar`` (the probe loss).
         min_width / round_to: the planner's defaults (a group's own limits win): the ladder is the widths the
             planner can reach, subsampled to ``points`` per group (the dense and the narrowest included).
-        max_seconds: the budget for the ladder beyond each group's narrowest width (see the module docstring).
+        max_seconds: the budget for the ladder (the dense step is always timed; see the module docstring).
         warmup / repeats: untimed steps, then timed steps per width (the median is kept).
         step_time: ``step_time(model) -> seconds`` instead of :class:`StepTimer` (tests inject a fake one).
         clock: the clock the budget is read on.
@@ -430,7 +439,7 @@ def measure_cost(
                 known = cache.setdefault(key, {})
                 if w in known:
                     cached += 1
-                elif r > 0 and clock() - start + per_point > max_seconds:
+                elif clock() - start + per_point > max_seconds:
                     complete = False
                     continue
                 else:

@@ -31,6 +31,8 @@ VARIANTS = {
     "gmp": ["controller=gmp", "pruning.target=0.25"],
     "pid": ["controller=pid"],
     "budget": ["controller=lqr", "pruning.quality_budget=0.01", "pruning.target=0.1"],
+    # the controller's compute is the measured cost model's modelled time, widths aligned for the device
+    "lqr_time": ["controller=lqr", "pruning.cost=time", "pruning.round_to=auto"],
 }
 
 
@@ -66,14 +68,18 @@ def bench_task(task: str, variants: list[str], repeats: int, threads: int, tmp: 
     dense = runs["dense"]
     lines = [f"### {task} ({repeats} repeats, {threads} thread(s); overrides: `{' '.join(args) or '(none)'}`)", "",
              ("| variant | fit s min | fit s median | wall-clock / dense (median of paired; all) | train FLOPs / dense "
-              "| wall-clock ÷ FLOPs |"), "|---|---|---|---|---|---|"]
+              "| wall-clock ÷ FLOPs | modelled time saved | ours % of train |"), "|---|---|---|---|---|---|---|---|"]
     for v in variants:
         times = [s["fit_time_s"] for s in runs[v]]
         ratios = [s["fit_time_s"] / d["fit_time_s"] for s, d in zip(runs[v], dense)]
         flops = statistics.median(s["train_flops"] / d["train_flops"] for s, d in zip(runs[v], dense))
         ratio = statistics.median(ratios)
+        modelled = [s["train_time_saved"] for s in runs[v] if s.get("train_time_saved") is not None]
+        ours = [100 * s["control_overhead"] for s in runs[v] if s.get("control_overhead") is not None]
         lines.append(f"| {v} | {min(times):.1f} | {statistics.median(times):.1f} | {ratio:.3f} "
-                     f"({', '.join(f'{r:.2f}' for r in ratios)}) | {flops:.3f} | {ratio / flops:.2f} |")
+                     f"({', '.join(f'{r:.2f}' for r in ratios)}) | {flops:.3f} | {ratio / flops:.2f} | "
+                     f"{f'{statistics.median(modelled):.3f}' if modelled else '-'} | "
+                     f"{f'{statistics.median(ours):.1f}' if ours else '-'} |")
     return "\n".join(lines)
 
 

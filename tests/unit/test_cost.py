@@ -218,3 +218,21 @@ def test_candidate_widths_are_the_planners_steps() -> None:
     assert candidate_widths(30, 8, 8) == [30, 24, 16, 8]
     assert candidate_widths(12, 1, 1) == list(range(12, 0, -1))  # heads
     assert candidate_widths(64, 12, 8) == [64, 56, 48, 40, 32, 24, 16, 12]
+
+
+def test_a_group_the_budget_does_not_reach_is_assumed_proportional_to_its_width() -> None:
+    model, batch = mlp()
+    clock = [0.0]
+
+    def step_time(m: nn.Module) -> float:
+        clock[0] += 1.0  # every measurement takes one second
+        return fake_step_time(m)
+
+    cost = measured(model, batch, step_time=step_time, clock=lambda: clock[0], max_seconds=2.0)
+    # the dense step (1 s) and group 0's narrowest width (2 s) fit; group 2 is not measured at all
+    assert sorted(cost.groups["0"].times) == [8, 64] and not cost.groups["0"].assumed
+    g = cost.groups["2"]
+    assert g.assumed and list(g.times) == [64] and cost.seconds == 2.0
+    assert g.time(32) == pytest.approx(cost.dense_time / 2)  # in proportion to the width
+    assert g.frontier == g.candidates  # every width is faster than a wider one: none is dropped
+    assert cost.describe()["groups"]["2"]["assumed"] is True

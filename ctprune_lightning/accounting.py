@@ -209,7 +209,9 @@ class ComputeLedger:
     batches: int = 0
     train_time_s: float = 0.0
     overhead_s: float = 0.0  # the callback's own time inside the fit: probe, trials, planning, surgery, importance
+    overhead_parts: dict[str, float] = field(default_factory=dict)  # overhead_s by part (exclusive of nested parts)
     _t0: float | None = None
+    _open: list[float] = field(default_factory=list)  # time of the parts nested in each open block
 
     def add_batch(self, step_flops: int, scale: float = 1.0) -> None:
         """One forward/backward at the current architecture (``scale`` = batch size / probe size)."""
@@ -224,19 +226,36 @@ class ComputeLedger:
     def start_clock(self) -> None:
         self._t0 = time.perf_counter()
 
+    @property
+    def elapsed_s(self) -> float:
+        """The fit's wall-clock so far (:attr:`train_time_s` plus the running clock)."""
+        return self.train_time_s + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
     def stop_clock(self) -> None:
         if self._t0 is not None:
             self.train_time_s += time.perf_counter() - self._t0
             self._t0 = None
 
     @contextlib.contextmanager
-    def overhead(self) -> Iterator[None]:
-        """Charge the wall-clock of the block to :attr:`overhead_s` (the pruning's own share of the fit)."""
+    def overhead(self, part: str = "control") -> Iterator[None]:
+        """Charge the wall-clock of the block to :attr:`overhead_s` (the pruning's own share of the fit) and to
+        ``overhead_parts[part]``; a nested block is charged to its own part only (the outer one's time excludes it)."""
         t0 = time.perf_counter()
+        self._open.append(0.0)
         try:
             yield
         finally:
-            self.overhead_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            nested = self._open.pop()
+            self.overhead_parts[part] = self.overhead_parts.get(part, 0.0) + dt - nested
+            if self._open:
+                self._open[-1] += dt
+            else:
+                self.overhead_s += dt
+
+    def spent(self, *parts: str) -> float:
+        """Seconds charged so far to ``parts``."""
+        return sum(self.overhead_parts.get(p, 0.0) for p in parts)
 
     @property
     def overhead_share(self) -> float | None:
@@ -245,7 +264,7 @@ class ComputeLedger:
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("dense_step_flops", "train_flops", "dense_train_flops", "batches", "train_time_s",
-                                                "overhead_s")}
+                                                "overhead_s")} | {"overhead_parts": dict(self.overhead_parts)}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in self.state_dict().items():

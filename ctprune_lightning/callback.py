@@ -33,7 +33,7 @@ from .controllers import Controller, build_controller
 from .controllers.base import check_number
 from .cost import AUTO, auto_round_to, check_cost, check_round_to, precision_dtype
 from .importance import Importance, build_importance
-from .loop import BUDGET_METRICS, ControlLoop, default_loss
+from .loop import BUDGET_METRICS, ControlLoop, check_sense_budget, default_loss
 from .probe import CallInputs, capture_network_call
 from .rollback import Snapshot
 from .strategy import PruningStrategy, require_pruning_strategy
@@ -105,6 +105,11 @@ class ControlPruning(Callback):
             modelled faster than dense is not cut. ``None`` (default): measured when ``cost="time"``.
         cost_kwargs: settings of :func:`~ctprune_lightning.cost.measure_cost` (``max_seconds``, ``points``,
             ``repeats``, ``warmup``, ``cache_dir``).
+        sense_budget: the most of the fit's wall-clock that reading the model may take — the probe readings,
+            the trial cuts and the FLOP recounts together (``control_time_parts`` in the summary) — e.g.
+            ``0.03``; an interval over it is skipped as a hold whose trace row says why (the first interval
+            always reads; a controller's own events still run). ``None`` (default): read at every interval. The
+            Hydra configs set 0.03.
 
     Any LightningModule works as it is: the probe loss is ``compute_loss(batch)`` when the module
     defines it, else its own ``training_step`` (logging silenced, metric states restored); the layers
@@ -135,6 +140,7 @@ class ControlPruning(Callback):
         cost: str = "flops",
         cost_model: bool | None = None,
         cost_kwargs: Mapping[str, Any] | None = None,
+        sense_budget: float | None = None,
     ) -> None:
         super().__init__()
         if probe_data not in PROBE_DATA:
@@ -146,6 +152,7 @@ class ControlPruning(Callback):
         try:
             check_round_to(round_to)
             check_cost(cost)
+            check_sense_budget(sense_budget)
         except ValueError as err:
             raise ValueError(f"ControlPruning: {err}") from None
         if cost == "time" and cost_model is False:
@@ -194,7 +201,7 @@ class ControlPruning(Callback):
         self.loop = ControlLoop(self.controller, self.importance, self.controller.target, min_width=min_width,
                                 round_to=round_to, probe_batches=probe_batches, cost=cost,
                                 cost_kwargs=dict(cost_kwargs or {}) if measure else None,
-                                **({"error_fn": error_fn} if error_fn is not None else {}))
+                                sense_budget=sense_budget, **({"error_fn": error_fn} if error_fn is not None else {}))
         self.target = self.loop.target  # the dense baseline's setpoint is dense, whatever it was built with
         self._last_step = -1
         self._refresh = False
@@ -317,7 +324,7 @@ class ControlPruning(Callback):
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        with self.ledger.overhead(), self._eager(pl_module):
+        with self.ledger.overhead("batch"), self._eager(pl_module):
             self._sense_batch(pl_module, batch)
 
     def _sense_batch(self, pl_module: L.LightningModule, batch: Any) -> None:
@@ -337,7 +344,7 @@ class ControlPruning(Callback):
         # The importance is accumulated only where a decision can use it: from one control interval before
         # `start_step` (each cut restarts it anyway) until no further cut is possible.
         if not self.loop.saturated and trainer.global_step + self.every_n_steps >= self.start_step:
-            with self.ledger.overhead():
+            with self.ledger.overhead("importance"):
                 self.importance.before_optimizer_step(pl_module)
 
     @override
@@ -351,13 +358,19 @@ class ControlPruning(Callback):
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._train_loss.append(loss.detach())
-        with self.ledger.overhead():
-            if not self.loop.saturated:
+        if not self.loop.saturated:
+            with self.ledger.overhead("importance"):
                 self.importance.after_optimizer_step(pl_module)
-            due = step % self.every_n_steps == 0 or self.controller.due(self._progress(trainer))
-            if step >= self.start_step and due and self.loop.ready:
+        with self.ledger.overhead():
+            event = self.controller.due(self._progress(trainer))
+            if step >= self.start_step and (event or step % self.every_n_steps == 0) and self.loop.ready:
+                skip = "" if event else self.loop.sensing_due()
+                skip = trainer.strategy.broadcast(skip, src=0)  # every rank skips, or none
                 with self._eager(pl_module):
-                    self._control(trainer, pl_module)
+                    if skip:
+                        self._log(pl_module, self.loop.record_skip(pl_module, step, self._progress(trainer), skip))
+                    else:
+                        self._control(trainer, pl_module)
 
     # ------------------------------------------------------------------------------ control step
     @staticmethod

@@ -40,6 +40,18 @@ from .surgery.groups import PrunableGroup, apply_plan_, discover_groups
 default_loss = step_loss
 #: BUDGET_METRICS: what a quality budget is stated in (see :meth:`ControlLoop.start_budget`)
 BUDGET_METRICS = ("loss", "error")
+#: the ledger's parts the sensing budget covers: what an interval pays to read the model, not to cut it
+SENSING = ("probe", "trial", "flops")
+
+
+def check_sense_budget(value: Any) -> float | None:
+    """``sense_budget``: None (no limit) or the share of the fit's wall-clock the sensing may take, in (0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"sense_budget must be null or a share of the fit's wall-clock in (0, 1], e.g. 0.03; "
+                         f"got {value!r}")
+    return float(value)
 
 
 def _identity(x: float) -> float:
@@ -98,8 +110,10 @@ class ControlLoop(LoopPlanning):
                  round_to: int = 1, probe_batches: int = 2, loss_fn: LossFn = default_loss,
                  error_fn: LossFn = step_error, reduce_mean: Callable[[float], float] = _identity,
                  flop_view: Callable[[nn.Module], AbstractContextManager[Any]] = nullcontext,
-                 cost: str = "flops", cost_kwargs: Mapping[str, Any] | None = None) -> None:
+                 cost: str = "flops", cost_kwargs: Mapping[str, Any] | None = None,
+                 sense_budget: float | None = None) -> None:
         self.controller, self.importance = controller, importance
+        self.sense_budget = check_sense_budget(sense_budget)
         self.cost = check_cost(cost)
         check_round_to(round_to)
         self.cost_kwargs = dict(cost_kwargs) if cost_kwargs is not None else ({} if cost == "time" else None)
@@ -167,7 +181,7 @@ class ControlLoop(LoopPlanning):
         if self.store.add(model, batch):
             self.ref_batch = batch_size(batch)
             if not self.ledger.dense_step_flops:
-                self.ledger.dense_step_flops = self.flops(model)[0]
+                self.ledger.dense_step_flops = self.flops(model, part="setup")[0]
             measure = self.cost_kwargs is not None and not isinstance(self.controller, NoneController)
             if measure and self.cost_model is None:  # the dense baseline never cuts: nothing to plan for
                 self.cost_model = self.measure_cost(model)
@@ -208,8 +222,9 @@ class ControlLoop(LoopPlanning):
         and ``lr`` (the learning rate now) feed the budget sensor's second channel and its clock.
         """
         compute = self.compute(model)
-        if isinstance(self.controller, NoneController):  # the dense baseline never acts: no probe to pay for
-            return Observation(step=step, progress=progress, compute=compute, damage=0.0)
+        if not self.controller.reads_damage and self.controller.budget is None:
+            # the dense baseline and the open-loop schedules act on progress alone: no probe to pay for
+            return Observation(step=step, progress=progress, compute=compute, damage=math.nan)
         if self.saturated and self.controller.budget is None and not self.controller.due(progress):
             # no cut is possible and no budget may ask for growth: nothing to decide, no probe to pay for
             return Observation(step=step, progress=progress, compute=compute, damage=math.nan)
@@ -226,6 +241,25 @@ class ControlLoop(LoopPlanning):
                           jump=self.jump, last_action=self.last_u, **sensed)
         self.jump, self.last_u = None, 0.0
         return obs
+
+    def sensing_due(self) -> str:
+        """Why this interval's sensing is skipped ("" when it is due): the probe readings, trial cuts and FLOP
+        recounts so far would take more than ``sense_budget`` of the fit's wall-clock. The first interval always
+        reads; a skipped interval holds (the controller is not stepped) and its trace row says why."""
+        if self.sense_budget is None or not self.trace or not self.controller.reads_damage:
+            return ""
+        spent, elapsed = self.ledger.spent(*SENSING), self.ledger.elapsed_s
+        if spent <= self.sense_budget * elapsed:
+            return ""
+        return (f"sensing budget: probe, trials and FLOP recounts took {spent:.2f}s, "
+                f"{spent / max(elapsed, 1e-9):.1%} of the fit > {self.sense_budget:.1%}")
+
+    def record_skip(self, model: nn.Module, step: int, progress: float, reason: str) -> dict[str, Any]:
+        """The trace row of an interval whose sensing was skipped (:meth:`sensing_due`): a hold, with its reason."""
+        row = {"step": step, "progress": progress, "compute": self.compute(model), "damage": math.nan,
+               "action": 0.0, "requested": 0.0, "widths": self.widths(model), "reason": reason}
+        self.trace.append(row)
+        return row
 
     def decide(self, model: nn.Module, obs: Observation, events_allowed: bool = True) -> Plan:
         """Decide: the controller's action, planned into kept unit indices per group.
@@ -258,14 +292,15 @@ class ControlLoop(LoopPlanning):
         new = self._never_slower(widths, new)
         keep = self._keep(model, widths, new)
         if keep and self.estimator is not None and self.held_out:  # the training channel's jump, measured too
-            self._train_before = self.store.train_loss(model)
+            self._train_before = self.train_loss(model)
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}
         return Plan(step=obs.step, widths=new, keep=keep, requested=u, snapshot=snapshot, spectra=spectra)
 
     def apply_(self, model: nn.Module, plan: Plan, optimizers: Sequence[Any]) -> None:
         """Actuate ``plan`` on this rank's (unwrapped) model; the importance follows the cut."""
         keep = {name: torch.tensor(idx, dtype=torch.long) for name, idx in plan.keep.items()}
-        apply_plan_(model, self.groups, keep, optimizers, grow=plan.grow)
+        with self.ledger.overhead("surgery"):
+            apply_plan_(model, self.groups, keep, optimizers, grow=plan.grow)
         self.importance.on_surgery(keep)
         if plan.grow:  # grown groups: the importance's per-unit state restarts at the new widths
             self.importance.attach(model, self.groups)
@@ -275,19 +310,20 @@ class ControlLoop(LoopPlanning):
         compute = obs.compute
         if plan.keep or plan.grow:
             compute = self.compute(model)
-            before, best = self._before if self._before is not None else (self.probe_loss(model),) * 2
-            after = self.probe_loss(model)
-            self.jump = (after - before) if self.budget_metric == "error" else (after - before) / max(best, 1e-12)
             self.last_u = obs.compute - compute
-            log_jump = math.log(max(after, 1e-12) / max(before, 1e-12))
-            self.jump_rate = log_jump / self.last_u if self.last_u > 1e-9 else self.jump_rate
+            if self.controller.reads_damage or self.estimator is not None:  # the cut's jump (a schedule needs none)
+                before, best = self._before if self._before is not None else (self.probe_loss(model),) * 2
+                after = self.probe_loss(model)
+                self.jump = (after - before) if self.budget_metric == "error" else (after - before) / max(best, 1e-12)
+                log_jump = math.log(max(after, 1e-12) / max(before, 1e-12))
+                self.jump_rate = log_jump / self.last_u if self.last_u > 1e-9 else self.jump_rate
             if self.estimator is not None and not plan.grow:
                 # a growth is no cut for the sensor: it preserves the function (jump 0, which would read as a
                 # perfectly measured jump and shrink the jump noise); it reaches the sensor through the readings
                 # that follow (the loss falls below the prediction: the cuts' persistent fractions ρ fall)
                 train_jump = None
                 if self._train_before is not None:
-                    train_after = self.store.train_loss(model)
+                    train_after = self.train_loss(model)
                     train_jump = math.log(max(train_after, 1e-12) / max(self._train_before, 1e-12))
                     self._train_before = None
                 self.estimator.add_cut(plan.step, log_jump, train_jump)
@@ -344,6 +380,7 @@ class ControlLoop(LoopPlanning):
             "train_time_s": self.ledger.train_time_s,
             "control_time_s": self.ledger.overhead_s,  # the callback's own share of it
             "control_overhead": self.ledger.overhead_share,
+            "control_time_parts": {k: round(v, 4) for k, v in sorted(self.ledger.overhead_parts.items())},
             "steps": steps,
             "surgeries": len(self.history),
             "history": list(self.history),

@@ -69,21 +69,29 @@ class LoopPlanning:
 
     def probe_loss(self, model: nn.Module) -> float:
         """The probe reading (:meth:`ProbeStore.loss`): loss or error rate, held-out batches when kept."""
-        return self.store.loss(model)
+        with self.ledger.overhead("probe"):
+            return self.store.loss(model)
+
+    def train_loss(self, model: nn.Module) -> float:
+        """The training channel's reading on the stored training batches (:meth:`ProbeStore.train_loss`)."""
+        with self.ledger.overhead("probe"):
+            return self.store.train_loss(model)
 
     def measure_cost(self, model: nn.Module) -> CostModel:
         """The cost model of ``model`` on the first probe batch (:func:`~ctprune_lightning.cost.measure_cost`)."""
         if not can_trial(model):
             raise ValueError("ControlPruning: a cost model cuts the model for a moment; sharded (FSDP2) parameters "
                              "cannot be cut that way: use cost='flops' and no cost model there")
-        with self.cost_context():
+        with self.cost_context(), self.ledger.overhead("cost_model"):
             return measure_cost(model, self.groups, self.store.on(model, self.probe[0]), self.loss_fn,
                                 min_width=self.min_width, round_to=self.round_to, **self.cost_kwargs)
 
-    def flops(self, model: nn.Module) -> tuple[int, dict[str, int]]:
+    def flops(self, model: nn.Module, part: str = "flops") -> tuple[int, dict[str, int]]:
+        """(FLOPs per step, per module) of ``model``'s architecture, counted once per architecture (charged to
+        the ledger's ``part``: the dense count is set-up, every later one a recount)."""
         key = arch_spec(model, self.groups)
         if key not in self.meter.cache:
-            with self.flop_view(model):
+            with self.flop_view(model), self.ledger.overhead(part):
                 self.meter.measure(model, self.store.on(model, self.probe[0]), key)
         return self.meter.cache[key]
 
@@ -165,7 +173,8 @@ class LoopPlanning:
     def trial_jump(self, model: nn.Module, keep: Mapping[str, Sequence[int]]) -> float:
         """The probe's immediate log-jump if ``keep`` were cut now (:func:`~ctprune_lightning.trial.read_cut`)."""
         before = self._before[0] if self._before is not None else self.probe_loss(model)
-        after = read_cut(model, self.groups, keep, self.probe_loss)
+        with self.ledger.overhead("trial"):
+            after = read_cut(model, self.groups, keep, self.store.loss)
         return math.log(max(after, 1e-12) / max(before, 1e-12))
 
     def _scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:

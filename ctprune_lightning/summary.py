@@ -37,6 +37,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "train_time_s",
     "control_time_s",
     "control_overhead",
+    "control_time_parts",
     "fit_time_s",
     "steps",
     "world_size",
@@ -162,7 +163,9 @@ def format_summary(summary: Mapping[str, Any], max_trace_rows: int = 20) -> str:
                         f"(dense {_fmt(summary.get('dense_train_flops'), 'flops')})"),
         ("train time", _fmt(summary.get("train_time_s"), "s")),
         ("pruning overhead", f"{_fmt(summary.get('control_time_s'), 's')} "
-                             f"({_fmt(summary.get('control_overhead'), 'pct')} of the train time)"),
+                             f"({_fmt(summary.get('control_overhead'), 'pct')} of the train time"
+                             + "".join(f"; {k} {v:.2f}s" for k, v in (summary.get("control_time_parts") or {}).items())
+                             + ")"),
         ("fit wall-clock", _fmt(summary.get("fit_time_s"), "s")),
         ("steps", _fmt(summary.get("steps"))),
     ]

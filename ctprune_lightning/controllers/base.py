@@ -140,6 +140,9 @@ class Controller(ABC):
     #: undo an event that made the validation metric ``rollback_monitor`` worse (see :meth:`worse`)
     rollback: bool = False
     rollback_monitor: str | None = None
+    #: whether :meth:`step` reads ``Observation.damage`` (an open-loop schedule does not: the loop then pays for
+    #: no probe reading)
+    reads_damage: bool = True
 
     def __init__(self, target: float) -> None:
         self.target = check_number("target", target, 0.0, 1.0, low_open=True)

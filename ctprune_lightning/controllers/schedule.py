@@ -27,6 +27,8 @@ class NoneController(Controller):
 
     name = "none"
 
+    reads_damage = False
+
     def __init__(self, target: float = 1.0) -> None:
         super().__init__(target)
 
@@ -36,6 +38,8 @@ class NoneController(Controller):
 
 class _RampController(Controller):
     """Shared machinery of the open-loop ramps; subclasses define :meth:`shape`."""
+
+    reads_damage = False  # a schedule of progress only
 
     def __init__(self, target: float, start: float = 0.0, end: float = 0.15) -> None:
         super().__init__(target)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..surgery.groups import PrunableGroup
+from ..surgery.slices import UnitSlice
 
 
 def full(t: Tensor) -> Tensor:
@@ -71,11 +72,27 @@ class AccumulatingImportance(Importance):
 
     def attach(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> None:
         super().attach(model, groups)
+        self._slices: dict[str, list[tuple[nn.Module, str, UnitSlice]]] = {}
         self.acc: dict[str, Tensor] = getattr(self, "acc", {})
         for g in groups:
             width = g.width(model)
             if g.name not in self.acc or self.acc[g.name].numel() != width:
                 self.acc[g.name] = torch.zeros(width)
+
+    def unit_slices(self, model: nn.Module, group: PrunableGroup) -> list[UnitSlice]:
+        """``group.unit_slices(model)``, kept from step to step while every slice's parameter is still the one its
+        module holds (a surgery, a re-wrap, a restore or an FSDP2 reshard registers new ones: then it is rebuilt).
+        Rebuilding it every step cost more than the per-step arithmetic (a module path walk per slice)."""
+        cache = getattr(self, "_slices", None)
+        if cache is None:
+            cache = self._slices = {}
+        hit = cache.get(group.name)
+        if hit is not None and all(getattr(owner, attr, None) is u.param for owner, attr, u in hit):
+            return [u for _, _, u in hit]
+        slices = group.unit_slices(model)
+        cache[group.name] = [(model.get_submodule(u.name.rpartition(".")[0]), u.name.rpartition(".")[2], u)
+                             for u in slices]
+        return slices
 
     def accumulator(self, name: str, device: torch.device) -> Tensor:
         """The accumulator of group ``name``, on ``device``."""
@@ -84,6 +101,7 @@ class AccumulatingImportance(Importance):
         return self.acc[name]
 
     def on_surgery(self, plan: Mapping[str, Tensor]) -> None:
+        self._slices = {}
         for name, keep in plan.items():
             if name in self.acc:
                 acc = self.acc[name]

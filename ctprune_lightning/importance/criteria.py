@@ -43,7 +43,7 @@ class TaylorImportance(AccumulatingImportance):
     def before_optimizer_step(self, model: nn.Module) -> None:
         for g in self.groups:
             total = None
-            for _, p, dim, units in g.unit_slices(model):
+            for _, p, dim, units in self.unit_slices(model, g):
                 if p.grad is not None:
                     wg = (full(p.detach()) * full(p.grad.detach())).float()
                     unit = reduce_to_units(wg, dim, units, self.acc[g.name].numel())
@@ -65,35 +65,44 @@ class TrajectoryImportance(AccumulatingImportance):
     name = "trajectory"
 
     def before_optimizer_step(self, model: nn.Module) -> None:
-        # Only the parameters are copied, into buffers kept from step to step (no allocation per step).
-        # The gradient is read again after the step: an optimizer step leaves ``.grad`` alone and the next
-        # ``zero_grad`` comes after ``after_optimizer_step``.
-        self._saved: dict[str, Tensor] = {}
+        # Only the parameters are copied, into buffers kept from step to step (no allocation per step), in one
+        # fused copy. The gradient is read again after the step: an optimizer step leaves ``.grad`` alone and
+        # the next ``zero_grad`` comes after ``after_optimizer_step``.
         buffers: dict[str, Tensor] = getattr(self, "_buffers", {})
+        saved: dict[str, Tensor] = {}
+        weights: list[Tensor] = []
         for g in self.groups:
-            for qname, p, _, _ in g.unit_slices(model):
-                if qname in self._saved or p.grad is None:
+            for qname, p, _, _ in self.unit_slices(model, g):
+                if qname in saved or p.grad is None:
                     continue
                 w = full(p.detach())
                 buf = buffers.get(qname)
                 if buf is None or buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device:
                     buf = buffers[qname] = torch.empty_like(w)
-                self._saved[qname] = buf.copy_(w)
-        self._buffers = buffers
+                saved[qname] = buf
+                weights.append(w)
+        if saved:
+            torch._foreach_copy_(list(saved.values()), weights)
+        self._saved, self._buffers = saved, buffers
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         saved = getattr(self, "_saved", {})
         if not saved:
             return
-        work: dict[str, Tensor] = {}
+        slices = {g.name: self.unit_slices(model, g) for g in self.groups}
+        live: dict[str, tuple[Tensor, Tensor]] = {}  # qname -> (θ_new, g), parameters still of the saved shape
+        for qname, p, _, _ in (u for us in slices.values() for u in us):
+            if qname in saved and qname not in live and saved[qname].shape == p.shape and p.grad is not None:
+                live[qname] = (full(p.detach()), full(p.grad.detach()))
+        if live:  # -g·(θ_new − θ_old) = g·(θ_old − θ_new), in place in the snapshot, fused over the tensors
+            bufs = [saved[q] for q in live]
+            torch._foreach_sub_(bufs, [w for w, _ in live.values()])
+            torch._foreach_mul_(bufs, [gr for _, gr in live.values()])
         for g in self.groups:
-            for qname, p, dim, units in g.unit_slices(model):
-                if qname not in saved or saved[qname].shape != p.shape or p.grad is None:
-                    continue
-                if qname not in work:  # -g·(θ_new − θ_old) = g·(θ_old − θ_new), in place in the snapshot
-                    work[qname] = saved[qname].sub_(full(p.detach())).mul_(full(p.grad.detach())).float()
-                unit = reduce_to_units(work[qname], dim, units, self.acc[g.name].numel())
-                self.accumulator(g.name, unit.device).add_(unit)
+            for qname, _, dim, units in slices[g.name]:
+                if qname in live:
+                    unit = reduce_to_units(saved[qname].float(), dim, units, self.acc[g.name].numel())
+                    self.accumulator(g.name, unit.device).add_(unit)
         self._saved = {}
 
     def on_surgery(self, plan) -> None:

@@ -144,7 +144,13 @@ def test_importance_is_tracked_from_one_interval_before_the_start_step_and_the_d
     dense = ControlPruning(controller="none", every_n_steps=2)
     dense.loop.probe_loss = lambda model: pytest.fail("the dense baseline ran a probe")  # type: ignore[method-assign]
     fit(dense, epochs=1)
-    assert dense.trace and all(r["damage"] == 0.0 for r in dense.trace)
+    assert dense.trace and all(r["damage"] != r["damage"] for r in dense.trace)  # not read: NaN
+
+    # an open-loop schedule acts on progress alone: it pays for no probe either, and still cuts on time
+    gmp = ControlPruning(controller="gmp", target=0.5, every_n_steps=2, round_to=4, importance="magnitude")
+    gmp.loop.probe_loss = lambda model: pytest.fail("the gmp schedule ran a probe")  # type: ignore[method-assign]
+    fit(gmp, epochs=1)
+    assert gmp.history and gmp.summary()["flops_fraction"] < 0.9
 
 
 def test_group_limits_bind_in_a_fit_and_the_trace_never_goes_below_them_or_the_target() -> None:
@@ -240,7 +246,7 @@ def test_cost_time_and_round_to_auto_in_a_fit() -> None:
 
 
 def test_the_callback_reports_its_own_time_and_reads_no_probe_once_nothing_is_due() -> None:
-    cb = ControlPruning(controller="gmp", target=0.5, every_n_steps=2, round_to=4, importance="magnitude")
+    cb = ControlPruning(controller="lqr", target=0.5, every_n_steps=2, round_to=4, importance="magnitude")
     reads = []
     loss = cb.loop.store.loss
     cb.loop.store.loss = lambda model: reads.append(1) or loss(model)  # count the probe's readings
@@ -254,3 +260,29 @@ def test_the_callback_reports_its_own_time_and_reads_no_probe_once_nothing_is_du
     assert len(reads) < intervals  # no probe reading for the idle rows (each cut still reads its jump)
     assert 0 < s["control_time_s"] < s["train_time_s"]
     assert s["control_overhead"] == pytest.approx(s["control_time_s"] / s["train_time_s"])
+    parts = s["control_time_parts"]  # by part, each block charged once: the parts add up to the whole
+    assert {"batch", "control", "probe", "flops", "surgery"} <= set(parts) and min(parts.values()) >= 0
+    assert sum(parts.values()) == pytest.approx(s["control_time_s"], abs=1e-3)
+
+
+def test_the_sensing_budget_bounds_the_probe_trials_and_flop_recounts_and_every_skip_says_why() -> None:
+    """Reading at every step costs a tiny MLP a large share of its fit; ``sense_budget`` caps it (up to the last
+    interval's reading) and each skipped interval is a hold with its reason. Without it the share is far above."""
+    from ctprune_lightning.loop import SENSING
+
+    def share(cb: ControlPruning) -> float:
+        return cb.loop.ledger.spent(*SENSING) / cb.summary()["train_time_s"]
+
+    free = ControlPruning(controller="lqr", target=0.3, every_n_steps=1, round_to=4, importance="magnitude")
+    fit(free, epochs=4)
+    capped = ControlPruning(controller="lqr", target=0.3, every_n_steps=1, round_to=4, importance="magnitude",
+                            sense_budget=0.05)
+    fit(capped, epochs=4)
+    skipped = [r for r in capped.trace if r.get("reason", "").startswith("sensing budget")]
+    assert share(free) > 0.15 and not any("sensing budget" in r.get("reason", "") for r in free.trace)
+    assert share(capped) < 0.12 < share(free)
+    assert skipped and all(r["action"] == 0.0 and r["damage"] != r["damage"] for r in skipped)
+    assert len(capped.trace) == len(free.trace)  # every interval keeps its row
+    assert capped.history and capped.summary()["flops_fraction"] < 1.0  # it still cuts, on fewer readings
+    with pytest.raises(ValueError, match=r"sense_budget must be null or a share .* got 1.5"):
+        ControlPruning(controller="lqr", sense_budget=1.5)

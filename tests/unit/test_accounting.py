@@ -38,3 +38,22 @@ def test_a_loss_not_linear_in_the_batch_keeps_whole_batch_counts() -> None:
     meter.measure(mlp(64), batch, key=64)
     assert meter.batch_linear is False
     assert meter.measure(mlp(24), batch, key=24) == count_training_flops(mlp(24), batch, pairwise)
+
+
+def test_overhead_parts_are_exclusive_and_add_up(monkeypatch) -> None:
+    """A nested block is charged to its own part only; the outer part gets the rest; the total counts once."""
+    from ctprune_lightning import accounting
+
+    clock = iter([0.0, 1.0, 3.0, 4.0, 10.0, 11.0])  # outer 0..4 with a nested probe 1..3; a lone block 10..11
+    monkeypatch.setattr(accounting.time, "perf_counter", lambda: next(clock))
+    ledger = accounting.ComputeLedger()
+    with ledger.overhead("control"):
+        with ledger.overhead("probe"):
+            pass
+    with ledger.overhead("importance"):
+        pass
+    assert ledger.overhead_parts == {"probe": 2.0, "control": 2.0, "importance": 1.0}
+    assert ledger.overhead_s == 5.0 and ledger.spent("probe", "importance") == 3.0
+    restored = accounting.ComputeLedger()
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.overhead_parts == ledger.overhead_parts and restored.overhead_s == 5.0

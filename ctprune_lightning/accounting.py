@@ -210,6 +210,7 @@ class ComputeLedger:
     train_time_s: float = 0.0
     overhead_s: float = 0.0  # the callback's own time inside the fit: probe, trials, planning, surgery, importance
     overhead_parts: dict[str, float] = field(default_factory=dict)  # overhead_s by part (exclusive of nested parts)
+    sensing_flops: float = 0.0  # the forwards of the probe readings and trial cuts (not in train_flops)
     _t0: float | None = None
     _open: list[float] = field(default_factory=list)  # time of the parts nested in each open block
 
@@ -264,7 +265,7 @@ class ComputeLedger:
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("dense_step_flops", "train_flops", "dense_train_flops", "batches", "train_time_s",
-                                                "overhead_s")} | {"overhead_parts": dict(self.overhead_parts)}
+                                                "overhead_s", "sensing_flops")} | {"overhead_parts": dict(self.overhead_parts)}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in self.state_dict().items():

@@ -105,10 +105,11 @@ class ControlPruning(Callback):
             modelled faster than dense is not cut. ``None`` (default): measured when ``cost="time"``.
         cost_kwargs: settings of :func:`~ctprune_lightning.cost.measure_cost` (``max_seconds``, ``points``,
             ``repeats``, ``warmup``, ``cache_dir``).
-        sense_budget: the most of the fit's wall-clock that reading the model may take — the probe readings,
-            the trial cuts and the FLOP recounts together (``control_time_parts`` in the summary) — e.g.
-            ``0.03``; an interval over it is skipped as a hold whose trace row says why (the first interval
-            always reads; a controller's own events still run). ``None`` (default): read at every interval. The
+        sense_budget: the most that reading the model may cost, as a share of the training FLOPs: the forwards
+            of the probe readings and the trial cuts (``sensing_flops`` in the summary; their wall-clock is in
+            ``control_time_parts``), e.g. ``0.03``. An interval over it is skipped as a hold whose trace row says
+            why (the first interval always reads; a controller's own events still run). Counted in FLOPs, so the
+            decisions do not depend on the machine's speed. ``None`` (default): read at every interval. The
             Hydra configs set 0.03.
 
     Any LightningModule works as it is: the probe loss is ``compute_loss(batch)`` when the module

@@ -40,7 +40,7 @@ from .surgery.groups import PrunableGroup, apply_plan_, discover_groups
 default_loss = step_loss
 #: BUDGET_METRICS: what a quality budget is stated in (see :meth:`ControlLoop.start_budget`)
 BUDGET_METRICS = ("loss", "error")
-#: the ledger's parts the sensing budget covers: what an interval pays to read the model, not to cut it
+#: the ledger's parts that read the model (the probe, the trial cuts, the FLOP recounts), not cut or track it
 SENSING = ("probe", "trial", "flops")
 
 
@@ -243,16 +243,18 @@ class ControlLoop(LoopPlanning):
         return obs
 
     def sensing_due(self) -> str:
-        """Why this interval's sensing is skipped ("" when it is due): the probe readings, trial cuts and FLOP
-        recounts so far would take more than ``sense_budget`` of the fit's wall-clock. The first interval always
-        reads; a skipped interval holds (the controller is not stepped) and its trace row says why."""
+        """Why this interval's sensing is skipped ("" when it is due): the forwards of the probe readings and
+        trial cuts so far (``ledger.sensing_flops``) would exceed ``sense_budget`` of the training FLOPs. Counted
+        in FLOPs, not seconds, so a run decides alike on any machine and a resumed run as the uninterrupted one.
+        The first interval always reads; a skipped interval holds (the controller is not stepped) and its trace
+        row says why."""
         if self.sense_budget is None or not self.trace or not self.controller.reads_damage:
             return ""
-        spent, elapsed = self.ledger.spent(*SENSING), self.ledger.elapsed_s
-        if spent <= self.sense_budget * elapsed:
+        spent, train = self.ledger.sensing_flops, self.ledger.train_flops
+        if spent <= self.sense_budget * train:
             return ""
-        return (f"sensing budget: probe, trials and FLOP recounts took {spent:.2f}s, "
-                f"{spent / max(elapsed, 1e-9):.1%} of the fit > {self.sense_budget:.1%}")
+        return (f"sensing budget: the probe's forwards so far are {spent / max(train, 1e-9):.1%} of the training "
+                f"FLOPs > {self.sense_budget:.1%}")
 
     def record_skip(self, model: nn.Module, step: int, progress: float, reason: str) -> dict[str, Any]:
         """The trace row of an interval whose sensing was skipped (:meth:`sensing_due`): a hold, with its reason."""
@@ -381,6 +383,9 @@ class ControlLoop(LoopPlanning):
             "control_time_s": self.ledger.overhead_s,  # the callback's own share of it
             "control_overhead": self.ledger.overhead_share,
             "control_time_parts": {k: round(v, 4) for k, v in sorted(self.ledger.overhead_parts.items())},
+            "sensing_flops": self.ledger.sensing_flops * self.world_size,  # the probe's forwards (not in train_flops)
+            "sensing_share": (self.ledger.sensing_flops / self.ledger.train_flops if self.ledger.train_flops
+                              else None),
             "steps": steps,
             "surgeries": len(self.history),
             "history": list(self.history),

@@ -13,9 +13,10 @@ never-slower-than-dense rule, trial sizing (:func:`~ctprune_lightning.controller
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import contextlib
 import math
-from typing import Any, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -57,6 +58,7 @@ class LoopPlanning:
     cost_kwargs: dict[str, Any] | None
     cost_context: Callable[[], AbstractContextManager[Any]]
     saturated: bool
+    ref_batch: int
     trials: int
     hold_reason: str
     jump_rate: float | None
@@ -67,14 +69,25 @@ class LoopPlanning:
 
     probe = property(lambda self: self.store.train)
 
+    @contextlib.contextmanager
+    def sensing(self, model: nn.Module, part: str) -> Iterator[None]:
+        """Charge the block's readings to the ledger: its wall-clock to ``part``, its forwards to ``sensing_flops``
+        (a forward costs a third of a training step's FLOPs per sample: backward is twice the forward)."""
+        read = self.store.samples_read
+        with self.ledger.overhead(part):
+            yield
+        samples = self.store.samples_read - read
+        if samples and self.ledger.dense_step_flops:
+            self.ledger.sensing_flops += samples * self.flops(model)[0] / (3.0 * self.ref_batch)
+
     def probe_loss(self, model: nn.Module) -> float:
         """The probe reading (:meth:`ProbeStore.loss`): loss or error rate, held-out batches when kept."""
-        with self.ledger.overhead("probe"):
+        with self.sensing(model, "probe"):
             return self.store.loss(model)
 
     def train_loss(self, model: nn.Module) -> float:
         """The training channel's reading on the stored training batches (:meth:`ProbeStore.train_loss`)."""
-        with self.ledger.overhead("probe"):
+        with self.sensing(model, "probe"):
             return self.store.train_loss(model)
 
     def measure_cost(self, model: nn.Module) -> CostModel:
@@ -173,7 +186,7 @@ class LoopPlanning:
     def trial_jump(self, model: nn.Module, keep: Mapping[str, Sequence[int]]) -> float:
         """The probe's immediate log-jump if ``keep`` were cut now (:func:`~ctprune_lightning.trial.read_cut`)."""
         before = self._before[0] if self._before is not None else self.probe_loss(model)
-        with self.ledger.overhead("trial"):
+        with self.sensing(model, "trial"):  # charged at the uncut model's FLOPs: an upper bound
             after = read_cut(model, self.groups, keep, self.store.loss)
         return math.log(max(after, 1e-12) / max(before, 1e-12))
 

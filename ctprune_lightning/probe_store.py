@@ -60,6 +60,7 @@ class ProbeStore:
         self.held_out: list[Any] = []
         self.metric = "loss"  # what a reading is: "loss", or "error" (the error rate)
         self.batch_stats = False  # BatchNorm reads the probe's batch statistics (the budget sensor's reading)
+        self.samples_read = 0  # samples forwarded by every reading so far (what the sensing cost in compute)
 
     @property
     def ready(self) -> bool:
@@ -110,6 +111,7 @@ class ProbeStore:
         try:
             with batch_statistics(model) if self.batch_stats else nullcontext():
                 values = [float(fn(model, self.on(model, b))) for b in batches]
+            self.samples_read += sum(batch_size(b) for b in batches)
         finally:
             model.train(was_training)
         return sum(values) / len(values)

@@ -38,6 +38,8 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "control_time_s",
     "control_overhead",
     "control_time_parts",
+    "sensing_flops",
+    "sensing_share",
     "fit_time_s",
     "steps",
     "world_size",

@@ -68,7 +68,8 @@ def bench_task(task: str, variants: list[str], repeats: int, threads: int, tmp: 
     dense = runs["dense"]
     lines = [f"### {task} ({repeats} repeats, {threads} thread(s); overrides: `{' '.join(args) or '(none)'}`)", "",
              ("| variant | fit s min | fit s median | wall-clock / dense (median of paired; all) | train FLOPs / dense "
-              "| wall-clock ÷ FLOPs | modelled time saved | ours % of train |"), "|---|---|---|---|---|---|---|---|"]
+              "| wall-clock ÷ FLOPs | modelled time saved | ours % of train | of which sensing % |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         times = [s["fit_time_s"] for s in runs[v]]
         ratios = [s["fit_time_s"] / d["fit_time_s"] for s, d in zip(runs[v], dense)]
@@ -76,10 +77,13 @@ def bench_task(task: str, variants: list[str], repeats: int, threads: int, tmp: 
         ratio = statistics.median(ratios)
         modelled = [s["train_time_saved"] for s in runs[v] if s.get("train_time_saved") is not None]
         ours = [100 * s["control_overhead"] for s in runs[v] if s.get("control_overhead") is not None]
+        sensing = [100 * sum((s.get("control_time_parts") or {}).get(k, 0.0) for k in ("probe", "trial", "flops"))
+                   / s["train_time_s"] for s in runs[v] if s.get("train_time_s")]
         lines.append(f"| {v} | {min(times):.1f} | {statistics.median(times):.1f} | {ratio:.3f} "
                      f"({', '.join(f'{r:.2f}' for r in ratios)}) | {flops:.3f} | {ratio / flops:.2f} | "
                      f"{f'{statistics.median(modelled):.3f}' if modelled else '-'} | "
-                     f"{f'{statistics.median(ours):.1f}' if ours else '-'} |")
+                     f"{f'{statistics.median(ours):.1f}' if ours else '-'} | "
+                     f"{f'{statistics.median(sensing):.1f}' if sensing else '-'} |")
     return "\n".join(lines)
 
 

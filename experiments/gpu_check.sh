@@ -28,7 +28,7 @@ if [ -d .gpudata/shakespeare ]; then export CTPRUNE_SHAKESPEARE_DIR=${CTPRUNE_SH
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
 
 COMMON=(logger=csv callbacks.model_checkpoint=null trainer.enable_checkpointing=false
-        ++trainer.enable_progress_bar=false ++trainer.enable_model_summary=false)
+        ++trainer.enable_progress_bar=false ++trainer.enable_model_summary=false callbacks.progress_bar=null)
 if [ "$TINY" = 1 ]; then  # CPU, seconds: tiny schedules, aot_eager (no C++ codegen), fp32
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   COMMON+=(trainer=cpu ++trainer.precision=32-true compile_options.backend=aot_eager

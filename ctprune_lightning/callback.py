@@ -365,13 +365,13 @@ class ControlPruning(Callback):
         with self.ledger.overhead():
             event = self.controller.due(self._progress(trainer))
             if step >= self.start_step and (event or step % self.every_n_steps == 0) and self.loop.ready:
-                skip = "" if event else self.loop.sensing_due()
-                skip = trainer.strategy.broadcast(skip, src=0)  # every rank skips, or none
+                unread = "" if event else self.loop.sensing_due()
+                unread = trainer.strategy.broadcast(unread, src=0)  # every rank reads, or none
                 with self._eager(pl_module):
-                    if skip:
-                        self._log(pl_module, self.loop.record_skip(pl_module, step, self._progress(trainer), skip))
-                    else:
-                        self._control(trainer, pl_module)
+                    if unread and self.controller.budget is not None:  # a budget cuts only on a reading (trial)
+                        self._log(pl_module, self.loop.record_skip(pl_module, step, self._progress(trainer), unread))
+                    else:  # a compute target keeps its pace on the last reading
+                        self._control(trainer, pl_module, unread)
 
     # ------------------------------------------------------------------------------ control step
     @staticmethod
@@ -395,9 +395,9 @@ class ControlPruning(Callback):
         lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
         return (mean if math.isfinite(mean) else None), (None if lr is None else float(lr))
 
-    def _control(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _control(self, trainer: L.Trainer, pl_module: L.LightningModule, unread: str = "") -> None:
         train_loss, lr = self._train_channel(trainer)
-        obs = self.loop.observe(pl_module, trainer.global_step, self._progress(trainer), train_loss, lr)
+        obs = self.loop.observe(pl_module, trainer.global_step, self._progress(trainer), train_loss, lr, unread)
         plan = self.loop.decide(pl_module, obs, events_allowed=self._rollback is None)
         plan = trainer.strategy.broadcast(plan, src=0)  # rank 0's plan is the one every rank applies
         if plan.keep or plan.grow:

@@ -144,6 +144,7 @@ class ControlLoop(LoopPlanning):
         self._train_before: float | None = None  # the training batches' loss just before a planned cut
         self.estimator: DamageSensor | None = None  # the damage sensor of a quality budget (start_budget)
         self._before: tuple[float, float] | None = None  # (probe loss, best) at the last observation
+        self.unsensed = ""  # why this interval's probe was not read (the sensing budget), "" when it was
 
     # ------------------------------------------------------------------------------------ set-up
     def discover(self, model: nn.Module, example: Any, ignored_layers: Sequence[str | type] = (),
@@ -215,16 +216,24 @@ class ControlLoop(LoopPlanning):
 
     # ------------------------------------------------------------------------------- the control step
     def observe(self, model: nn.Module, step: int, progress: float, train_loss: float | None = None,
-                lr: float | None = None) -> Observation:
+                lr: float | None = None, unsensed: str = "") -> Observation:
         """Sense: compute fraction and the probe-loss damage (every rank).
 
         ``train_loss`` (the mean training loss of the steps since the last observation, averaged over ranks)
-        and ``lr`` (the learning rate now) feed the budget sensor's second channel and its clock.
+        and ``lr`` (the learning rate now) feed the budget sensor's second channel and its clock. ``unsensed``:
+        why the probe is not read this interval (the sensing budget, target mode): ``Observation.sensed`` is
+        then False and the cut made on it measures no jump.
         """
         compute = self.compute(model)
+        self.unsensed = unsensed
+        unread = Observation(step=step, progress=progress, compute=compute, damage=math.nan,
+                             last_action=self.last_u, sensed=False)
+        if unsensed:
+            return unread
         if not self.controller.reads_damage and self.controller.budget is None:
             # the dense baseline and the open-loop schedules act on progress alone: no probe to pay for
-            return Observation(step=step, progress=progress, compute=compute, damage=math.nan)
+            self.jump, self.last_u = None, 0.0
+            return unread
         if self.saturated and self.controller.budget is None and not self.controller.due(progress):
             # no cut is possible and no budget may ask for growth: nothing to decide, no probe to pay for
             return Observation(step=step, progress=progress, compute=compute, damage=math.nan)
@@ -246,8 +255,8 @@ class ControlLoop(LoopPlanning):
         """Why this interval's sensing is skipped ("" when it is due): the forwards of the probe readings and
         trial cuts so far (``ledger.sensing_flops``) would exceed ``sense_budget`` of the training FLOPs. Counted
         in FLOPs, not seconds, so a run decides alike on any machine and a resumed run as the uninterrupted one.
-        The first interval always reads; a skipped interval holds (the controller is not stepped) and its trace
-        row says why."""
+        The first interval always reads. An unread interval's trace row says why; a quality budget holds on it (it
+        cuts only on a reading: the trial), a compute target acts on the last reading (``Observation.sensed``)."""
         if self.sense_budget is None or not self.trace or not self.controller.reads_damage:
             return ""
         spent, train = self.ledger.sensing_flops, self.ledger.train_flops
@@ -313,7 +322,8 @@ class ControlLoop(LoopPlanning):
         if plan.keep or plan.grow:
             compute = self.compute(model)
             self.last_u = obs.compute - compute
-            if self.controller.reads_damage or self.estimator is not None:  # the cut's jump (a schedule needs none)
+            if obs.sensed and (self.controller.reads_damage or self.estimator is not None):
+                # the cut's jump (a schedule needs none; an unread interval has no reading to compare with)
                 before, best = self._before if self._before is not None else (self.probe_loss(model),) * 2
                 after = self.probe_loss(model)
                 self.jump = (after - before) if self.budget_metric == "error" else (after - before) / max(best, 1e-12)
@@ -344,8 +354,9 @@ class ControlLoop(LoopPlanning):
                     "budget_metric": self.budget_metric, "next_factor": obs.next_factor,
                     "max_jump": self.controller.max_jump, "trials": self.trials,
                     "reason": self.hold_reason or self.controller.reason}
-        elif self.hold_reason:  # e.g. the cost model held a cut (never slower than dense)
-            row["reason"] = self.hold_reason
+        elif self.hold_reason or self.unsensed:  # e.g. the cost model held a cut (never slower than dense)
+            row["reason"] = "; ".join(r for r in (self.unsensed and f"{self.unsensed} (the last reading holds)",
+                                                  self.hold_reason) if r)
         self.trace.append(row)
         return row
 

@@ -51,6 +51,8 @@ class Observation:
         cut_damage_rate: with a quality budget, the predicted final damage per unit of dense compute the cuts
             removed (``final_damage / (1 − compute)``, the sensor's damage being the sum of the cuts'); ``None``
             before any cut. Sizes a growth (:mod:`.budget`).
+        sensed: False when the probe was not read this interval (the sensing budget): ``damage`` is NaN and
+            means "not measured", not "blown up"; a feedback controller holds its last reading and learns nothing.
     """
 
     step: int
@@ -68,6 +70,7 @@ class Observation:
     next_factor_std: float = 0.0
     jump_noise: float = 0.0
     cut_damage_rate: float | None = None
+    sensed: bool = True
 
 
 def check_number(

@@ -166,6 +166,7 @@ class LQRController(BudgetModeMixin, Controller):
             self.mode.reset()
         self.plant.reset()
         self.prev_damage: float | None = None
+        self.stale = False  # an unread interval since the last reading
         self.num_steps = 0
         self.num_solves = 0
         self.gain: list[float] = []
@@ -188,9 +189,17 @@ class LQRController(BudgetModeMixin, Controller):
     def step(self, obs: Observation) -> float:
         if self.mode is not None:
             return self._budget_step(obs)
-        damage = sanitize_damage(obs.damage)
         e = float(obs.compute) - self.target
         self.num_steps += 1
+        if not obs.sensed:  # no reading this interval: the last damage holds (zero-order hold), nothing is learned
+            self.stale = True
+            held = self.prev_damage if self.prev_damage is not None else 0.0
+            if not math.isfinite(held) or not math.isfinite(e) or e < self.deadband:
+                return 0.0
+            return cap_action(-(self.gain[0] * e + self.gain[1] * held), obs.compute, self.target, self.u_max)
+        damage = sanitize_damage(obs.damage)
+        if self.stale:  # the readings around unread intervals span several cuts: re-anchor, do not identify
+            self.prev_damage, self.stale = None, False
         if self.prev_damage is not None and math.isfinite(damage):
             self.plant.update(self.prev_damage, float(obs.last_action), damage, obs.jump)
             if self._plant_moved():
@@ -205,6 +214,7 @@ class LQRController(BudgetModeMixin, Controller):
         return {
             "plant": self.plant.state_dict(),
             "prev_damage": self.prev_damage,
+            "stale": self.stale,
             "num_steps": int(self.num_steps),
             "num_solves": int(self.num_solves),
             "gain": list(self.gain),
@@ -216,6 +226,7 @@ class LQRController(BudgetModeMixin, Controller):
         self._load_budget_state(state)
         prev = state.get("prev_damage", None)
         self.prev_damage = None if prev is None else float(prev)
+        self.stale = bool(state.get("stale", False))
         self.num_steps = int(state.get("num_steps", 0))
         self.num_solves = int(state.get("num_solves", self.num_solves))
         gain, gain_plant = state.get("gain"), state.get("gain_plant")

@@ -104,12 +104,12 @@ class PIDController(BudgetModeMixin, Controller):
         if self.mode is not None:
             return self._budget_step(obs)
         e = float(obs.compute) - self.target
-        damage = sanitize_damage(obs.damage)
         self.num_steps += 1
         if not math.isfinite(e):
             self.prev_action = 0.0
             return 0.0
-        self.guarded = damage > self.damage_max
+        if obs.sensed:  # an unread interval keeps the last reading's guard
+            self.guarded = sanitize_damage(obs.damage) > self.damage_max
         if self.guarded:  # damage guard: no cut, integrator frozen, ramp restarts from 0
             self.prev_error, self.prev_action = e, 0.0
             return 0.0

@@ -364,3 +364,32 @@ def test_observation_is_frozen_and_package_is_light():
             "import ctprune_lightning.controllers; "
             "bad = [m for m in ('scipy', 'torch', 'lightning') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={"PYTHONPATH": str(REPO)})
+
+
+def test_an_unread_interval_holds_the_last_damage_and_teaches_the_plant_nothing() -> None:
+    """``sensed=False`` (the sensing budget skipped the probe): NaN damage is "not measured", not "blown up" —
+    LQR keeps cutting on the last damage, learns nothing from it, and re-anchors at the next reading; the PID
+    keeps the last reading's guard."""
+    from ctprune_lightning.controllers import LQRController, Observation, PIDController
+
+    lqr = LQRController(target=0.3)
+    lqr.step(Observation(step=0, progress=0.0, compute=1.0, damage=0.01))
+    plant = lqr.plant.state_dict()
+    u_read = LQRController(target=0.3)
+    u_read.step(Observation(step=0, progress=0.0, compute=1.0, damage=0.01))
+    expected = u_read.step(Observation(step=1, progress=0.1, compute=0.9, damage=0.01, last_action=0.0))
+    u = lqr.step(Observation(step=1, progress=0.1, compute=0.9, damage=float("nan"), last_action=0.1,
+                             sensed=False))
+    assert u == pytest.approx(expected) and u > 0  # same as reading the held damage, without identifying
+    assert lqr.plant.state_dict() == plant and lqr.stale
+    lqr.step(Observation(step=2, progress=0.2, compute=0.8, damage=0.5, last_action=0.1))
+    assert lqr.plant.state_dict() == plant and not lqr.stale  # re-anchored: no update across the gap
+    assert lqr.prev_damage == 0.5
+
+    pid = PIDController(target=0.3)
+    pid.step(Observation(step=0, progress=0.0, compute=1.0, damage=10.0))
+    assert pid.guarded
+    assert pid.step(Observation(step=1, progress=0.1, compute=1.0, damage=float("nan"), sensed=False)) == 0.0
+    assert pid.guarded
+    pid.step(Observation(step=2, progress=0.2, compute=1.0, damage=0.0))
+    assert not pid.guarded

@@ -40,6 +40,14 @@ def saved(runs: list[dict[str, Any]]) -> float:
     return statistics.fmean(r["train_flops_saved"] for r in runs)
 
 
+def net_saved(runs: list[dict[str, Any]]) -> float | None:
+    """The saving net of the sensing's forwards (probe readings, trial cuts: ``sensing_flops``, counted since
+    2026-12-05); None when a run predates that count."""
+    if any(r.get("sensing_flops") is None for r in runs):
+        return None
+    return statistics.fmean(1 - (r["train_flops"] + r["sensing_flops"]) / r["dense_train_flops"] for r in runs)
+
+
 def oracle(groups: dict[str, list[dict[str, Any]]], dense: dict[Any, dict[str, Any]], metric: str,
            budget: float) -> tuple[str, float, list[float]] | None:
     """The best fixed GMP target within the budget: (label, saving, per-seed Δ), or None."""
@@ -72,7 +80,8 @@ def task_rows(root: Path, loop: str, points: str) -> list[str]:
         share = "—" if best is None else f"{saved(runs) / best[1]:.2f}" if best[1] > 0 else "—"
         orc = "none within budget" if best is None else (
             f"{best[0]}: {best[1]:.1%} saved, Δ {statistics.fmean(best[2]):+.2f}{unit}")
-        rows.append(f"| {root.name} | {budget:g}{unit} | {saved(runs):.1%} | "
+        net = net_saved(runs)
+        rows.append(f"| {root.name} | {budget:g}{unit} | {saved(runs):.1%} | {'—' if net is None else f'{net:.1%}'} | "
                     f"{', '.join(f'{v:+.2f}' for v in d)} (mean {statistics.fmean(d):+.2f}) | {within}/{len(d)} | "
                     f"{orc} | {share} |")
     return rows
@@ -85,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", default="loop_points", help="the loop's group with the points budget")
     args = parser.parse_args(argv)
     tasks = [args.root] if (args.root / "dense").is_dir() else sorted(p for p in args.root.iterdir() if (p / "dense").is_dir())
-    lines = ["| task | budget | loop saved | loop Δ per seed | within | oracle (best fixed GMP in hindsight) | share |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | budget | loop saved | net of sensing | loop Δ per seed | within | oracle (best fixed GMP in hindsight) "
+             "| share |", "|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         lines += task_rows(task, args.loop, args.points)
     sys.stdout.write("\n".join(lines) + "\n")

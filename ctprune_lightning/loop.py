@@ -139,6 +139,7 @@ class ControlLoop(LoopPlanning):
         self.last_u = 0.0
         self.saturated = False  # no further cut possible above the floor: importance tracking stops
         self.trials = 0  # trial cuts evaluated at the last decision
+        self.trial_reads: dict[tuple, float] = {}  # their readings, by cut (the real cut's reading reuses its own)
         self.hold_reason = ""  # why the last decision cut less than the controller asked (trial sizing)
         self.jump_rate: float | None = None  # the last real cut's probe log-jump per unit of compute removed
         self._train_before: float | None = None  # the training batches' loss just before a planned cut
@@ -282,7 +283,7 @@ class ControlLoop(LoopPlanning):
         widths = self.widths(model)
         rule = self.controller.rank_event(obs) if events_allowed else None
         snapshot = False
-        self.trials, self.hold_reason = 0, ""
+        self.trials, self.hold_reason, self.trial_reads = 0, "", {}
         request = float(self.controller.grow_request or 0.0)
         if rule is None and u <= 0 and request > 0 and math.isfinite(request):  # grow back the groups cut last
             grow = self.plan_growth(model, request)
@@ -325,7 +326,7 @@ class ControlLoop(LoopPlanning):
             if obs.sensed and (self.controller.reads_damage or self.estimator is not None):
                 # the cut's jump (a schedule needs none; an unread interval has no reading to compare with)
                 before, best = self._before if self._before is not None else (self.probe_loss(model),) * 2
-                after = self.probe_loss(model)
+                after = self.cut_reading(model, plan.keep)
                 self.jump = (after - before) if self.budget_metric == "error" else (after - before) / max(best, 1e-12)
                 log_jump = math.log(max(after, 1e-12) / max(before, 1e-12))
                 self.jump_rate = log_jump / self.last_u if self.last_u > 1e-9 else self.jump_rate

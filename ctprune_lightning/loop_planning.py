@@ -34,6 +34,11 @@ from .trial import can_trial, read_cut
 __all__ = ["LoopPlanning"]
 
 
+def keep_key(keep: Mapping[str, Sequence[int]]) -> tuple:
+    """A hashable key of a cut: its groups' kept units."""
+    return tuple(sorted((name, tuple(int(i) for i in idx)) for name, idx in keep.items()))
+
+
 class LoopPlanning:
     """Compute readings and plans for :class:`~ctprune_lightning.loop.ControlLoop` (see the module docstring)."""
 
@@ -59,6 +64,8 @@ class LoopPlanning:
     cost_context: Callable[[], AbstractContextManager[Any]]
     saturated: bool
     ref_batch: int
+    world_size: int
+    trial_reads: dict[tuple, float]  # this interval's trial readings, by the cut they read
     trials: int
     hold_reason: str
     jump_rate: float | None
@@ -183,11 +190,19 @@ class LoopPlanning:
             self.hold_reason = (f"trial: the smallest cut tried jumps more than allowed ({max_jump:.4g})")
         return sized
 
+    def cut_reading(self, model: nn.Module, keep: Mapping[str, Sequence[int]]) -> float:
+        """The probe reading just after cutting to ``keep``: the trial's of the same cut when one ran this
+        interval (a trial reads the model the cut leaves, on the same batches), else a new reading. On several
+        ranks always a new reading: every rank must make the same collective readings."""
+        tried = self.trial_reads.get(keep_key(keep)) if self.world_size == 1 else None
+        return tried if tried is not None else self.probe_loss(model)
+
     def trial_jump(self, model: nn.Module, keep: Mapping[str, Sequence[int]]) -> float:
         """The probe's immediate log-jump if ``keep`` were cut now (:func:`~ctprune_lightning.trial.read_cut`)."""
         before = self._before[0] if self._before is not None else self.probe_loss(model)
         with self.sensing(model, "trial"):  # charged at the uncut model's FLOPs: an upper bound
             after = read_cut(model, self.groups, keep, self.store.loss)
+        self.trial_reads[keep_key(keep)] = after
         return math.log(max(after, 1e-12) / max(before, 1e-12))
 
     def _scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:

@@ -59,3 +59,9 @@ def test_the_trial_jump_is_the_real_cuts_jump_and_the_trial_leaves_the_model_as_
     loop.apply_(net, Plan(step=0, widths={}, keep=keep), [opt])
     real = math.log(loop.probe_loss(net) / before)
     assert abs(trial) > 1e-3 and trial == pytest.approx(real, abs=1e-6)
+    # so the cut's own reading reuses its trial's (one probe reading fewer per cut), on one rank only
+    read = loop.probe_loss
+    loop.probe_loss = lambda model: pytest.fail("read the probe again")  # type: ignore[method-assign]
+    assert math.log(loop.cut_reading(net, keep) / before) == pytest.approx(real, abs=1e-6)
+    loop.probe_loss, loop.world_size = read, 2  # several ranks: every rank reads (the reading is collective)
+    assert loop.cut_reading(net, keep) == pytest.approx(read(net))

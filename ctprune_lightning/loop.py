@@ -40,16 +40,14 @@ from .surgery.groups import PrunableGroup, apply_plan_, discover_groups
 default_loss = step_loss
 #: BUDGET_METRICS: what a quality budget is stated in (see :meth:`ControlLoop.start_budget`)
 BUDGET_METRICS = ("loss", "error")
-#: the ledger's parts that read the model (the probe, the trial cuts, the FLOP recounts), not cut or track it
-SENSING = ("probe", "trial", "flops")
 
 
 def check_sense_budget(value: Any) -> float | None:
-    """``sense_budget``: None (no limit) or the share of the fit's wall-clock the sensing may take, in (0, 1]."""
+    """``sense_budget``: None (no limit) or the share of the training FLOPs the sensing's forwards may take, in (0, 1]."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"sense_budget must be null or a share of the fit's wall-clock in (0, 1], e.g. 0.03; "
+        raise ValueError(f"sense_budget must be null or a share of the training FLOPs in (0, 1], e.g. 0.03; "
                          f"got {value!r}")
     return float(value)
 
@@ -267,7 +265,7 @@ class ControlLoop(LoopPlanning):
                 f"FLOPs > {self.sense_budget:.1%}")
 
     def record_skip(self, model: nn.Module, step: int, progress: float, reason: str) -> dict[str, Any]:
-        """The trace row of an interval whose sensing was skipped (:meth:`sensing_due`): a hold, with its reason."""
+        """The trace row of a quality budget's interval left unread (:meth:`sensing_due`): a hold, with its reason."""
         row = {"step": step, "progress": progress, "compute": self.compute(model), "damage": math.nan,
                "action": 0.0, "requested": 0.0, "widths": self.widths(model), "reason": reason}
         self.trace.append(row)

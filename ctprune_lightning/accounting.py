@@ -227,11 +227,6 @@ class ComputeLedger:
     def start_clock(self) -> None:
         self._t0 = time.perf_counter()
 
-    @property
-    def elapsed_s(self) -> float:
-        """The fit's wall-clock so far (:attr:`train_time_s` plus the running clock)."""
-        return self.train_time_s + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
-
     def stop_clock(self) -> None:
         if self._t0 is not None:
             self.train_time_s += time.perf_counter() - self._t0

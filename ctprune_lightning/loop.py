@@ -137,12 +137,13 @@ class ControlLoop(LoopPlanning):
         self.last_u = 0.0
         self.saturated = False  # no further cut possible above the floor: importance tracking stops
         self.trials = 0  # trial cuts evaluated at the last decision
-        self.trial_reads: dict[tuple, float] = {}  # their readings, by cut (the real cut's reading reuses its own)
+        self.trial_reads: dict[tuple, tuple[float, float | None]] = {}  # their readings (and jump errors), by cut
         self.hold_reason = ""  # why the last decision cut less than the controller asked (trial sizing)
         self.jump_rate: float | None = None  # the last real cut's probe log-jump per unit of compute removed
         self._train_before: float | None = None  # the training batches' loss just before a planned cut
         self.estimator: DamageSensor | None = None  # the damage sensor of a quality budget (start_budget)
         self._before: tuple[float, float] | None = None  # (probe loss, best) at the last observation
+        self._before_batches: list[float] = []  # its per-batch values on this rank (a jump's error is their spread)
         self.unsensed = ""  # why this interval's probe was not read (the sensing budget), "" when it was
 
     # ------------------------------------------------------------------------------------ set-up
@@ -239,7 +240,7 @@ class ControlLoop(LoopPlanning):
         loss = self.probe_loss(model)
         best = loss if self.best is None else self.best
         damage = max(0.0, loss - best) / max(best, 1e-12)
-        self.best, self._before = min(best, loss), (loss, best)
+        self.best, self._before, self._before_batches = min(best, loss), (loss, best), list(self.store.last_batches)
         sensed: dict[str, Any] = {}
         if self.estimator is not None:  # quality budget: loss now vs the dense reference now, and at the end
             self.estimator.observe(step, loss, train_loss, lr)
@@ -323,8 +324,8 @@ class ControlLoop(LoopPlanning):
             self.last_u = obs.compute - compute
             if obs.sensed and (self.controller.reads_damage or self.estimator is not None):
                 # the cut's jump (a schedule needs none; an unread interval has no reading to compare with)
-                before, best = self._before if self._before is not None else (self.probe_loss(model),) * 2
-                after = self.cut_reading(model, plan.keep)
+                before, best, batches = self.reading_before(model)
+                after = self.cut_reading(model, plan.keep, before, batches)
                 self.jump = (after - before) if self.budget_metric == "error" else (after - before) / max(best, 1e-12)
                 log_jump = math.log(max(after, 1e-12) / max(before, 1e-12))
                 self.jump_rate = log_jump / self.last_u if self.last_u > 1e-9 else self.jump_rate
@@ -337,7 +338,7 @@ class ControlLoop(LoopPlanning):
                     train_after = self.train_loss(model)
                     train_jump = math.log(max(train_after, 1e-12) / max(self._train_before, 1e-12))
                     self._train_before = None
-                self.estimator.add_cut(plan.step, log_jump, train_jump)
+                self.estimator.add_cut(plan.step, log_jump, train_jump, size=self.last_u)
             self.history.append({"step": plan.step, "widths": dict(plan.widths), "compute": compute}
                                 | self._flops_entry(model)
                                 | ({"hankel_spectra": plan.spectra} if plan.spectra else {})

@@ -28,6 +28,7 @@ from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import group_floor, plan_growth, plan_widths, select_units
 from .probe_store import LossFn, ProbeStore
+from .sensing import DamageSensor
 from .surgery.groups import PrunableGroup, arch_spec
 from .trial import can_trial, read_cut
 
@@ -65,7 +66,10 @@ class LoopPlanning:
     saturated: bool
     ref_batch: int
     world_size: int
-    trial_reads: dict[tuple, float]  # this interval's trial readings, by the cut they read
+    trial_reads: dict[tuple, tuple[float, float | None]]  # this interval's trial readings and their errors, by cut
+    _before_batches: list[float]  # this rank's per-batch probe values of the reading in ``_before``
+    estimator: DamageSensor | None
+    last_u: float
     trials: int
     hold_reason: str
     jump_rate: float | None
@@ -167,7 +171,8 @@ class LoopPlanning:
                 for g in self.groups if new[g.name] != widths[g.name]}
 
     def _size_by_trial(self, model: nn.Module, obs: Observation, u: float, max_jump: float) -> float:
-        """The largest cut ``<= u`` whose trial jump is at most ``max_jump`` (the loop's reason says when none)."""
+        """The largest cut ``<= u`` whose trial jump fits ``max_jump`` with its own error to spare (the loop's reason
+        says when none)."""
         widths = self.widths(model)
         seen: dict[tuple[int, ...], float] = {}
 
@@ -176,7 +181,13 @@ class LoopPlanning:
             key = tuple(len(keep.get(g.name, ())) or widths[g.name] for g in self.groups)
             if key not in seen:
                 seen[key] = self.trial_jump(model, keep) if keep else 0.0
-            return seen[key]
+                if keep and self.estimator is not None:
+                    self.estimator.add_jump_read(v, seen[key], self.trial_reads[keep_key(keep)][1])
+            # a trial must fit with its error to spare: the largest cut whose trial fits reads low by about that
+            # much (the winner's curse of sizing by a noisy measurement); the law's error, not the trial's own
+            # (one degree of freedom on two batches, and selected on too)
+            margin = self.estimator.jump_error(v, seen[key]) if self.estimator is not None else 0.0
+            return seen[key] + margin
 
         if not can_trial(model):  # FSDP2 shards: no trial; the last measured jump rate scales the cut
             rate = self.jump_rate
@@ -190,20 +201,49 @@ class LoopPlanning:
             self.hold_reason = (f"trial: the smallest cut tried jumps more than allowed ({max_jump:.4g})")
         return sized
 
-    def cut_reading(self, model: nn.Module, keep: Mapping[str, Sequence[int]]) -> float:
-        """The probe reading just after cutting to ``keep``: the trial's of the same cut when one ran this
-        interval (a trial reads the model the cut leaves, on the same batches), else a new reading. On several
-        ranks always a new reading: every rank must make the same collective readings."""
+    def reading_before(self, model: nn.Module) -> tuple[float, float, list[float]]:
+        """(probe loss, best, this rank's per-batch values) before a cut: the interval's reading, else a new one."""
+        if self._before is not None:
+            return (*self._before, self._before_batches)
+        loss = self.probe_loss(model)
+        return loss, loss, list(self.store.last_batches)
+
+    def cut_reading(self, model: nn.Module, keep: Mapping[str, Sequence[int]], before: float,
+                    batches: Sequence[float]) -> float:
+        """The probe reading just after cutting to ``keep`` from ``before`` (per batch ``batches``): the trial's of
+        the same cut when one ran this interval (a trial reads the model the cut leaves, on the same batches),
+        else a new reading, whose jump and error the budget sensor's noise law learns from too. On several ranks
+        always a new reading: every rank must make the same collective readings."""
         tried = self.trial_reads.get(keep_key(keep)) if self.world_size == 1 else None
-        return tried if tried is not None else self.probe_loss(model)
+        if tried is not None:
+            return tried[0]
+        after = self.probe_loss(model)
+        error = self.jump_error(batches, self.store.last_batches, before)
+        if self.estimator is not None:
+            self.estimator.add_jump_read(self.last_u, math.log(max(after, 1e-12) / max(before, 1e-12)), error)
+        return after
 
     def trial_jump(self, model: nn.Module, keep: Mapping[str, Sequence[int]]) -> float:
-        """The probe's immediate log-jump if ``keep`` were cut now (:func:`~ctprune_lightning.trial.read_cut`)."""
-        before = self._before[0] if self._before is not None else self.probe_loss(model)
+        """The probe's immediate log-jump if ``keep`` were cut now (:func:`~ctprune_lightning.trial.read_cut`); the
+        reading and its standard error are kept in :attr:`trial_reads`."""
+        before, _, batches = self.reading_before(model)
         with self.sensing(model, "trial"):  # charged at the uncut model's FLOPs: an upper bound
             after = read_cut(model, self.groups, keep, self.store.loss)
-        self.trial_reads[keep_key(keep)] = after
+        error = self.jump_error(batches, self.store.last_batches, before)
+        self.trial_reads[keep_key(keep)] = (after, error)
         return math.log(max(after, 1e-12) / max(before, 1e-12))
+
+    def jump_error(self, before: Sequence[float], after: Sequence[float], level: float) -> float | None:
+        """The standard error of the log-jump from ``level`` read on batches whose values went from ``before`` to
+        ``after`` (this rank's), from the spread of the per-batch changes over every rank's batches; ``None``
+        with a single batch in all. Collective on several ranks, like the readings."""
+        n = len(before) * self.world_size
+        if n < 2 or len(after) != len(before):
+            return None
+        change = [a - b for a, b in zip(after, before)]
+        mean = self.store.reduce_mean(sum(change) / len(change))
+        square = self.store.reduce_mean(sum(d * d for d in change) / len(change))
+        return math.sqrt(max(square - mean * mean, 0.0) / (n - 1)) / max(level, 1e-12)
 
     def _scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
         """SSM state groups are ranked by their Hankel singular values, every other group by the importance."""

@@ -61,6 +61,7 @@ class ProbeStore:
         self.metric = "loss"  # what a reading is: "loss", or "error" (the error rate)
         self.batch_stats = False  # BatchNorm reads the probe's batch statistics (the budget sensor's reading)
         self.samples_read = 0  # samples forwarded by every reading so far (what the sensing cost in compute)
+        self.last_batches: list[float] = []  # this rank's per-batch values of the last :meth:`loss`
 
     @property
     def ready(self) -> bool:
@@ -104,8 +105,8 @@ class ProbeStore:
         return apply_to_collection(batch, Tensor, lambda t: t.to(device))
 
     @torch.no_grad()
-    def mean(self, model: nn.Module, batches: Sequence[Any], fn: LossFn) -> float:
-        """Mean of ``fn`` over ``batches`` in eval mode on this rank (batch statistics when ``batch_stats``)."""
+    def values(self, model: nn.Module, batches: Sequence[Any], fn: LossFn) -> list[float]:
+        """``fn`` on each of ``batches`` in eval mode on this rank (batch statistics when ``batch_stats``)."""
         was_training = model.training
         model.eval()
         try:
@@ -114,12 +115,19 @@ class ProbeStore:
             self.samples_read += sum(batch_size(b) for b in batches)
         finally:
             model.train(was_training)
+        return values
+
+    def mean(self, model: nn.Module, batches: Sequence[Any], fn: LossFn) -> float:
+        """Mean of :meth:`values` (this rank)."""
+        values = self.values(model, batches, fn)
         return sum(values) / len(values)
 
     def loss(self, model: nn.Module) -> float:
-        """The reading: on the held-out batches when kept, else the training ones, averaged over ranks."""
+        """The reading: on the held-out batches when kept, else the training ones, averaged over ranks (this
+        rank's per-batch values are kept in :attr:`last_batches`: a jump's error is read from their spread)."""
         batches = self.held_out or self.train
-        value = self.reduce_mean(self.mean(model, batches, self.fn))
+        self.last_batches = self.values(model, batches, self.fn)
+        value = self.reduce_mean(sum(self.last_batches) / len(self.last_batches))
         if self.metric == "error":  # half a sample: a log-space sensor needs a positive reading
             value = max(value, 0.5 / max(1, sum(batch_size(b) for b in batches)))
         return value

@@ -41,17 +41,21 @@ Reported, all relative (log-ratio ≈ relative excess):
 * ``next_factor`` / ``next_factor_std``: the final damage per unit of immediate log-jump of a cut made
   now (the predictive ``ρ`` of a new cut, with the recovery still to come before ``T``);
 * ``reference``: ``exp f_p(τ_k)``, the estimated dense probe loss now; ``rho``: the posterior mean of ``μ``;
-* ``jump_noise``: the error of one measured jump (its batches are a sample of the data), pooled from the
-  differences of each cut's probe and training-batch jumps; it widens ``final_std``, and the controller
-  keeps a trial cut's jump that far below its allowance, so a cut is not taken because its batches
-  happened to read it low (the winner's curse of sizing by a noisy measurement). For the same reason the
-  predictions take each cut's jump as the mean of its probe and training-batch readings.
+* ``jump_noise``: ``κ`` of :class:`~ctprune_lightning.jump_noise.JumpNoise`, the law of a measured jump's
+  standard error (``error² = κ² u² + η² J²`` for a cut of ``u`` with jump ``J``), fitted on every trial and
+  cut read (``add_jump_read``). Each cut's law error² (its persistent factor² times it) adds to
+  ``final_std²``; the loop keeps a trial's jump the law's error below its allowance, so a cut is not taken
+  because its batches happened to read it low (the winner's curse of sizing by a noisy measurement), and
+  the predictions take each cut's jump as its probe reading plus that error: the quality is judged held
+  out, and the training batches' jump reads the loss of what the net memorised (2–16× the probe's on the
+  suite's larger cuts), so it only enters its own channel.
 
 Example::
 
     sensor = DamageSensor(total_steps=1000, interval=20)
     sensor.observe(step=20, loss=2.1, train_loss=2.2, lr=1e-3); ...
-    sensor.add_cut(step=100, log_jump=0.03, train_log_jump=0.02)
+    sensor.add_jump_read(size=0.1, jump=0.03, error=0.004)    # each trial's, while sizing the cut
+    sensor.add_cut(step=100, log_jump=0.03, train_log_jump=0.02, size=0.1)
     sensor.estimate(step=200)    # {"damage": ..., "final": ..., "final_std": ..., "next_factor": ..., ...}
 """
 
@@ -61,6 +65,8 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
+
+from .jump_noise import JumpNoise
 
 __all__ = ["DamageSensor", "RECOVERY_GRID"]
 
@@ -72,8 +78,7 @@ N_TREND = 4 + N_BUMPS  # θ of one channel
 TREND_STD = (10.0,) * 4 + (BUMP_STD,) * N_BUMPS  # prior std of the level, the shape terms and the bumps
 NOISE_PRIOR = 0.03  # a channel's noise std before its residuals can tell (3% per reading)
 PHI_MAX = 0.9
-JUMP_NOISE_PRIOR = 0.002  # a measured jump's error (its batches are a sample), until probe and training jumps tell
-JUMP_NOISE_WEIGHT = 2.0  # the prior's weight, in cuts
+UNKNOWN_SIZE = 0.1  # the compute removed by a cut whose size was not given (a checkpoint from before sizes)
 RHO_MAX = 3.0  # a cut's damage may grow after it: the net loses capacity it would have used (MLP: 2.6x the jumps)
 
 
@@ -98,7 +103,8 @@ class DamageSensor:
         self.rho_mean, self.rho_mean_std, self.rho_spread = float(rho_mean), float(rho_mean_std), float(rho_spread)
         self.window = int(window)
         self.readings: list[tuple[int, float, float | None, float | None]] = []  # (step, log y, log z, lr)
-        self.cuts: list[tuple[int, float, float]] = []  # (step, probe log-jump, training log-jump)
+        self.cuts: list[tuple[int, float, float, float]] = []  # (step, probe log-jump, training log-jump, size)
+        self.noise = JumpNoise()  # the law of a measured jump's error
 
     # ------------------------------------------------------------------------------------ data
     def observe(self, step: int, loss: float, train_loss: float | None = None, lr: float | None = None) -> None:
@@ -110,19 +116,26 @@ class DamageSensor:
         rate = float(lr) if lr is not None and math.isfinite(lr) and lr > 0 else None
         self.readings.append((int(step), math.log(loss), z, rate))
 
-    def add_cut(self, step: int, log_jump: float, train_log_jump: float | None = None) -> None:
-        """A surgery at ``step`` raised the probe loss by ``exp(log_jump)`` (the training batches' loss by
-        ``exp(train_log_jump)``; the probe's jump when not measured) at once."""
+    def add_cut(self, step: int, log_jump: float, train_log_jump: float | None = None,
+                size: float = UNKNOWN_SIZE) -> None:
+        """A surgery at ``step`` removing ``size`` of the dense compute raised the probe loss by ``exp(log_jump)``
+        (the training batches' loss by ``exp(train_log_jump)``; the probe's jump when not measured) at once."""
         if math.isfinite(log_jump):
             tj = log_jump if train_log_jump is None or not math.isfinite(train_log_jump) else train_log_jump
-            self.cuts.append((int(step), float(log_jump), float(tj)))
+            self.cuts.append((int(step), float(log_jump), float(tj), float(size)))
+
+    def add_jump_read(self, size: float, jump: float, error: float | None) -> None:
+        """A trial's (or a cut's) measured log-jump by a cut of ``size``, with its standard error (``None``: none)."""
+        self.noise.add(size, jump, error)
+
+    def jump_error(self, size: float, jump: float) -> float:
+        """The standard error of a measured log-jump ``jump`` by a cut of ``size`` (the fitted law)."""
+        return self.noise(size, jump)
 
     @property
     def jump_noise(self) -> float:
-        """The standard deviation of one measured jump: the probe's and the training batches' jumps of the same
-        cut differ by two such errors (pooled with the prior ``JUMP_NOISE_PRIOR``)."""
-        diffs = [(p - t) ** 2 / 2 for _, p, t in self.cuts if p != t]
-        return math.sqrt((JUMP_NOISE_WEIGHT * JUMP_NOISE_PRIOR ** 2 + sum(diffs)) / (JUMP_NOISE_WEIGHT + len(diffs)))
+        """``κ``: the error of a measured jump per unit of compute removed, where the jump is small."""
+        return self.noise.coefficients[0]
 
     # ------------------------------------------------------------------------------------ model
     def _times(self) -> tuple[np.ndarray, np.ndarray]:
@@ -234,9 +247,9 @@ class DamageSensor:
     def estimate(self, step: int) -> dict[str, Any]:
         """The sensor's reading at ``step`` (plain floats)."""
         n = len(self.cuts)
-        # each cut's jump as the mean of the probe's and the training batches' readings: the cut was sized on the
-        # probe's (it fit because it read low there), the training batches' reading was not selected on
-        jumps = np.array([(c[1] + c[2]) / 2 for c in self.cuts], dtype=float)
+        # on the probe (the quality is judged held out), plus its error: the trial kept the cuts whose batches read
+        # them low, by about that much (the winner's curse of sizing by a noisy measurement)
+        jumps = np.array([c[1] + self.noise(c[3], c[1]) for c in self.cuts], dtype=float)
         remaining = max(self.total_steps - int(step), 0) / self.interval
         if not self.readings:
             return {"damage": 0.0, "damage_std": 0.0, "final": 0.0, "final_std": 0.0, "reference": float("nan"),
@@ -247,7 +260,7 @@ class DamageSensor:
         weights = np.exp(ev - ev.max())
         weights /= weights.sum()
         now, end = np.array([float(step)]), np.array([float(self.total_steps)])
-        jump_var = self.jump_noise ** 2  # each measured jump's own error
+        jump_var = np.array([self.noise(c[3], c[1]) ** 2 for c in self.cuts])  # each measured jump's error²
         moments = np.zeros((4, 2))  # (damage, final, next factor, μ) × (mean, second moment)
         for w, ((mean, cov, _), a) in zip(weights, fits):
             rho, cov_rho = np.clip(mean[:n + 1], 0.0, RHO_MAX), cov[:n + 1, :n + 1]  # never heals past 0
@@ -257,7 +270,7 @@ class DamageSensor:
                     on, decay = (v[0] for v in self._decay(t, a))
                     g = np.concatenate([jumps * (on - decay), [0.0]])
                     factor = decay + (on - decay) * rho[:n]  # each cut's share still there at t
-                    noise = float(np.sum(factor ** 2)) * jump_var  # the measured jumps' own errors
+                    noise = float(np.sum(factor ** 2 * jump_var))  # the measured jumps' own errors
                     values.append((float(jumps @ decay + g @ rho), float(g @ cov_rho @ g) + noise))
                 else:
                     values.append((0.0, 0.0))
@@ -304,11 +317,14 @@ class DamageSensor:
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps, "interval": self.interval,
-                "readings": [list(r) for r in self.readings], "cuts": [list(c) for c in self.cuts]}
+                "readings": [list(r) for r in self.readings], "cuts": [list(c) for c in self.cuts],
+                "noise": self.noise.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.total_steps = int(state.get("total_steps", self.total_steps))
         self.interval = int(state.get("interval", self.interval))
         self.readings = [(int(s), float(y), None if z is None else float(z), None if lr is None else float(lr))
                          for s, y, z, lr in state.get("readings", [])]
-        self.cuts = [(int(s), float(j), float(tj)) for s, j, tj in state.get("cuts", [])]
+        self.cuts = [(int(c[0]), float(c[1]), float(c[2]), float(c[3]) if len(c) > 3 else UNKNOWN_SIZE)
+                     for c in state.get("cuts", [])]
+        self.noise.load_state_dict(state.get("noise", {}))

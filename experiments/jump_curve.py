@@ -4,7 +4,8 @@
 
 Trains the task's CPU-scale run dense (a budget controller whose warm-up never ends, so the held-out probe
 is read as in the budget loop) and, at each progress point of ``--at``, reads the held-out probe with the
-model cut by trial (nothing committed) to each compute fraction of a ladder. The ladder's jumps, set
+model cut by trial (nothing committed) to each compute fraction of a ladder, with each jump's standard
+error (from the spread of its per-batch changes). The ladder's jumps, set
 against the GMP sweep's final quality at the same fractions, show whether an early trial predicts how far
 a task can be cut.
 """
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train as T  # noqa: E402
 from ctprune_lightning.controllers import Observation  # noqa: E402
+from ctprune_lightning.loop_planning import keep_key  # noqa: E402
 
 LADDER = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
@@ -42,15 +44,16 @@ class JumpCurve(L.Callback):
         loop = cb.loop
         widths = loop.widths(pl_module)
         before = loop.probe_loss(pl_module)
-        loop._before = (before, before)
+        loop._before, loop._before_batches = (before, before), list(loop.store.last_batches)
         obs = Observation(step=trainer.global_step, progress=p, compute=loop.compute(pl_module), damage=0.0)
-        row = {"progress": p, "step": trainer.global_step, "probe": before, "jumps": {}}
+        row = {"progress": p, "step": trainer.global_step, "probe": before, "jumps": {}, "errors": {}}
         for f in LADDER:
             keep = loop._keep(pl_module, widths, loop._plan_widths(pl_module, obs, 1.0 - f))
             row["jumps"][f] = loop.trial_jump(pl_module, keep) if keep else 0.0
+            row["errors"][f] = loop.trial_reads[keep_key(keep)][1] if keep else None  # the per-batch spread's
         self.rows.append(row)
-        print(f"p={p:.3f} probe={before:.4f} " + " ".join(f"{f}:{j:+.4f}" for f, j in row["jumps"].items()),
-              flush=True)
+        print(f"p={p:.3f} probe={before:.4f} " + " ".join(f"{f}:{j:+.4f}±{row['errors'][f] or 0:.4f}"
+                                                           for f, j in row["jumps"].items()), flush=True)
         if not self.at:
             trainer.should_stop = True
 

@@ -47,7 +47,8 @@ class Observation:
             damage (loss now vs the dense reference now). ``None`` / ``0.0`` without a budget.
         next_factor / next_factor_std: the sensor's final damage per unit of immediate log-jump of a
             cut made now (how much of it will persist), and its standard deviation.
-        jump_noise: the standard deviation of one measured (or trial) jump.
+        jump_noise: ``κ``, a measured jump's standard error per unit of compute removed where the jump is small
+            (reported; the trial's margin is the sensor's whole law, :mod:`ctprune_lightning.jump_noise`).
         cut_damage_rate: with a quality budget, the predicted final damage per unit of dense compute the cuts
             removed (``final_damage / (1 − compute)``, the sensor's damage being the sum of the cuts'); ``None``
             before any cut. Sizes a growth (:mod:`.budget`).

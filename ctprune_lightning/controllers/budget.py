@@ -15,9 +15,10 @@ A cut of immediate log-jump ``J`` spends ``v = J (f + z σ_f) / budget``. A cut 
 saves about ``(1 − p)`` of its size, so the slack is worth most early: the mode spends a fixed share
 of it each interval — ``v = K x`` with ``K`` from the scalar DARE of the integrator (weights ``q`` on
 the slack left unspent, ``r`` on the spend), or PI on ``x`` — and converts it to the largest immediate
-jump the next cut may cause, ``max_jump = v·budget / (f + z σ_f) − σ_J`` (``σ_J``: the error of a measured
-jump: the largest cut whose trial fits is biased low by about that much). The loop then sizes the cut by a
-*trial*: the planned units masked on the probe batches, bisected until the measured jump fits
+jump the next cut may cause, ``max_jump = v·budget / (f + z σ_f)``. The loop then sizes the cut by a
+*trial*: the planned units masked on the probe batches, bisected until the measured jump fits with its
+standard error to spare (the sensor's law of it, :mod:`ctprune_lightning.jump_noise`: the largest cut
+whose trial fits is biased low by about that much)
 (:func:`ctprune_lightning.controllers.sizing.size_cut`). No prior cost per task, no blind first cut.
 
 Caps and warm-up are in units of training progress (a run of 200 or 20 000 steps reads alike): no
@@ -126,20 +127,14 @@ class BudgetMode:
         if self.since_grow <= self.grow_hold:
             self.reason = f"hysteresis: no cut within {self.grow_hold} intervals of a growth ({self.since_grow} ago)"
             return 0.0
-        v = float(min(max(spend(x), 0.0), x))
-        factor = max(float(obs.next_factor if obs.next_factor is not None else 1.0), 0.0) \
-            + self.margin * float(obs.next_factor_std)
-        # a trial's jump is a noisy measurement: the largest cut whose trial fits is biased low by about one
-        # noise std (the winner's curse of sizing by it), so it must fit with that much to spare
-        self.max_jump = v * self.budget / max(factor, 1e-3) - float(obs.jump_noise)
-        if self.max_jump <= 0:
-            self.reason = (f"slack {x:.2f} budgets buys a jump of {v * self.budget / max(factor, 1e-3):.4f}, "
-                           f"within the noise of a measured jump ({obs.jump_noise:.4f})")
-            return 0.0
         u = min(self.max_rate * max(dp, 0.0), obs.compute - target)
         if u <= 1e-9:
             self.reason = "rate limit: no progress since the last cut"
             return 0.0
+        v = float(min(max(spend(x), 0.0), x))
+        factor = max(float(obs.next_factor if obs.next_factor is not None else 1.0), 0.0) \
+            + self.margin * float(obs.next_factor_std)
+        self.max_jump = v * self.budget / max(factor, 1e-3)  # a trial must fit it with its error to spare (loop)
         return float(u)
 
     def _grow(self, obs: Observation, x: float) -> bool:

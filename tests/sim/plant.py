@@ -79,7 +79,8 @@ class Plant:
     sigma_probe: float = 0.01
     phi: float = 0.0
     sigma_train: float = 0.005
-    sigma_jump: float = 0.005
+    sigma_jump: float = 0.005  # a measured jump's standard error at a 20% cut with no jump (grows with the cut)
+    jump_rel: float = 0.1  # ... and its relative error where the jump is large (measured: 5-10% on 8 batches)
     quantum: float = 0.01
     # per-cut draws, by cut index (the j-th cut of any schedule on this plant)
     rho_j: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
@@ -111,6 +112,7 @@ class Plant:
         p.quantum = float(rng.uniform(0.005, 0.03))
         p.rho_j = np.clip(p.rho + 0.1 * rng.standard_normal(MAX_CUTS), 0.0, 1.3)
         p.gain_j = np.clip(p.train_gain * np.exp(0.15 * rng.standard_normal(MAX_CUTS)), 0.5, 1.5)
+        p.jump_rel = float(rng.uniform(0.05, 0.15))  # drawn last: the draws before it are the plants' of old
         p._curves()
         return p
 
@@ -132,6 +134,11 @@ class Plant:
         return list(range(self.interval, self.total_steps, self.interval))
 
     # ------------------------------------------------------------------------------------ cuts
+    def jump_error(self, u: float, jump: float) -> float:
+        """The standard error of a jump read on the probe batches: it grows with the cut as on real runs
+        (``experiments/results/jump_noise.md``: the MLP's from 0.0005 at 10% of the compute to 0.07 at 80%)."""
+        return math.hypot(self.sigma_jump * u / 0.2, self.jump_rel * jump)
+
     def snap(self, c: float, u: float, target: float) -> float:
         """The cut the planner realises for a request ``u`` at compute ``c``: onto the grid, not below the floor."""
         if not (u > 0):
@@ -227,8 +234,14 @@ class NullSensor:
     def observe(self, step: int, loss: float, train_loss: float | None = None, lr: float | None = None) -> None:
         pass
 
-    def add_cut(self, step: int, log_jump: float, train_log_jump: float | None = None) -> None:
+    def add_cut(self, step: int, log_jump: float, train_log_jump: float | None = None, size: float = 0.0) -> None:
         pass
+
+    def add_jump_read(self, size: float, jump: float, error: float | None) -> None:
+        pass
+
+    def jump_error(self, size: float, jump: float) -> float:
+        return 0.0
 
     def estimate(self, step: int) -> dict[str, Any]:
         return {"damage": 0.0, "damage_std": 0.0, "final": 0.0, "final_std": 0.0, "reference": None,
@@ -272,6 +285,7 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
     if sizer is None:
         from ctprune_lightning.controllers.sizing import size_cut as sizer
     rng = np.random.default_rng([int(seed), plant.seed, 777])
+    err_rng = np.random.default_rng([int(seed), plant.seed, 778])  # the jumps' read errors (leaves rng's draws be)
     T, D, q = plant.total_steps, plant.interval, plant.quantum
     margin = float(getattr(ctl, "margin", 2.0))
     warmup = float(getattr(ctl, "warmup", 0.0))
@@ -317,18 +331,28 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
         max_jump = getattr(ctl, "max_jump", None)
         j = len(cuts)
 
+        reads: dict[float, float] = {}  # this step's trials (the same batches: one error draw z_batch)
+
         def measured(u_req: float, _c: float = c) -> float:
             u_r = plant.snap(_c, u_req, target)
-            scale = min(1.0, math.sqrt(u_r / 0.05))
-            return plant.jump(_c, u_r) + plant.sigma_jump * z_batch * scale
+            true = plant.jump(_c, u_r)
+            error = plant.jump_error(u_r, true)
+            if u_r not in reads:  # the loop's per-batch spread: two batches, one degree of freedom
+                reads[u_r] = true + error * z_batch
+                sensor.add_jump_read(u_r, reads[u_r], error * abs(float(err_rng.standard_normal())))
+            return reads[u_r]
 
-        sized = float(sizer(measured, requested, max_jump, q)) if requested > 0 else 0.0
+        def trial(u_req: float) -> float:  # the loop's: a trial fits with the law's error to spare
+            jump = measured(u_req)
+            return jump + sensor.jump_error(plant.snap(c, u_req, target), jump)
+
+        sized = float(sizer(trial, requested, max_jump, q)) if requested > 0 else 0.0
         u = plant.snap(c, sized, target) if sized > 0 else 0.0
         if u > 0:
             s = plant.jump(c, u)
             meas = measured(u)
             train_meas = plant.gain_j[j] * s + plant.sigma_train * z_train
-            sensor.add_cut(t, meas, train_log_jump=train_meas)
+            sensor.add_cut(t, meas, train_log_jump=train_meas, size=u)
             cuts.append((t, s))
             cut_rows.append({"step": t, "u": u, "jump": s, "measured": meas, "train_measured": train_meas})
             c -= u

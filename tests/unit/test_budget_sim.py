@@ -106,13 +106,14 @@ def _report(s: dict[str, Any]) -> str:
 CONTROLLERS = ["lqr", pytest.param("pid", marks=pytest.mark.slow)]
 # The issue's targets, not met yet: kept as strict expected failures (an XPASS fails the suite, so a fix must
 # promote them) next to a guard of the levels measured today (test_measured_levels_hold).
-MEASURED = ("lqr on 200 plants (2026-12-04): 2σ coverage 94.5%, within budget 93.0%, median saving 0.36 of the "
-            "hindsight GMP, 23 plants stall (held by the jump-noise margin or the trial)")
+MEASURED = ("lqr on 200 plants (2026-12-05, the jump-noise law): 2σ coverage 97.5%, within budget 98.0%, median "
+            "saving 0.40 of the hindsight GMP, 9 plants stall")
 TARGET = [pytest.param("lqr", marks=pytest.mark.xfail(strict=True, reason=MEASURED)),
           pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
+MET = ["lqr", pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
 
 
-@pytest.mark.parametrize("controller", TARGET)
+@pytest.mark.parametrize("controller", MET)
 def test_sensor_band_covers_true_final_damage(controller: str) -> None:
     results, oracles = closed_loop(controller)
     s = summary(results, oracles)
@@ -120,7 +121,7 @@ def test_sensor_band_covers_true_final_damage(controller: str) -> None:
     assert s["coverage"] >= COVERAGE_MIN, f"2σ band covers {s['coverage']:.1%} < {COVERAGE_MIN:.0%}: {_report(s)}"
 
 
-@pytest.mark.parametrize("controller", TARGET)
+@pytest.mark.parametrize("controller", MET)
 def test_true_final_damage_within_budget(controller: str) -> None:
     results, oracles = closed_loop(controller)
     s = summary(results, oracles)
@@ -162,8 +163,8 @@ def test_no_chattering(controller: str) -> None:
 def test_measured_levels_hold() -> None:
     """Regression guard: what the lqr loop achieves today on the same 200 plants must not get worse."""
     s = summary(*closed_loop("lqr"))
-    assert s["coverage"] >= 0.92 and s["within_budget"] >= 0.90, _report(s)
-    assert s["median_ratio"] >= 0.30 and s["plants_with_stalls"] <= 30 and s["chattering_plants"] == 0, _report(s)
+    assert s["coverage"] >= 0.95 and s["within_budget"] >= 0.95, _report(s)
+    assert s["median_ratio"] >= 0.38 and s["plants_with_stalls"] <= 15 and s["chattering_plants"] == 0, _report(s)
 
 
 # ---------------------------------------------------------------------------------------------- the harness itself
@@ -207,7 +208,7 @@ def test_plants_cover_the_measured_ranges() -> None:
     first = []
     for p in plants:
         rng = np.random.default_rng([p.seed, 1])
-        first.append(p.jump(1.0, 0.05) + p.sigma_jump * rng.standard_normal())
+        first.append(p.jump(1.0, 0.05) + p.jump_error(0.05, p.jump(1.0, 0.05)) * rng.standard_normal())
     assert 0.05 <= np.mean(np.array(first) <= 0.001) <= 0.5
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from ctprune_lightning.controllers import build_controller
 from ctprune_lightning.importance import build_importance
 from ctprune_lightning.loop import ControlLoop, Plan
+from ctprune_lightning.loop_planning import keep_key
 from ctprune_lightning.trial import can_trial
 
 
@@ -62,6 +63,61 @@ def test_the_trial_jump_is_the_real_cuts_jump_and_the_trial_leaves_the_model_as_
     # so the cut's own reading reuses its trial's (one probe reading fewer per cut), on one rank only
     read = loop.probe_loss
     loop.probe_loss = lambda model: pytest.fail("read the probe again")  # type: ignore[method-assign]
-    assert math.log(loop.cut_reading(net, keep) / before) == pytest.approx(real, abs=1e-6)
+    assert math.log(loop.cut_reading(net, keep, before, []) / before) == pytest.approx(real, abs=1e-6)
     loop.probe_loss, loop.world_size = read, 2  # several ranks: every rank reads (the reading is collective)
-    assert loop.cut_reading(net, keep) == pytest.approx(read(net))
+    assert loop.cut_reading(net, keep, before, []) == pytest.approx(read(net))
+
+
+def _budget_loop(width: int, n_batches: int) -> tuple:
+    """An MLP, its held-out batches, a budget loop reading them, and the loop's first observation."""
+    net = nn.Sequential(nn.Linear(12, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
+    batches = [(torch.randn(width, 12), torch.randint(0, 4, (width,))) for _ in range(n_batches)]
+    loop = ControlLoop(build_controller("lqr", 0.1, budget=0.01), build_importance("magnitude"), target=0.1,
+                       probe_batches=1, loss_fn=loss_fn, min_width=2)
+    loop.discover(net, batches[0][0])
+    loop.add_probe(net, batches[0])
+    loop.start_budget(total_steps=100, interval=10)
+    loop.set_held_out(net, batches)
+    return net, batches, loop, loop.observe(net, step=10, progress=0.1)
+
+
+def test_a_jumps_error_is_the_spread_of_its_per_batch_changes() -> None:
+    """The standard error of a cut's jump comes from its probe batches' own changes: it is what the sensor pools
+    (a bug that read the spread of the losses, not of their changes, or forgot the √n, fails); the budget sensor's
+    noise law learns from every trial read (sized by the controller's request)."""
+    torch.manual_seed(1)
+    net, batches, loop, obs = _budget_loop(width=32, n_batches=3)
+    assert obs.sensed and len(loop._before_batches) == 3
+    keep = {g.name: list(range(0, g.width(net), 2)) for g in loop.groups}
+    with torch.no_grad():
+        before = torch.stack([loss_fn(net, b) for b in batches])
+        loop.trial_jump(net, keep)
+        loop.apply_(net, Plan(step=10, widths={}, keep=keep), [])
+        after = torch.stack([loss_fn(net, b) for b in batches])
+    change = after - before
+    expected = float(change.std() / math.sqrt(3) / before.mean())
+    assert expected > 1e-4 and loop.trial_reads[keep_key(keep)][1] == pytest.approx(expected, rel=1e-5)
+    assert loop.jump_error([1.0], [1.5], 1.0) is None  # one batch on one rank: no spread to read
+    loop.world_size = 2  # two ranks, each with these two batches (the mean over ranks is the identity here)
+    assert loop.jump_error([1.0, 1.0], [1.1, 1.3], 1.0) == pytest.approx(
+        float(torch.tensor([0.1, 0.3, 0.1, 0.3]).std() / 2))
+
+
+def test_sizing_feeds_the_noise_law_and_keeps_its_error_to_spare() -> None:
+    """Every trial read teaches the budget sensor's noise law; the cut chosen fits ``max_jump`` with the law's
+    error to spare, and the next larger one tried did not (a sizing without the margin picks a larger cut)."""
+    torch.manual_seed(2)
+    net, batches, loop, obs = _budget_loop(width=64, n_batches=2)
+    jumps = {}
+    for u in (0.2, 0.4, 0.6):
+        keep = loop._keep(net, loop.widths(net), loop._plan_widths(net, obs, u))
+        jumps[u] = loop.trial_jump(net, keep)
+    max_jump = jumps[0.4]  # the bare trial of 0.4 fits this exactly: with a margin it must not
+    loop.estimator.noise.reads.clear()
+    loop.trial_reads = {}
+    sized = loop._size_by_trial(net, obs, 0.6, max_jump)
+    assert loop.trials >= 2 and len(loop.estimator.noise.reads) == loop.trials
+    keep = loop._keep(net, loop.widths(net), loop._plan_widths(net, obs, sized))
+    chosen = loop.trial_reads[keep_key(keep)][0]
+    jump = math.log(chosen / loop._before[0])
+    assert 0 < sized < 0.4 and jump + loop.estimator.jump_error(sized, jump) <= max_jump

@@ -249,7 +249,8 @@ class DamageSensor:
         n = len(self.cuts)
         # on the probe (the quality is judged held out), plus its error: the trial kept the cuts whose batches read
         # them low, by about that much (the winner's curse of sizing by a noisy measurement)
-        jumps = np.array([c[1] + self.noise(c[3], c[1]) for c in self.cuts], dtype=float)
+        errors = np.array([self.noise(c[3], c[1]) for c in self.cuts], dtype=float)  # each measured jump's error
+        jumps = np.array([c[1] for c in self.cuts], dtype=float) + errors
         remaining = max(self.total_steps - int(step), 0) / self.interval
         if not self.readings:
             return {"damage": 0.0, "damage_std": 0.0, "final": 0.0, "final_std": 0.0, "reference": float("nan"),
@@ -260,7 +261,7 @@ class DamageSensor:
         weights = np.exp(ev - ev.max())
         weights /= weights.sum()
         now, end = np.array([float(step)]), np.array([float(self.total_steps)])
-        jump_var = np.array([self.noise(c[3], c[1]) ** 2 for c in self.cuts])  # each measured jump's error²
+        jump_var = errors ** 2
         moments = np.zeros((4, 2))  # (damage, final, next factor, μ) × (mean, second moment)
         for w, ((mean, cov, _), a) in zip(weights, fits):
             rho, cov_rho = np.clip(mean[:n + 1], 0.0, RHO_MAX), cov[:n + 1, :n + 1]  # never heals past 0

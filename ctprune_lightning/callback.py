@@ -36,6 +36,7 @@ from .importance import Importance, build_importance
 from .loop import BUDGET_METRICS, ControlLoop, check_sense_budget, default_loss
 from .probe import CallInputs, capture_network_call
 from .rollback import Snapshot
+from .sensing import check_persistence_prior
 from .strategy import PruningStrategy, require_pruning_strategy
 from .surgery.mha import convert_multihead_attention_
 
@@ -111,6 +112,12 @@ class ControlPruning(Callback):
             why (the first interval always reads; a controller's own events still run). Counted in FLOPs, so the
             decisions do not depend on the machine's speed. ``None`` (default): read at every interval. The
             Hydra configs set 0.03.
+        persistence_prior: with a quality budget, the damage sensor's prior on the share of a cut's immediate
+            jump still there at the end of training: some of ``{"mean", "std", "spread"}`` (the shared mean's
+            prior, one cut's departure from it), the rest from
+            :data:`~ctprune_lightning.sensing.PERSISTENCE_PRIOR` (``None``: all). Where the readings cannot tell
+            a cut's recovery (a small cut under a noisy probe), the loop spends the budget by this prior: a task
+            known to recover (a wide over-parameterised net) can say ``{"mean": 0.2}``.
 
     Any LightningModule works as it is: the probe loss is ``compute_loss(batch)`` when the module
     defines it, else its own ``training_step`` (logging silenced, metric states restored); the layers
@@ -142,6 +149,7 @@ class ControlPruning(Callback):
         cost_model: bool | None = None,
         cost_kwargs: Mapping[str, Any] | None = None,
         sense_budget: float | None = None,
+        persistence_prior: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if probe_data not in PROBE_DATA:
@@ -154,6 +162,7 @@ class ControlPruning(Callback):
             check_round_to(round_to)
             check_cost(cost)
             check_sense_budget(sense_budget)
+            check_persistence_prior(persistence_prior)
         except ValueError as err:
             raise ValueError(f"ControlPruning: {err}") from None
         if cost == "time" and cost_model is False:
@@ -202,7 +211,8 @@ class ControlPruning(Callback):
         self.loop = ControlLoop(self.controller, self.importance, self.controller.target, min_width=min_width,
                                 round_to=round_to, probe_batches=probe_batches, cost=cost,
                                 cost_kwargs=dict(cost_kwargs or {}) if measure else None,
-                                sense_budget=sense_budget, **({"error_fn": error_fn} if error_fn is not None else {}))
+                                sense_budget=sense_budget, persistence_prior=persistence_prior,
+                                **({"error_fn": error_fn} if error_fn is not None else {}))
         self.target = self.loop.target  # the dense baseline's setpoint is dense, whatever it was built with
         self._last_step = -1
         self._refresh = False

@@ -33,7 +33,7 @@ from .cost import AUTO, CostModel, TimeLedger, auto_round_to, check_cost, check_
 from .loop_planning import LoopPlanning
 from .probe import batch_size, step_error, step_loss
 from .probe_store import LossFn, ProbeStore
-from .sensing import DamageSensor
+from .sensing import DamageSensor, check_persistence_prior
 from .surgery.groups import PrunableGroup, apply_plan_, discover_groups
 
 #: the probe loss unless the callback is given another: ``compute_loss(batch)``, else the module's training_step
@@ -109,9 +109,10 @@ class ControlLoop(LoopPlanning):
                  error_fn: LossFn = step_error, reduce_mean: Callable[[float], float] = _identity,
                  flop_view: Callable[[nn.Module], AbstractContextManager[Any]] = nullcontext,
                  cost: str = "flops", cost_kwargs: Mapping[str, Any] | None = None,
-                 sense_budget: float | None = None) -> None:
+                 sense_budget: float | None = None, persistence_prior: Mapping[str, float] | None = None) -> None:
         self.controller, self.importance = controller, importance
         self.sense_budget = check_sense_budget(sense_budget)
+        self.persistence_prior = check_persistence_prior(persistence_prior)
         self.cost = check_cost(cost)
         check_round_to(round_to)
         self.cost_kwargs = dict(cost_kwargs) if cost_kwargs is not None else ({} if cost == "time" else None)
@@ -210,7 +211,9 @@ class ControlLoop(LoopPlanning):
         if metric not in BUDGET_METRICS:
             raise ValueError(f"budget metric must be one of {', '.join(BUDGET_METRICS)}, got {metric!r}")
         if self.controller.budget is not None and self.estimator is None:
-            self.estimator = DamageSensor(total_steps=max(1, int(total_steps)), interval=interval)
+            prior = self.persistence_prior
+            self.estimator = DamageSensor(total_steps=max(1, int(total_steps)), interval=interval,
+                                          rho_mean=prior["mean"], rho_mean_std=prior["std"], rho_spread=prior["spread"])
         self.store.metric = metric if self.estimator is not None else "loss"
         self.store.batch_stats = self.estimator is not None  # the budget sensor reads BatchNorm on the batch
 

@@ -68,7 +68,7 @@ import numpy as np
 
 from .jump_noise import JumpNoise
 
-__all__ = ["DamageSensor", "RECOVERY_GRID"]
+__all__ = ["DamageSensor", "PERSISTENCE_PRIOR", "RECOVERY_GRID", "check_persistence_prior"]
 
 #: recovery per control interval: 0 heals at once, 0.995 keeps 60% after 100 intervals
 RECOVERY_GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
@@ -80,6 +80,38 @@ NOISE_PRIOR = 0.03  # a channel's noise std before its residuals can tell (3% pe
 PHI_MAX = 0.9
 UNKNOWN_SIZE = 0.1  # the compute removed by a cut whose size was not given (a checkpoint from before sizes)
 RHO_MAX = 3.0  # a cut's damage may grow after it: the net loses capacity it would have used (MLP: 2.6x the jumps)
+#: The prior on the persistent fraction of a cut's jump: the shared ``μ ~ N(mean, std²)`` and one cut's
+#: ``ρ_j − μ ~ N(0, spread²)``. Measured on the suite's tasks (``experiments/results/suite/jump_vs_final.md``: a GMP
+#: run's final Δ loss over its early trial jump), the share is about 0.03 (MLP), 0.1–0.3 (char-GPT), 0.2–0.35
+#: (ResNet-20) and 0.5–1.5 (LRU): a new cut's ``mean + 2σ`` (σ² = std² + spread²) is 1.5, the LRU's worst. Where a
+#: cut's recovery is read below the probe's noise (most cuts a 1% budget affords) this prior is what the loop
+#: spends by; the former ``N(1, 0.6²)`` (``mean + 2σ`` = 2.3) stopped the simulated plants at 0.40 of the hindsight
+#: GMP's saving, this one at 0.53, both within budget on 98% of them (``tests/unit/test_budget_sim.py``).
+PERSISTENCE_PRIOR = {"mean": 0.5, "std": 0.45, "spread": 0.25}
+
+
+def check_persistence_prior(prior: Mapping[str, Any] | None) -> dict[str, float]:
+    """``prior`` (some of ``mean``, ``std``, ``spread``; ``None``: the defaults) completed with
+    :data:`PERSISTENCE_PRIOR`; ``ValueError`` naming the key or value and what is allowed.
+
+    >>> check_persistence_prior({"mean": 0.2})
+    {'mean': 0.2, 'std': 0.45, 'spread': 0.25}
+    """
+    if prior is None:
+        return dict(PERSISTENCE_PRIOR)
+    if not isinstance(prior, Mapping):
+        raise ValueError(f"persistence_prior must be a mapping with keys {', '.join(PERSISTENCE_PRIOR)}, got {prior!r}")
+    unknown = sorted(str(k) for k in prior if k not in PERSISTENCE_PRIOR)
+    if unknown:
+        raise ValueError(f"persistence_prior: unknown key(s) {unknown}; allowed: {', '.join(PERSISTENCE_PRIOR)}")
+    out = dict(PERSISTENCE_PRIOR)
+    for key, value in prior.items():
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not ok or (key != "mean" and value <= 0):
+            need = "a finite number" if key == "mean" else "a number > 0"
+            raise ValueError(f"persistence_prior.{key} must be {need}, got {value!r}")
+        out[str(key)] = float(value)
+    return out
 
 
 class DamageSensor:
@@ -88,13 +120,14 @@ class DamageSensor:
     Args:
         total_steps: the run's optimizer steps ``T`` (the final damage is read there).
         interval: steps per control interval ``Δ`` (the unit of the recovery rate ``a``).
-        rho_mean / rho_mean_std: the prior on the shared persistent fraction ``μ``.
+        rho_mean / rho_mean_std: the prior on the shared persistent fraction ``μ`` (:data:`PERSISTENCE_PRIOR`).
         rho_spread: how far one cut's ``ρ_j`` may stray from ``μ``.
         window: the readings the fit uses (the trend need only hold locally).
     """
 
-    def __init__(self, total_steps: int, interval: int, rho_mean: float = 1.0, rho_mean_std: float = 0.6,
-                 rho_spread: float = 0.3, window: int = 40) -> None:
+    def __init__(self, total_steps: int, interval: int, rho_mean: float = PERSISTENCE_PRIOR["mean"],
+                 rho_mean_std: float = PERSISTENCE_PRIOR["std"], rho_spread: float = PERSISTENCE_PRIOR["spread"],
+                 window: int = 40) -> None:
         if int(total_steps) < 1 or int(interval) < 1:
             raise ValueError(f"DamageSensor: total_steps and interval must be >= 1, got {total_steps}, {interval}")
         if rho_mean_std <= 0 or rho_spread <= 0:

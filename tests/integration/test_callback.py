@@ -293,6 +293,7 @@ def test_the_sensing_budget_bounds_the_probe_and_trial_forwards_and_every_unread
     budget = run(0.05, target=0.1, quality_budget=0.05, controller_kwargs={"warmup": 0.0})
     held = [r for r in budget.trace if r.get("reason", "").startswith("sensing budget")]
     assert held and all(r["action"] == 0.0 and r["damage"] != r["damage"] for r in held)
-    assert budget.summary()["sensing_share"] <= 0.05 + 8 * one_reading  # a cut's trials: a few more readings
+    # the last interval read before the cap: its probe reading and a cut's trials (size_cut: at most 8)
+    assert budget.summary()["sensing_share"] <= 0.05 + (1 + 8) * one_reading
     with pytest.raises(ValueError, match=r"sense_budget must be null or a share .* got 1.5"):
         ControlPruning(controller="lqr", sense_budget=1.5)

@@ -272,3 +272,24 @@ def test_cost_settings_round_trip_through_hydra_to_the_callback(hydra_init: None
                               ("pruning.round_to=fast", "must be an integer >= 1 or 'auto', got 'fast'")):
         with pytest.raises(Exception, match=message):
             train.instantiate_callbacks(compose_cfg(["debug=fast", override], tmp_path))
+
+
+def test_persistence_prior_reaches_the_budget_sensor(hydra_init: None, tmp_path: Path) -> None:
+    """pruning.persistence_prior (all or some keys) reaches the DamageSensor the loop builds for a budget; an
+    unknown key or a bad value stops at construction with the key and the allowed ones named."""
+    from ctprune_lightning.sensing import PERSISTENCE_PRIOR
+
+    cfg = compose_cfg(["controller=lqr", "debug=fast", "pruning.quality_budget=0.02"], tmp_path)
+    assert dict(cfg.pruning.persistence_prior) == PERSISTENCE_PRIOR
+    cfg = compose_cfg(["controller=lqr", "debug=fast", "pruning.quality_budget=0.02",
+                       "pruning.persistence_prior.mean=0.2", "pruning.persistence_prior.std=0.3"], tmp_path)
+    loop = train.find_pruning_callback(train.instantiate_callbacks(cfg)).loop
+    loop.start_budget(total_steps=400, interval=20)
+    sensor = loop.estimator
+    assert (sensor.rho_mean, sensor.rho_mean_std, sensor.rho_spread) == (0.2, 0.3, PERSISTENCE_PRIOR["spread"])
+    assert sensor.estimate(0)["next_factor"] == pytest.approx(0.2)  # no reading yet: the prior itself
+    for override, message in (("+pruning.persistence_prior.median=0.2",
+                               r"unknown key\(s\) \['median'\]; allowed: mean, std, spread"),
+                              ("pruning.persistence_prior.std=0", r"persistence_prior.std must be a number > 0, got 0")):
+        with pytest.raises(Exception, match=message):
+            train.instantiate_callbacks(compose_cfg(["controller=lqr", "debug=fast", override], tmp_path))

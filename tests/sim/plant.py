@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Plant", "RunResult", "run_loop", "gmp_oracle", "reference_size_cut", "NaiveJumpController",
+__all__ = ["Plant", "RunResult", "run_loop", "run_plants", "gmp_oracle", "reference_size_cut", "NaiveJumpController",
            "KnownPlantController", "NullSensor", "GMP_TARGETS", "GMP_RAMP"]
 
 INTERVAL = 20
@@ -372,6 +375,36 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
                      pred_final=float(r.get("final") or 0.0), pred_final_std=float(r.get("final_std") or 0.0),
                      cuts=cut_rows, saving=plant.saving(compute_at), final_compute=c, trace=trace,
                      stalls=stalls, stall_intervals=starts, chatter=_chatter(trace, warmup), warmup=warmup)
+
+
+def _plant_run(args: tuple[str, int, float, float]) -> tuple[RunResult, dict[str, float]]:
+    controller, seed, budget, target = args
+    plant = Plant.random(seed)
+    res = run_loop(plant, controller, budget=budget, target=target, seed=seed)
+    return res, gmp_oracle(plant, res.warmup, budget, floor=target)
+
+
+def run_plants(controller: str, seeds: list[int], budget: float = 0.01, target: float = 0.1,
+               workers: int | None = None) -> list[tuple[RunResult, dict[str, float]]]:
+    """:func:`run_loop` of ``controller`` and :func:`gmp_oracle` on ``Plant.random(seed)`` for each seed, in seed
+    order, over ``workers`` processes (default: the CPUs this process may use; each run is deterministic, so the
+    result does not depend on them)."""
+    jobs = [(controller, int(seed), budget, target) for seed in seeds]
+    workers = workers or len(os.sched_getaffinity(0))
+    if workers <= 1 or len(jobs) < 2:
+        return [_plant_run(job) for job in jobs]
+    ctx = multiprocessing.get_context("spawn")  # no fork of a parent that has started BLAS or torch threads
+    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    os.environ.update({k: "1" for k in threads})  # the workers' BLAS: one thread each (read at their start)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            return list(pool.map(_plant_run, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    finally:
+        for k, v in threads.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _held_by(requested: float, sized: float, u: float) -> str:

@@ -13,9 +13,26 @@ from ctprune_lightning.controllers.budget import slack_gain
 from ctprune_lightning.controllers.lqr import lqr_gain
 from ctprune_lightning.controllers.sizing import size_cut
 from ctprune_lightning.jump_noise import PRIOR, JumpNoise
-from ctprune_lightning.sensing import DamageSensor
+from ctprune_lightning.sensing import PERSISTENCE_PRIOR, DamageSensor, check_persistence_prior
 
 T, EVERY = 1200, 20
+
+
+def test_persistence_prior_is_completed_checked_and_spent_by() -> None:
+    """Some keys complete with the defaults; a bad value or key names itself and what is allowed; with no reading of
+    a cut's recovery the sensor's prediction of a new cut's persistent share is the prior's mean, its σ the prior's."""
+    assert check_persistence_prior(None) == PERSISTENCE_PRIOR
+    assert check_persistence_prior({"mean": 0.2}) == {**PERSISTENCE_PRIOR, "mean": 0.2}
+    for bad, message in ((0.5, "must be a mapping with keys mean, std, spread, got 0.5"),
+                         ({"sd": 0.1}, r"unknown key\(s\) \['sd'\]; allowed: mean, std, spread"),
+                         ({"spread": -0.1}, "persistence_prior.spread must be a number > 0, got -0.1"),
+                         ({"mean": float("nan")}, "persistence_prior.mean must be a finite number, got nan"),
+                         ({"std": True}, "persistence_prior.std must be a number > 0, got True")):
+        with pytest.raises(ValueError, match=message):
+            check_persistence_prior(bad)
+    sensor = DamageSensor(T, EVERY, rho_mean=0.2, rho_mean_std=0.3, rho_spread=0.4)
+    first = sensor.estimate(0)
+    assert first["next_factor"] == pytest.approx(0.2) and first["next_factor_std"] == pytest.approx(0.3)
 
 
 def dense_log_loss(t: float) -> float:

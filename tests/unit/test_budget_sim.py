@@ -31,6 +31,7 @@ from tests.sim.plant import (
     gmp_oracle,
     reference_size_cut,
     run_loop,
+    run_plants,
 )
 
 N_PLANTS = int(os.environ.get("CTPRUNE_SIM_PLANTS", "200"))
@@ -51,13 +52,8 @@ def _ratio(saving: float, oracle: float) -> float:
 @functools.lru_cache(maxsize=None)
 def closed_loop(controller: str, n: int = N_PLANTS) -> tuple[list[RunResult], list[dict[str, float]]]:
     """The closed loop and the oracle on plants ``0 .. n-1`` (cached: every test reads the same runs)."""
-    results, oracles = [], []
-    for seed in range(n):
-        plant = Plant.random(seed)
-        res = run_loop(plant, controller, budget=BUDGET, target=FLOOR, seed=seed)
-        results.append(res)
-        oracles.append(gmp_oracle(plant, res.warmup, BUDGET, floor=FLOOR))
-    return results, oracles
+    runs = run_plants(controller, list(range(n)), budget=BUDGET, target=FLOOR)
+    return [r for r, _ in runs], [o for _, o in runs]
 
 
 def summary(results: list[RunResult], oracles: list[dict[str, float]]) -> dict[str, Any]:
@@ -106,8 +102,8 @@ def _report(s: dict[str, Any]) -> str:
 CONTROLLERS = ["lqr", pytest.param("pid", marks=pytest.mark.slow)]
 # The issue's targets, not met yet: kept as strict expected failures (an XPASS fails the suite, so a fix must
 # promote them) next to a guard of the levels measured today (test_measured_levels_hold).
-MEASURED = ("lqr on 200 plants (2026-12-05, the jump-noise law): 2σ coverage 97.5%, within budget 98.0%, median "
-            "saving 0.40 of the hindsight GMP, 9 plants stall")
+MEASURED = ("lqr on 200 plants (2026-12-06, persistence prior N(0.5, 0.45²) + N(0, 0.25²)): 2σ coverage 100%, "
+            "within budget 98.0%, median saving 0.53 of the hindsight GMP, 1 plant stalls")
 TARGET = [pytest.param("lqr", marks=pytest.mark.xfail(strict=True, reason=MEASURED)),
           pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
 MET = ["lqr", pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
@@ -164,7 +160,7 @@ def test_measured_levels_hold() -> None:
     """Regression guard: what the lqr loop achieves today on the same 200 plants must not get worse."""
     s = summary(*closed_loop("lqr"))
     assert s["coverage"] >= 0.95 and s["within_budget"] >= 0.95, _report(s)
-    assert s["median_ratio"] >= 0.38 and s["plants_with_stalls"] <= 15 and s["chattering_plants"] == 0, _report(s)
+    assert s["median_ratio"] >= 0.5 and s["plants_with_stalls"] <= 3 and s["chattering_plants"] == 0, _report(s)
 
 
 # ---------------------------------------------------------------------------------------------- the harness itself
@@ -195,6 +191,17 @@ def test_harness_criteria_are_attainable() -> None:
     the budget meets both the within-budget and the saving criterion: they do not contradict each other."""
     within, ratio = _harness_run(lambda p: KnownPlantController(p, FLOOR, BUDGET, safety=0.85))
     assert within >= WITHIN_MIN and ratio >= RATIO_MIN, f"known plant: within {within:.1%}, median ratio {ratio:.2f}"
+
+
+def test_saving_target_needs_each_plants_own_persistence() -> None:
+    """No controller that spends by one persistent share for every plant meets both the within-budget and the
+    saving criterion, even knowing each plant's recovery rate and its cuts' true jumps: the saving target asks for
+    each plant's ρ learned from its readings (which the probe's noise hides on most plants: the loop's gap).
+    Measured: ρ = 0.95 → within 90%, median ratio 0.90; 1.0 → 92%, 0.87; 1.1 → 96%, 0.84."""
+    for rho in (0.95, 1.0, 1.1):
+        within, ratio = _harness_run(lambda p, r=rho: KnownPlantController(p, FLOOR, BUDGET, rho=r))
+        assert not (within >= WITHIN_MIN and ratio >= RATIO_MIN), f"one ρ = {rho} meets both: {within:.1%}, {ratio:.2f}"
+    assert within >= WITHIN_MIN and ratio >= 0.8, (within, ratio)  # the pessimistic share keeps the budget
 
 
 def test_plants_cover_the_measured_ranges() -> None:

@@ -38,6 +38,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable
+from unittest import mock
 
 import numpy as np
 
@@ -394,17 +395,10 @@ def run_plants(controller: str, seeds: list[int], budget: float = 0.01, target: 
     if workers <= 1 or len(jobs) < 2:
         return [_plant_run(job) for job in jobs]
     ctx = multiprocessing.get_context("spawn")  # no fork of a parent that has started BLAS or torch threads
-    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    os.environ.update({k: "1" for k in threads})  # the workers' BLAS: one thread each (read at their start)
-    try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            return list(pool.map(_plant_run, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
-    finally:
-        for k, v in threads.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # the workers' BLAS: one thread each (read at their start)
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}), \
+            ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(_plant_run, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
 
 
 def _held_by(requested: float, sized: float, u: float) -> str:

@@ -134,9 +134,11 @@ class LoopPlanning:
         return total, per_module, self.ledger.dense_step_flops, {"cost": cm}
 
     def update_saturation(self, model: nn.Module) -> None:
-        """Saturated when even the deepest allowed cut (down to the floor) changes no width."""
+        """Saturated when even the deepest cut the controller may still ask for changes no width: down to the floor,
+        or with a compute target down to the target plus the controller's ``settle`` (inside it, it never cuts)."""
         total, per_module, dense, extra = self._planner(model)
-        floor = self.target * dense
+        ctl = self.controller
+        floor = (self.target + (ctl.settle if ctl.budget is None else 0.0)) * dense
         widths = self.widths(model)
         self.saturated = widths == plan_widths(widths, per_module, total, self.groups, floor,
                                                self.min_width, self.round_to, floor_flops=floor, **extra)

@@ -144,6 +144,9 @@ class Controller(ABC):
     #: undo an event that made the validation metric ``rollback_monitor`` worse (see :meth:`worse`)
     rollback: bool = False
     rollback_monitor: str | None = None
+    #: the compute error ``c - c*`` within which a compute-target :meth:`step` never cuts (LQR's deadband); the loop
+    #: stops tracking importance and reading the probe once no cut down to ``c* + settle`` changes a width
+    settle: float = 0.0
     #: whether :meth:`step` reads ``Observation.damage`` (an open-loop schedule does not: the loop then pays for
     #: no probe reading)
     reads_damage: bool = True

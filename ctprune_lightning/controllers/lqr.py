@@ -246,6 +246,11 @@ class LQRController(BudgetModeMixin, Controller):
         """Current damage-per-cut estimate."""
         return self.plant.b
 
+    @property
+    def settle(self) -> float:
+        """The deadband with a compute target (no cut while ``e < deadband``); none in the budget mode."""
+        return self.deadband if self.budget is None else 0.0
+
     def __repr__(self) -> str:
         return (
             f"LQRController(target={self.target}, q_e={self.q_e}, q_d={self.q_d}, r={self.r}, "

@@ -27,6 +27,7 @@ from .cost import CostModel, measure_cost
 from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import group_floor, plan_growth, plan_widths, select_units
+from .probe import batch_size
 from .probe_store import LossFn, ProbeStore
 from .sensing import DamageSensor
 from .surgery.groups import PrunableGroup, arch_spec
@@ -44,6 +45,7 @@ class LoopPlanning:
     """Compute readings and plans for :class:`~ctprune_lightning.loop.ControlLoop` (see the module docstring)."""
 
     QUANTUM = 0.005  # the finest cut (fraction of dense compute) the trial sizing resolves
+    REPAY_TRIALS = 3  # a cut is sized by trial only if its saving over the rest of the run repays this many trials
 
     controller: Controller
     importance: Importance
@@ -194,6 +196,12 @@ class LoopPlanning:
         if not can_trial(model):  # FSDP2 shards: no trial; the last measured jump rate scales the cut
             rate = self.jump_rate
             return u if rate is None else min(u, max_jump / max(rate, 1e-9))
+        worth = self.smallest_worth_trying(model, obs)
+        likely = u if not self.jump_rate or self.jump_rate <= 0 else min(u, max_jump / self.jump_rate)
+        if likely < worth:  # the sizing would cost more than the cut it finds can save: no trial, no cut
+            self.hold_reason = (f"payback: a cut that fits (u≈{likely:.4f}) saves less over the rest of the run than "
+                                f"{self.REPAY_TRIALS} trials cost (it would need u ≥ {worth:.4f})")
+            return 0.0
         sized = size_cut(trial, u, max_jump, quantum=self.QUANTUM)
         self.trials = len(seen)
         if sized > 0 and self._plan_widths(model, obs, sized) == widths:
@@ -202,6 +210,19 @@ class LoopPlanning:
         if sized <= 0:
             self.hold_reason = (f"trial: the smallest cut tried jumps more than allowed ({max_jump:.4g})")
         return sized
+
+    def smallest_worth_trying(self, model: nn.Module, obs: Observation) -> float:
+        """The smallest cut (fraction of the dense compute) whose training FLOPs saved over the rest of the run
+        repay :attr:`REPAY_TRIALS` trial readings (each a forward of the probe batches at the current width), so the
+        sensing never costs more than the cuts it sizes save (late in a run, a small cut does not)."""
+        dense = self.ledger.dense_step_flops
+        total = self.estimator.total_steps if self.estimator is not None else 0
+        remaining = max(total - obs.step, 0)
+        if not dense or remaining <= 0:
+            return math.inf
+        samples = sum(batch_size(b) for b in (self.store.held_out or self.store.train))
+        trial = samples * self.flops(model)[0] / (3.0 * self.ref_batch)  # as :meth:`sensing` charges a reading
+        return self.REPAY_TRIALS * trial / (dense * remaining)
 
     def reading_before(self, model: nn.Module) -> tuple[float, float, list[float]]:
         """(probe loss, best, this rank's per-batch values) before a cut: the interval's reading, else a new one."""

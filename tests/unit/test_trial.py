@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -121,3 +122,23 @@ def test_sizing_feeds_the_noise_law_and_keeps_its_error_to_spare() -> None:
     chosen = loop.trial_reads[keep_key(keep)][0]
     jump = math.log(chosen / loop._before[0])
     assert 0 < sized < 0.4 and jump + loop.estimator.jump_error(sized, jump) <= max_jump
+
+
+def test_no_trial_for_a_cut_that_cannot_repay_it() -> None:
+    """A cut is sized by trial only if its FLOPs saved over the rest of the run repay three trial readings: late in
+    the run (5 of 100 steps left) a cut of 0.2 cannot (it needs u >= 0.4), so no trial runs and the hold says why;
+    early (90 steps left) the same request is tried and cut. A loop without the rule tries both (the ResNet budget
+    run spent 2.7% of its fit on trials that found cuts of 0.007 of the compute)."""
+    torch.manual_seed(3)
+    net, _, loop, early = _budget_loop(width=32, n_batches=2)
+    # each trial forwards the 2 held-out batches of 32 samples: 64 / (3 x 32) of a training step at this width
+    assert loop.smallest_worth_trying(net, early) == pytest.approx(3 * (64 / 96) / 90, rel=1e-9)
+    late = dataclasses.replace(early, step=95, progress=0.95)
+    assert loop.smallest_worth_trying(net, late) == pytest.approx(3 * (64 / 96) / 5, rel=1e-9)
+    read = loop.store.samples_read
+    assert loop._size_by_trial(net, late, 0.2, max_jump=10.0) == 0.0
+    assert loop.store.samples_read == read and loop.trials == 0 and loop.hold_reason.startswith("payback")
+    assert loop._size_by_trial(net, early, 0.2, max_jump=10.0) == pytest.approx(0.2)
+    assert loop.store.samples_read > read and loop.trials == 1
+    loop.jump_rate = 10.0 / 0.01  # the last cut jumped 10 per 0.01: the cut that fits now is ~0.01 < 0.022
+    assert loop._size_by_trial(net, early, 0.2, max_jump=10.0) == 0.0 and loop.hold_reason.startswith("payback")

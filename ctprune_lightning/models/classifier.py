@@ -1,7 +1,8 @@
 """The training, evaluation and prediction steps shared by the classifiers (MLP, ResNet, LRU).
 
 Cross-entropy on ``(inputs, labels)`` batches, torchmetrics accuracy per stage, and the logging keys
-every experiment reads: ``train/loss`` (per step), ``train/acc``, ``val/loss``, ``val/acc``,
+every experiment reads: ``train/loss`` (per step, on the steps the loggers write:
+:func:`~ctprune_lightning.models.common.step_log_due`), ``train/acc``, ``val/loss``, ``val/acc``,
 ``test/loss``, ``test/acc`` (per epoch).
 
 Example::
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from ctprune_lightning.models.common import step_log_due
+
 
 class ClassifierModule(L.LightningModule):
     """A LightningModule with the shared classification steps; subclasses define ``forward``."""
@@ -34,10 +37,13 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc.update(logits.detach(), y)  # accumulate only: no per-batch accuracy computed
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.train_acc.update(logits.detach(), y)  # accumulate only: logged (computed, reset) at the epoch's end
+        if step_log_due(self):
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         x, y = batch

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctprune_lightning.models.common import check_optim_args, configure_optimizer_and_scheduler, decay_groups
+from ctprune_lightning.models.common import (check_optim_args, configure_optimizer_and_scheduler, decay_groups,
+                                             step_log_due)
 
 LN2 = math.log(2.0)
 
@@ -171,7 +172,8 @@ class GPTLanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.compute_loss(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        if step_log_due(self):
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:

@@ -125,3 +125,48 @@ def test_bad_numbers_raise() -> None:
     for kwargs in ({"dropout": 1.0}, {"hidden": (0,)}, {"lr": 0.0}, {"warmup_steps": -1}):
         with pytest.raises(ValueError):
             MLPClassifier(**kwargs)
+
+
+class _LogsEveryStep(MLPClassifier):
+    """The classifier as it was: ``self.log`` on every step, the accuracy metric logged from the step."""
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.train_acc.update(logits.detach(), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("every, limit", [(5, 1.0), (3, 7), (50, 7)])
+def test_the_loggers_read_the_same_rows_as_when_every_step_logged(tmp_path, every: int, limit: float) -> None:
+    """``train/loss`` is logged only on the steps whose logs Lightning writes (and each epoch's last batch), and
+    ``train/acc`` at the epoch's end: the CSV must hold the same rows and values as logging every step did (a rule
+    off by one step drops or shifts rows); a run shorter than ``log_every_n_steps`` still ends with ``train/loss`` in
+    ``callback_metrics`` (the epoch's last batch logs it)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    rows = {}
+    for cls in (_LogsEveryStep, MLPClassifier):
+        L.seed_everything(0, verbose=False)
+        dm = SyntheticDataModule(num_samples=20 * 16, input_shape=(1, 8, 8), batch_size=16, seed=0)
+        model = cls(input_dim=64, hidden=(16,), lr=3e-3)
+        trainer = L.Trainer(accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, max_epochs=2, log_every_n_steps=every,
+                            limit_train_batches=limit, logger=CSVLogger(tmp_path, name=cls.__name__))
+        trainer.fit(model, datamodule=dm)
+        with open(trainer.logger.log_dir + "/metrics.csv") as f:
+            table = [r for r in csv.DictReader(f)]
+        rows[cls] = [(r["step"], r.get("train/loss"), r.get("train/acc")) for r in table
+                     if r.get("train/loss") or r.get("train/acc")]
+        assert "train/loss" in trainer.callback_metrics and "train/acc" in trainer.callback_metrics
+    assert len([r for r in rows[MLPClassifier] if r[1]]) >= (3 if every < 14 else 0)
+    assert len([r for r in rows[MLPClassifier] if r[2]]) == 2  # one accuracy per epoch
+    assert rows[MLPClassifier] == rows[_LogsEveryStep]

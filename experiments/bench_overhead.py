@@ -213,6 +213,82 @@ def section_overhead(args: argparse.Namespace) -> None:
         print(f"  {name:<48} min {min(r):.3f}  median {statistics.median(r):.3f}  all {[round(x, 3) for x in r]}")
 
 
+# ------------------------------------------------------------------------------------ 1b. logging
+def section_logging(args: argparse.Namespace) -> None:
+    """Lightning's per-step cost at a pruned width: a bare loop, a module that logs nothing, the experiments'
+    classifier (``train/loss`` on the steps the loggers write, ``train/acc`` at the epoch's end) and the same
+    logging on every step (what the classifier did before)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from ctprune_lightning.data import SyntheticDataModule
+    from ctprune_lightning.models import MLPClassifier
+
+    warm, n, hidden = args.warmup, 3 * args.steps, (256, 256)
+
+    class StepClock(Callback):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            self.t.append(time.perf_counter())
+
+    class Silent(MLPClassifier):
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+    class EveryStep(MLPClassifier):
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            logits = self(batch[0])
+            loss = F.cross_entropy(logits, batch[1])
+            self.train_acc.update(logits.detach(), batch[1])
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+            return loss
+
+        def on_train_epoch_end(self) -> None:
+            pass
+
+    dm = SyntheticDataModule(num_samples=256 * (warm + n + 2) * 5 // 4, input_shape=(1, 28, 28), num_classes=10,
+                             batch_size=256, seed=0)
+    dm.setup("fit")
+
+    def fit(cls: type) -> Callable[[], float]:
+        def run() -> float:
+            torch.manual_seed(0)
+            clock = StepClock()
+            L.Trainer(accelerator="cpu", devices=1, max_steps=warm + n + 1, max_epochs=1, logger=False,
+                      enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                      enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=20,
+                      callbacks=[clock]).fit(cls(input_dim=784, hidden=hidden, num_classes=10), datamodule=dm)
+            return (clock.t[warm + n] - clock.t[warm]) / n
+        return run
+
+    def bare() -> float:
+        torch.manual_seed(0)
+        model = MLPClassifier(input_dim=784, hidden=hidden, num_classes=10)
+        opt = adamw(model)
+        x_all, y_all = dm.data_train.tensors
+        t = []
+        for i in range(warm + n + 1):
+            t.append(time.perf_counter())
+            train_step(model, opt, (x_all[i * 256:(i + 1) * 256], y_all[i * 256:(i + 1) * 256]))
+        return (t[warm + n] - t[warm]) / n
+
+    variants = {"bare PyTorch loop": bare, "Lightning, module logs nothing": fit(Silent),
+                "Lightning, the experiments' classifier": fit(MLPClassifier),
+                "Lightning, self.log on every step (before)": fit(EveryStep)}
+    res = interleaved(variants, args.repeats)
+    base = statistics.median(res["Lightning, module logs nothing"])
+    print(f"\n## 1b. Logging, MLP 784-256-256-10 (a pruned width), batch 256, AdamW ({args.repeats} repeats x {n} "
+          f"steps after {warm} warm-up, log_every_n_steps=20, {torch.get_num_threads()} thread(s))\n")
+    print("| variant | ms/step min | ms/step median | vs the module that logs nothing (median) |")
+    print("|---|---|---|---|")
+    for name, v in res.items():
+        lo, med = stats(v)
+        print(f"| {name} | {lo * 1e3:.2f} | {med * 1e3:.2f} | {med / base:.3f} |")
+
+
 # ------------------------------------------------------------------------------------ 2. surgery
 def section_surgery(args: argparse.Namespace) -> None:
     from ctprune_lightning.accounting import count_training_flops
@@ -351,7 +427,7 @@ def section_width(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="overhead,surgery,width", help="comma list of overhead,surgery,width,align")
+    p.add_argument("--sections", default="overhead,surgery,width", help="comma list of overhead,logging,surgery,width,align")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {','.join(MODELS)}")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; see the docstring)")
@@ -369,8 +445,8 @@ def main() -> None:
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), repeats {args.repeats}")
-    sections = {"overhead": section_overhead, "surgery": section_surgery, "width": section_width,
-                "align": section_align}
+    sections = {"overhead": section_overhead, "logging": section_logging, "surgery": section_surgery,
+                "width": section_width, "align": section_align}
     for s in args.sections.split(","):
         if s not in sections:
             p.error(f"unknown section {s!r}; choose from {list(sections)}")

@@ -165,3 +165,39 @@ def test_trajectory_is_the_exact_path_integral_and_follows_new_parameters() -> N
     for _ in range(2):
         step()
     torch.testing.assert_close(imp.scores(model, groups[0]), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_trajectory_closes_a_step_whose_after_hook_never_came_and_saves_its_pending_sums() -> None:
+    """Two optimizer steps in a row with no after-hook between them (two optimizers, a manual loop): the first
+    step's −g·Δθ is closed at the next before-hook, so the integral stays exact (a snapshot overwritten by the
+    second step would lose it). The per-element sums not yet reduced to units are part of ``state_dict``: a
+    resumed copy scores the same."""
+    model, groups = setup_model()
+    imp = build_importance("trajectory")
+    imp.attach(model, groups)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(2)
+    tracked = (model[0].weight, model[0].bias, model[2].weight)
+    expected = torch.zeros(16)
+
+    def step(after_hook: bool) -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(16, 10, generator=gen)),
+                                    torch.randint(0, 3, (16,), generator=gen)).backward()
+        before = [p.detach().clone() for p in tracked]
+        grads = [p.grad.detach().clone() for p in tracked]
+        imp.before_optimizer_step(model)
+        opt.step()
+        if after_hook:
+            imp.after_optimizer_step(model)
+        w0, b0, w2 = (-(g * (a.detach() - b)) for g, a, b in zip(grads, tracked, before))
+        expected.add_(w0.sum(1) + b0 + w2.sum(0))
+
+    step(after_hook=False)
+    step(after_hook=True)
+    step(after_hook=True)
+    resumed = build_importance("trajectory")
+    resumed.attach(model, groups)
+    resumed.load_state_dict(imp.state_dict())
+    torch.testing.assert_close(imp.scores(model, groups[0]), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(resumed.scores(model, groups[0]), expected, rtol=1e-5, atol=1e-7)

@@ -108,12 +108,10 @@ class ControlPruning(Callback):
             ``repeats``, ``warmup``, ``cache_dir``).
         sense_budget: the most that reading the model may cost, as a share of the training FLOPs: the forwards
             of the probe readings and the trial cuts (``sensing_flops`` in the summary; their wall-clock is in
-            ``control_time_parts``), e.g. ``0.03``. Spent early, where a cut saves most: at each interval the
-            readings so far may take ``sense_budget`` of the least the fit can cost (the training so far plus the
-            rest at the compute floor; :meth:`ControlLoop.sensing_due`). An interval over it is skipped as a hold
-            whose trace row says why (the first interval always reads; a controller's own events still run).
-            Counted in FLOPs, so the decisions do not depend on the machine's speed. ``None`` (default): read at
-            every interval. The Hydra configs set 0.03.
+            ``control_time_parts``), e.g. ``0.03``. An interval over it is skipped as a hold whose trace row says
+            why (the first interval always reads; a controller's own events still run). Counted in FLOPs, so the
+            decisions do not depend on the machine's speed. ``None`` (default): read at every interval. The
+            Hydra configs set 0.03.
         persistence_prior: with a quality budget, the damage sensor's prior on the share of a cut's immediate
             jump still there at the end of training: some of ``{"mean", "std", "spread"}`` (the shared mean's
             prior, one cut's departure from it), the rest from
@@ -377,7 +375,7 @@ class ControlPruning(Callback):
         with self.ledger.overhead():
             event = self.controller.due(self._progress(trainer))
             if step >= self.start_step and (event or step % self.every_n_steps == 0) and self.loop.ready:
-                unread = "" if event else self.loop.sensing_due(self._progress(trainer))
+                unread = "" if event else self.loop.sensing_due()
                 unread = trainer.strategy.broadcast(unread, src=0)  # every rank reads, or none
                 with self._eager(pl_module):
                     if unread and self.controller.budget is not None:  # a budget cuts only on a reading (trial)

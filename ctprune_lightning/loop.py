@@ -254,27 +254,19 @@ class ControlLoop(LoopPlanning):
         self.jump, self.last_u = None, 0.0
         return obs
 
-    def sensing_due(self, progress: float) -> str:
+    def sensing_due(self) -> str:
         """Why this interval's sensing is skipped ("" when it is due): the forwards of the probe readings and
-        trial cuts so far (``ledger.sensing_flops``) would exceed ``sense_budget`` of the least the fit can cost,
-        the training FLOPs so far plus the rest of the run at the compute floor (``target`` × the dense FLOPs, at
-        the dense rate so far). The whole fit's share stays within ``sense_budget`` (plus the readings of the last
-        interval read) whatever the loop does next, and the readings are spent early, where a cut saves most: a
-        share of the training so far that falls to ``sense_budget`` at the end (≈ 2.9× it at 5% of a run to a 0.1
-        floor). Counted in FLOPs, not seconds, so a run decides alike on any machine and a resumed run as the
-        uninterrupted one. The first interval always reads. An unread interval's trace row says why; a quality
-        budget holds on it (it cuts only on a reading: the trial), a compute target acts on the last reading
-        (``Observation.sensed``)."""
+        trial cuts so far (``ledger.sensing_flops``) would exceed ``sense_budget`` of the training FLOPs. Counted
+        in FLOPs, not seconds, so a run decides alike on any machine and a resumed run as the uninterrupted one.
+        The first interval always reads. An unread interval's trace row says why; a quality budget holds on it (it
+        cuts only on a reading: the trial), a compute target acts on the last reading (``Observation.sensed``)."""
         if self.sense_budget is None or not self.trace or not self.controller.reads_damage:
             return ""
-        spent, train, dense = self.ledger.sensing_flops, self.ledger.train_flops, self.ledger.dense_train_flops
-        p = min(max(float(progress), 1e-9), 1.0)
-        least = train + self.target * dense * (1.0 - p) / p  # the rest of the run at the floor
-        if spent <= self.sense_budget * least:
+        spent, train = self.ledger.sensing_flops, self.ledger.train_flops
+        if spent <= self.sense_budget * train:
             return ""
         return (f"sensing budget: the probe's forwards so far are {spent / max(train, 1e-9):.1%} of the training "
-                f"FLOPs > {self.sense_budget * least / max(train, 1e-9):.1%} ({self.sense_budget:.1%} of the "
-                f"training so far plus the rest at the compute floor {self.target:g})")
+                f"FLOPs > {self.sense_budget:.1%}")
 
     def record_skip(self, model: nn.Module, step: int, progress: float, reason: str) -> dict[str, Any]:
         """The trace row of a quality budget's interval left unread (:meth:`sensing_due`): a hold, with its reason."""

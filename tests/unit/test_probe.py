@@ -91,39 +91,3 @@ def test_step_error_reads_classifiers_and_token_models_and_refuses_other_batches
     assert float(step_error(Custom(4, 3), {"anything": 1})) == 0.25
     with pytest.raises(TypeError, match="compute_error"):
         step_error(clf, (x, torch.randn(10)))  # float targets: not labels
-
-
-def test_the_sensing_budget_is_spent_early_and_never_exceeds_its_share_of_the_fit() -> None:
-    """``sensing_due``: the readings may take ``sense_budget`` of the least the fit can cost (the training so far
-    plus the rest at the compute floor). Early in a run that allows several times ``sense_budget`` of the training
-    so far; at the end exactly ``sense_budget``; and a loop that reads whenever allowed ends within ``sense_budget``
-    of the whole fit (plus one interval's readings) on any compute path above the floor, shrinking or growing.
-    Fails if the allowance is the training so far (starves the first cuts) or the dense rest (overspends)."""
-    loop = ControlLoop(build_controller("lqr", 0.1, budget=0.01), build_importance("magnitude"), target=0.1,
-                       sense_budget=0.03)
-    loop.trace.append({})  # past the first interval (which always reads)
-    led = loop.ledger
-    led.train_flops = led.dense_train_flops = 50.0  # dense for 5% of the run
-    led.sensing_flops = 0.0299 * 50 * 2.9  # the allowance: 3% of 50 + 0.1 × 950
-    assert loop.sensing_due(0.05) == ""
-    led.sensing_flops = 0.0301 * 50 * 2.9
-    reason = loop.sensing_due(0.05)
-    assert reason.startswith("sensing budget") and "8.7%" in reason and "floor 0.1" in reason
-    led.train_flops, led.dense_train_flops, led.sensing_flops = 400.0, 1000.0, 12.5  # the end: 3% of the training
-    assert loop.sensing_due(1.0) != "" and loop.sensing_due(0.999) != ""
-    led.sensing_flops = 11.9
-    assert loop.sensing_due(1.0) == ""
-
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(50):  # random compute paths in [floor, 1]; a reading costs 2–20% of its interval's training
-        led.train_flops = led.dense_train_flops = led.sensing_flops = 0.0
-        compute, intervals, most = 1.0, 100, 0.0
-        for k in range(1, intervals + 1):
-            compute = float(min(1.0, max(0.1, compute + 0.2 * (torch.rand(1, generator=gen).item() - 0.6))))
-            led.train_flops += 20 * compute
-            led.dense_train_flops += 20.0
-            if k == 1 or loop.sensing_due(k / intervals) == "":
-                reading = 20 * compute * (0.02 + 0.18 * torch.rand(1, generator=gen).item())
-                led.sensing_flops += reading
-                most = max(most, reading)
-        assert led.sensing_flops <= 0.03 * led.train_flops + most + 1e-9

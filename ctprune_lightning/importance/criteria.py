@@ -59,12 +59,17 @@ class TaylorImportance(AccumulatingImportance):
 class TrajectoryImportance(AccumulatingImportance):
     """The useful trajectory: Σ_t Σ_p −g_p(t)·Δθ_p(t), the loss decrease the unit's own motion produced.
 
-    Accumulated since the last surgery event (Synaptic-Intelligence style path integral). Per element,
-    −g·Δθ = g·θ_old − g·θ_new: each step adds g·θ before the optimizer step and subtracts it after (the gradient
-    is read in place both times: an optimizer step leaves ``.grad`` alone and the next ``zero_grad`` comes after
-    ``after_optimizer_step``), in one fused multiply-add over the tensors each time, into one fp32 accumulator
-    per parameter of the pruned layers. The sums per unit are taken only when the scores are read (a cut) or
-    saved, not at every step.
+    Accumulated since the last surgery event (Synaptic-Intelligence style path integral), per element into one
+    fp32 accumulator per parameter of the pruned layers; the sums per unit are taken only when the scores are
+    read (a cut) or saved, not at every step. Per element −g·Δθ = g·θ_old − g·θ_new, so where nothing touches the
+    gradient between ``before_optimizer_step`` and the optimizer's update, each step adds ``g·θ`` before and
+    subtracts it after, one fused multiply-add each time (the gradient read in place both times). Lightning clips
+    the gradient *after* the callbacks' ``on_before_optimizer_step``, in place, and a module's own hook may change
+    it too: then ``g·θ_old`` would be read with the gradient before the change. So the first tracked step copies
+    θ instead (``Δθ`` formed after the update, times the gradient as the optimizer used it) and watches the
+    gradients' version counters between the hooks; only if they are unchanged do later steps take the fused
+    path, and a step that finds them changed there drops the sums since the last read (never a corrupt term) and
+    copies θ from then on. A change made through ``.data`` is not seen.
     """
 
     name = "trajectory"
@@ -93,22 +98,49 @@ class TrajectoryImportance(AccumulatingImportance):
             if q not in elem:
                 elem[q] = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32))
         self._elem, self._reads = elem, reads
-        # the step's terms: (accumulator, g, the parameter); the gradient is the same tensor after the step
-        self._open = {q: (elem[q], full(params[q].grad), params[q]) for q in weights}
+        self._marks = {q: (p.grad, p.grad._version) for q, p in params.items()}  # to see a change before the update
+        if getattr(self, "_mode", "first") == "fused":  # (accumulator, g, the parameter, None)
+            self._open = {q: (elem[q], full(params[q].grad), params[q], None) for q in weights}
+            if self._open:
+                accs, grads, _, _ = (list(t) for t in zip(*self._open.values()))
+                torch._foreach_addcmul_(accs, grads, list(weights.values()))
+            return
+        buffers: dict[str, Tensor] = getattr(self, "_buffers", {})  # θ_old, in buffers kept from step to step
+        for q, w in weights.items():
+            if q not in buffers or buffers[q].shape != w.shape or buffers[q].device != w.device \
+                    or buffers[q].dtype != elem[q].dtype:
+                buffers[q] = torch.empty_like(elem[q])
+        self._buffers = buffers
+        self._open = {q: (elem[q], None, params[q], buffers[q]) for q in weights}
         if self._open:
-            accs, grads, _ = (list(t) for t in zip(*self._open.values()))
-            torch._foreach_addcmul_(accs, grads, list(weights.values()))
+            torch._foreach_copy_([buffers[q] for q in weights], list(weights.values()))
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
-        opened: dict[str, tuple[Tensor, Tensor, Tensor]] = getattr(self, "_open", {})
-        self._open = {}
+        opened: dict[str, tuple[Tensor, Tensor | None, Tensor, Tensor | None]] = getattr(self, "_open", {})
+        marks = getattr(self, "_marks", {})
+        self._open, self._marks = {}, {}
         closed = {q: t for q, t in opened.items() if t[2].shape == t[0].shape}
         for qname in opened.keys() - closed.keys():  # reshaped in between: its half-step term is dropped
             self._elem.pop(qname, None)
-        if closed:  # an FSDP2 gradient is not gathered again: the one read before the step is reused
-            accs, grads, params = (list(t) for t in zip(*closed.values()))
+        # changed in place since the before-hook (clipped, zeroed): a new tensor in its place is not a change of the
+        # one read, which the step's terms keep using (a step closed late, after the next backward, stays exact)
+        touched = any(marks[q][0]._version != marks[q][1] for q in closed if q in marks)
+        fused = [t for t in closed.values() if t[1] is not None]
+        copied = [t for t in closed.values() if t[3] is not None]
+        if fused and touched:  # g·θ_old was read with the gradient before its change: drop, copy θ from now on
+            for acc, _, _, _ in fused:
+                acc.zero_()
+        elif fused:  # an FSDP2 gradient is not gathered again: the one read before the step is reused
+            accs, grads, params, _ = (list(t) for t in zip(*fused))
             torch._foreach_addcmul_(accs, grads, [full(p) for p in params], value=-1.0)
+        if copied:  # Δ = θ_old − θ_new in the buffer, times the gradient read before, as the optimizer used it
+            accs, _, params, bufs = (list(t) for t in zip(*copied))
+            torch._foreach_sub_(bufs, [full(p) for p in params])
+            torch._foreach_addcmul_(accs, [full(marks[q][0]) for q, t in closed.items() if t[3] is not None], bufs)
+        if closed:
+            mode = getattr(self, "_mode", "first")
+            self._mode = "copy" if touched or mode == "copy" else ("fused" if mode == "first" else mode)
 
     def flush(self) -> None:
         """Add the per-element sums to the per-unit accumulators and restart them (before scores are read): each
@@ -133,7 +165,7 @@ class TrajectoryImportance(AccumulatingImportance):
 
     def on_surgery(self, plan) -> None:
         """Restart the integral at each event (the kept units start equal)."""
-        self._elem, self._open = {}, {}  # the cut layers have new shapes
+        self._elem, self._open, self._buffers = {}, {}, {}  # the cut layers have new shapes
         for name in self.acc:
             width = plan[name].numel() if name in plan else self.acc[name].numel()
             self.acc[name] = torch.zeros(width)

@@ -314,3 +314,16 @@ def test_the_sensing_budget_bounds_the_probe_and_trial_forwards_and_every_unread
     assert budget.summary()["sensing_share"] <= 0.05 + (1 + 8) * one_reading
     with pytest.raises(ValueError, match=r"sense_budget must be null or a share .* got 1.5"):
         ControlPruning(controller="lqr", sense_budget=1.5)
+
+
+def test_trajectory_tracking_copies_the_weights_when_lightning_clips_the_gradient_after_the_hook() -> None:
+    """Lightning clips the gradient in place after the callbacks' ``on_before_optimizer_step``: the tracking must
+    see it (and form −g·Δθ with the clipped gradient); without clipping it keeps the fused path. Fails if Lightning
+    moves the clip or the tracking stops watching the gradients."""
+    modes = {}
+    for clip in (None, 0.5):
+        cb = ControlPruning(controller="lqr", target=0.3, every_n_steps=5, round_to=4, importance="trajectory")
+        fit(cb, epochs=1, gradient_clip_val=clip)
+        modes[clip] = cb.importance._mode
+        assert cb.summary()["surgeries"] >= 1
+    assert modes == {None: "fused", 0.5: "copy"}

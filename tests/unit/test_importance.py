@@ -201,3 +201,37 @@ def test_trajectory_closes_a_step_whose_after_hook_never_came_and_saves_its_pend
     resumed.load_state_dict(imp.state_dict())
     torch.testing.assert_close(imp.scores(model, groups[0]), expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(resumed.scores(model, groups[0]), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_trajectory_reads_the_gradient_the_optimizer_used_when_it_is_clipped_after_the_hook() -> None:
+    """Lightning clips the gradient in place after the callbacks' ``on_before_optimizer_step``. The integral must
+    be −g·Δθ with the clipped g the update used (not g_before·θ_old − g_clipped·θ_new, which is off by the clip
+    times θ): with clipping from the first step it copies θ throughout; where clipping starts later, the fused
+    steps since the last read are dropped and the rest is exact. Without clipping the fused path runs."""
+    def run(clip_from: int | None, steps: int = 5) -> tuple[torch.Tensor, torch.Tensor, str]:
+        model, groups = setup_model()
+        imp = build_importance("trajectory")
+        imp.attach(model, groups)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(3)
+        tracked = (model[0].weight, model[0].bias, model[2].weight)
+        expected = torch.zeros(16)
+        for k in range(1, steps + 1):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(torch.randn(16, 10, generator=gen)),
+                                        torch.randint(0, 3, (16,), generator=gen)).backward()
+            before = [p.detach().clone() for p in tracked]
+            imp.before_optimizer_step(model)
+            if clip_from is not None and k >= clip_from:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.01)  # in place, as Lightning does
+            opt.step()
+            imp.after_optimizer_step(model)
+            w0, b0, w2 = (-(p.grad * (p.detach() - b)) for p, b in zip(tracked, before))
+            if clip_from is None or clip_from == 1 or k > clip_from:  # what survives: see the docstring
+                expected.add_(w0.sum(1) + b0 + w2.sum(0))
+        return imp.scores(model, groups[0]), expected, imp._mode
+
+    for clip_from, mode in ((None, "fused"), (1, "copy"), (3, "copy")):
+        scores, expected, used = run(clip_from)
+        assert used == mode, (clip_from, used)
+        torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-7)

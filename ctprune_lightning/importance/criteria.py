@@ -10,7 +10,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,17 @@ class TaylorImportance(AccumulatingImportance):
                 acc.add_(total.abs(), alpha=1 - self.beta)
 
 
+class _OpenStep(NamedTuple):
+    """One parameter's term of an optimizer step between the two hooks."""
+
+    acc: Tensor  # the per-element accumulator
+    param: Tensor
+    grad: Tensor  # the gradient tensor read before the step, and its version counter then
+    version: int
+    fused_grad: Tensor | None  # fused path: the gradient whose g·θ_old was added (gathered under FSDP2)
+    theta_old: Tensor | None  # copy path: θ before the step
+
+
 class TrajectoryImportance(AccumulatingImportance):
     """The useful trajectory: Σ_t Σ_p −g_p(t)·Δθ_p(t), the loss decrease the unit's own motion produced.
 
@@ -98,46 +109,46 @@ class TrajectoryImportance(AccumulatingImportance):
             if q not in elem:
                 elem[q] = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32))
         self._elem, self._reads = elem, reads
-        self._marks = {q: (p.grad, p.grad._version) for q, p in params.items()}  # to see a change before the update
-        if getattr(self, "_mode", "first") == "fused":  # (accumulator, g, the parameter, None)
-            self._open = {q: (elem[q], full(params[q].grad), params[q], None) for q in weights}
-            if self._open:
-                accs, grads, _, _ = (list(t) for t in zip(*self._open.values()))
-                torch._foreach_addcmul_(accs, grads, list(weights.values()))
-            return
-        buffers: dict[str, Tensor] = getattr(self, "_buffers", {})  # θ_old, in buffers kept from step to step
-        for q, w in weights.items():
-            if q not in buffers or buffers[q].shape != w.shape or buffers[q].device != w.device \
-                    or buffers[q].dtype != elem[q].dtype:
-                buffers[q] = torch.empty_like(elem[q])
+        buffers: dict[str, Tensor] = getattr(self, "_buffers", {})  # θ_old of the copy path, kept from step to step
+        fused = getattr(self, "_mode", "first") == "fused"
+        if not fused:
+            for q, w in weights.items():
+                if q not in buffers or buffers[q].shape != w.shape or buffers[q].device != w.device \
+                        or buffers[q].dtype != elem[q].dtype:
+                    buffers[q] = torch.empty_like(elem[q])
         self._buffers = buffers
-        self._open = {q: (elem[q], None, params[q], buffers[q]) for q in weights}
-        if self._open:
-            torch._foreach_copy_([buffers[q] for q in weights], list(weights.values()))
+        self._open = {q: _OpenStep(elem[q], p, p.grad, p.grad._version, full(p.grad) if fused else None,
+                                   None if fused else buffers[q]) for q, p in params.items()}
+        if not self._open:
+            return
+        if fused:
+            torch._foreach_addcmul_([t.acc for t in self._open.values()],
+                                    [t.fused_grad for t in self._open.values()], list(weights.values()))
+        else:
+            torch._foreach_copy_([t.theta_old for t in self._open.values()], list(weights.values()))
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
-        opened: dict[str, tuple[Tensor, Tensor | None, Tensor, Tensor | None]] = getattr(self, "_open", {})
-        marks = getattr(self, "_marks", {})
-        self._open, self._marks = {}, {}
-        closed = {q: t for q, t in opened.items() if t[2].shape == t[0].shape}
+        opened: dict[str, _OpenStep] = getattr(self, "_open", {})
+        self._open = {}
+        closed = {q: t for q, t in opened.items() if t.param.shape == t.acc.shape}
         for qname in opened.keys() - closed.keys():  # reshaped in between: its half-step term is dropped
             self._elem.pop(qname, None)
         # changed in place since the before-hook (clipped, zeroed): a new tensor in its place is not a change of the
         # one read, which the step's terms keep using (a step closed late, after the next backward, stays exact)
-        touched = any(marks[q][0]._version != marks[q][1] for q in closed if q in marks)
-        fused = [t for t in closed.values() if t[1] is not None]
-        copied = [t for t in closed.values() if t[3] is not None]
+        touched = any(t.grad._version != t.version for t in closed.values())
+        fused = [t for t in closed.values() if t.fused_grad is not None]
+        copied = [t for t in closed.values() if t.theta_old is not None]
         if fused and touched:  # g·θ_old was read with the gradient before its change: drop, copy θ from now on
-            for acc, _, _, _ in fused:
-                acc.zero_()
+            for t in fused:
+                t.acc.zero_()
         elif fused:  # an FSDP2 gradient is not gathered again: the one read before the step is reused
-            accs, grads, params, _ = (list(t) for t in zip(*fused))
-            torch._foreach_addcmul_(accs, grads, [full(p) for p in params], value=-1.0)
+            torch._foreach_addcmul_([t.acc for t in fused], [t.fused_grad for t in fused],
+                                    [full(t.param) for t in fused], value=-1.0)
         if copied:  # Δ = θ_old − θ_new in the buffer, times the gradient read before, as the optimizer used it
-            accs, _, params, bufs = (list(t) for t in zip(*copied))
-            torch._foreach_sub_(bufs, [full(p) for p in params])
-            torch._foreach_addcmul_(accs, [full(marks[q][0]) for q, t in closed.items() if t[3] is not None], bufs)
+            bufs = [t.theta_old for t in copied]
+            torch._foreach_sub_(bufs, [full(t.param) for t in copied])
+            torch._foreach_addcmul_([t.acc for t in copied], [full(t.grad) for t in copied], bufs)
         if closed:
             mode = getattr(self, "_mode", "first")
             self._mode = "copy" if touched or mode == "copy" else ("fused" if mode == "first" else mode)

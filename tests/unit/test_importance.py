@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ctprune_lightning.importance import build_importance
+from ctprune_lightning.importance import Importance, build_importance
 from ctprune_lightning.surgery import apply_plan_, discover_groups
 
 
@@ -123,47 +123,52 @@ def test_taylor_is_the_ema_of_the_absolute_unit_sum_of_w_times_g() -> None:
     torch.testing.assert_close(imp.scores(model, groups[0]), torch.tensor([0.65625, 0.4375, 0.0]), rtol=0, atol=1e-7)
 
 
+def trajectory_setup() -> tuple[nn.Module, list, Importance, torch.optim.Optimizer]:
+    """The small model, its groups, an attached trajectory importance and an Adam of lr 0.05."""
+    model, groups = setup_model()
+    imp = build_importance("trajectory")
+    imp.attach(model, groups)
+    return model, groups, imp, torch.optim.Adam(model.parameters(), lr=0.05)
+
+
+def trajectory_step(model: nn.Module, opt: torch.optim.Optimizer, imp: Importance, gen: torch.Generator,
+                    after_hook: bool = True, clip: bool = False) -> torch.Tensor:
+    """One step with the importance's hooks around the update (``clip``: the gradient clipped in place between
+    them, as Lightning does); returns the step's exact −g·Δθ per unit of group "0", g as the update used it."""
+    tracked = (model[0].weight, model[0].bias, model[2].weight)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(16, 10, generator=gen)),
+                                torch.randint(0, 3, (16,), generator=gen)).backward()
+    before = [p.detach().clone() for p in tracked]
+    imp.before_optimizer_step(model)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.01)
+    opt.step()
+    if after_hook:
+        imp.after_optimizer_step(model)
+    w0, b0, w2 = (-(p.grad * (p.detach() - b)) for p, b in zip(tracked, before))
+    return w0.sum(1) + b0 + w2.sum(0)
+
+
 def test_trajectory_is_the_exact_path_integral_and_follows_new_parameters() -> None:
     """Σ_t −g·Δθ per unit, checked against an explicit sum; the per-step slice cache must follow a surgery and
     a parameter that is swapped for a new object (a re-wrap or a restore) — a stale cache would read the old
     tensors and the sums would differ."""
-    model, groups = setup_model()
-    imp = build_importance("trajectory")
-    imp.attach(model, groups)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model, groups, imp, opt = trajectory_setup()
     gen = torch.Generator().manual_seed(1)
-    expected = torch.zeros(16)
-
-    def step() -> None:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(torch.randn(16, 10, generator=gen)),
-                                    torch.randint(0, 3, (16,), generator=gen)).backward()
-        before = [p.detach().clone() for p in (model[0].weight, model[0].bias, model[2].weight)]
-        grads = [p.grad.detach().clone() for p in (model[0].weight, model[0].bias, model[2].weight)]
-        imp.before_optimizer_step(model)
-        opt.step()
-        imp.after_optimizer_step(model)
-        after = [model[0].weight, model[0].bias, model[2].weight]
-        w0, b0, w2 = (-(g * (a.detach() - b)) for g, a, b in zip(grads, after, before))
-        expected[:w0.shape[0]] += w0.sum(1) + b0 + w2.sum(0)
-
-    for _ in range(3):
-        step()
+    expected = sum(trajectory_step(model, opt, imp, gen) for _ in range(3))
     torch.testing.assert_close(imp.scores(model, groups[0]), expected, rtol=1e-5, atol=1e-7)
     keep = torch.arange(0, 16, 2)
     apply_plan_(model, groups, {"0": keep}, [opt])
     imp.on_surgery({"0": keep})
-    expected = torch.zeros(8)  # the integral restarts at each surgery, on the new (narrower) parameters
-    for _ in range(2):
-        step()
+    # the integral restarts at each surgery, on the new (narrower) parameters
+    expected = sum(trajectory_step(model, opt, imp, gen) for _ in range(2))
     torch.testing.assert_close(imp.scores(model, groups[0]), expected, rtol=1e-5, atol=1e-7)
     # a new Parameter object behind the module's back (no surgery call): the cache must notice it
     model[0].weight = nn.Parameter(model[0].weight.detach().clone())
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     imp.acc["0"].zero_()
-    expected.zero_()
-    for _ in range(2):
-        step()
+    expected = sum(trajectory_step(model, opt, imp, gen) for _ in range(2))
     torch.testing.assert_close(imp.scores(model, groups[0]), expected, rtol=1e-5, atol=1e-7)
 
 
@@ -172,30 +177,9 @@ def test_trajectory_closes_a_step_whose_after_hook_never_came_and_saves_its_pend
     step's −g·Δθ is closed at the next before-hook, so the integral stays exact (a snapshot overwritten by the
     second step would lose it). The per-element sums not yet reduced to units are part of ``state_dict``: a
     resumed copy scores the same."""
-    model, groups = setup_model()
-    imp = build_importance("trajectory")
-    imp.attach(model, groups)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model, groups, imp, opt = trajectory_setup()
     gen = torch.Generator().manual_seed(2)
-    tracked = (model[0].weight, model[0].bias, model[2].weight)
-    expected = torch.zeros(16)
-
-    def step(after_hook: bool) -> None:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(torch.randn(16, 10, generator=gen)),
-                                    torch.randint(0, 3, (16,), generator=gen)).backward()
-        before = [p.detach().clone() for p in tracked]
-        grads = [p.grad.detach().clone() for p in tracked]
-        imp.before_optimizer_step(model)
-        opt.step()
-        if after_hook:
-            imp.after_optimizer_step(model)
-        w0, b0, w2 = (-(g * (a.detach() - b)) for g, a, b in zip(grads, tracked, before))
-        expected.add_(w0.sum(1) + b0 + w2.sum(0))
-
-    step(after_hook=False)
-    step(after_hook=True)
-    step(after_hook=True)
+    expected = sum(trajectory_step(model, opt, imp, gen, after_hook=hook) for hook in (False, True, True))
     resumed = build_importance("trajectory")
     resumed.attach(model, groups)
     resumed.load_state_dict(imp.state_dict())
@@ -208,30 +192,13 @@ def test_trajectory_reads_the_gradient_the_optimizer_used_when_it_is_clipped_aft
     be −g·Δθ with the clipped g the update used (not g_before·θ_old − g_clipped·θ_new, which is off by the clip
     times θ): with clipping from the first step it copies θ throughout; where clipping starts later, the fused
     steps since the last read are dropped and the rest is exact. Without clipping the fused path runs."""
-    def run(clip_from: int | None, steps: int = 5) -> tuple[torch.Tensor, torch.Tensor, str]:
-        model, groups = setup_model()
-        imp = build_importance("trajectory")
-        imp.attach(model, groups)
-        opt = torch.optim.Adam(model.parameters(), lr=0.05)
-        gen = torch.Generator().manual_seed(3)
-        tracked = (model[0].weight, model[0].bias, model[2].weight)
-        expected = torch.zeros(16)
-        for k in range(1, steps + 1):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(torch.randn(16, 10, generator=gen)),
-                                        torch.randint(0, 3, (16,), generator=gen)).backward()
-            before = [p.detach().clone() for p in tracked]
-            imp.before_optimizer_step(model)
-            if clip_from is not None and k >= clip_from:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.01)  # in place, as Lightning does
-            opt.step()
-            imp.after_optimizer_step(model)
-            w0, b0, w2 = (-(p.grad * (p.detach() - b)) for p, b in zip(tracked, before))
-            if clip_from is None or clip_from == 1 or k > clip_from:  # what survives: see the docstring
-                expected.add_(w0.sum(1) + b0 + w2.sum(0))
-        return imp.scores(model, groups[0]), expected, imp._mode
-
     for clip_from, mode in ((None, "fused"), (1, "copy"), (3, "copy")):
-        scores, expected, used = run(clip_from)
-        assert used == mode, (clip_from, used)
-        torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-7)
+        model, groups, imp, opt = trajectory_setup()
+        gen = torch.Generator().manual_seed(3)
+        expected = torch.zeros(16)
+        for k in range(1, 6):
+            term = trajectory_step(model, opt, imp, gen, clip=clip_from is not None and k >= clip_from)
+            if clip_from is None or clip_from == 1 or k > clip_from:  # what survives: see the docstring
+                expected.add_(term)
+        assert imp._mode == mode, (clip_from, imp._mode)
+        torch.testing.assert_close(imp.scores(model, groups[0]), expected, rtol=1e-5, atol=1e-7)

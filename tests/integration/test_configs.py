@@ -138,6 +138,16 @@ def test_importance_options_build_the_callback(hydra_init: None, tmp_path: Path,
     assert train.find_pruning_callback(train.instantiate_callbacks(cfg)).importance.name == importance
 
 
+def test_importance_settings_reach_the_criterion(hydra_init: None, tmp_path: Path) -> None:
+    """``importance.kwargs`` is passed to the criterion's constructor (Taylor's EMA factor; a bad one is refused)."""
+    for beta in (0.9, 0.5):
+        cfg = compose_cfg(["importance=taylor", f"importance.kwargs.beta={beta}", "debug=fast"], tmp_path)
+        assert train.find_pruning_callback(train.instantiate_callbacks(cfg)).importance.beta == beta
+    cfg = compose_cfg(["importance=taylor", "importance.kwargs.beta=1.5", "debug=fast"], tmp_path)
+    with pytest.raises(Exception, match=r"beta=1.5 must lie in \[0, 1\)"):
+        train.instantiate_callbacks(cfg)
+
+
 def test_fast_debug_stack_instantiates(hydra_init: None, tmp_path: Path) -> None:
     import lightning as L
 

@@ -147,12 +147,14 @@ def _as_keep(keep: int | Tensor | Iterable[int], n: int) -> Tensor:
     return keep
 
 
-def balancing_projectors(sys: DiagonalSystem, keep: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def balancing_projectors(sys: DiagonalSystem, keep: int | Tensor,
+                         svd: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(W, T, σ): rank-r square-root projectors onto the kept balanced states (W T = I) and all HSVs.
 
     States with σ = 0 carry no input-output energy; keeping them is refused (there is no balanced direction).
+    ``svd``: ``sys``'s :func:`_balancing_svd` when the caller has it already.
     """
-    lc, lo, u, s, vh = _balancing_svd(sys)
+    lc, lo, u, s, vh = _balancing_svd(sys) if svd is None else svd
     keep = _as_keep(keep, s.numel())
     sk = s[keep]
     if float(sk.min()) <= float(s[0]) * 1e-14:
@@ -163,9 +165,10 @@ def balancing_projectors(sys: DiagonalSystem, keep: int | Tensor) -> tuple[Tenso
     return w, t, s
 
 
-def balanced_truncation(sys: DiagonalSystem, keep: int | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def balanced_truncation(sys: DiagonalSystem, keep: int | Tensor,
+                        svd: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(A_r, B_r, C_r, σ): the dense reduced system on the kept balanced states, and all HSVs."""
-    w, t, s = balancing_projectors(sys, keep)
+    w, t, s = balancing_projectors(sys, keep, svd)
     return (w * sys.lam[None, :]) @ t, w @ sys.B, sys.C @ t, s
 
 
@@ -273,13 +276,14 @@ def reduce_lru_(layer: nn.Module, keep: int | Tensor, optimizers: Iterable[Optim
     t0 = time.perf_counter()
     optimizers = list(optimizers)
     sys = lru_system(layer)
-    hsv = hankel_singular_values(sys)
+    svd = _balancing_svd(sys)  # the Hankel singular values and the balancing, computed once
+    hsv = svd[3]
     if float(hsv[0]) == 0.0:  # no input-output map at all: keep the first modal states
         idx = _as_keep(keep, sys.state_dim)
         reduced, cond = DiagonalSystem(sys.lam[idx], sys.B[idx], sys.C[:, idx]), 1.0
         kept = idx
     else:
-        a, b, c, hsv = balanced_truncation(sys, keep)
+        a, b, c, hsv = balanced_truncation(sys, keep, svd)
         reduced, cond = diagonalize(a, b, c, ratio=_norm_ratio(layer))
         kept = _as_keep(keep, sys.state_dim)
     if cond > 1e10:

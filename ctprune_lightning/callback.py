@@ -421,15 +421,21 @@ class ControlPruning(Callback):
         self._log(pl_module, row)
 
     def _log(self, pl_module: L.LightningModule, row: Mapping[str, Any]) -> None:
-        pl_module.log(FLOPS_RATIO, row["compute"], prog_bar=True, on_step=True, on_epoch=False)
-        pl_module.log(SAVED, self.ledger.saved, on_step=True, on_epoch=False)
-        pl_module.log(DAMAGE, row["damage"], on_step=True, on_epoch=False)
-        pl_module.log(ACTION, row["action"], on_step=True, on_epoch=False)
-        pl_module.log(PARAMS, float(sum(p.numel() for p in pl_module.parameters())), on_step=True, on_epoch=False)
+        """One control interval's values: to every logger at this step, and into ``callback_metrics`` (for
+        checkpoint monitors and other callbacks). Only the progress bar's goes through ``self.log``: each call costs
+        ~1 ms on a CPU (Lightning's result metric), and a value logged off its ``log_every_n_steps`` steps never
+        reaches the logger; written directly, every interval does, at a tenth of the cost."""
+        values = {FLOPS_RATIO: float(row["compute"]), SAVED: float(self.ledger.saved), DAMAGE: float(row["damage"]),
+                  ACTION: float(row["action"]), PARAMS: float(sum(p.numel() for p in pl_module.parameters()))}
         for key, name in ((FINAL_DAMAGE, "final_damage"), (FINAL_STD, "final_std"), (DAMAGE_STD, "damage_std"),
                           (REFERENCE, "reference"), (BUDGET, "budget")):
             if row.get(name) is not None and math.isfinite(row[name]):
-                pl_module.log(key, float(row[name]), on_step=True, on_epoch=False)
+                values[key] = float(row[name])
+        pl_module.log(FLOPS_RATIO, values[FLOPS_RATIO], prog_bar=True, on_step=True, on_epoch=False)
+        trainer = pl_module.trainer
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        for logger in trainer.loggers if trainer.is_global_zero else ():
+            logger.log_metrics(values, step=trainer.global_step)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

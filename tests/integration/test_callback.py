@@ -316,6 +316,29 @@ def test_the_sensing_budget_bounds_the_probe_and_trial_forwards_and_every_unread
         ControlPruning(controller="lqr", sense_budget=1.5)
 
 
+def test_every_control_interval_reaches_the_logger_at_its_step(tmp_path) -> None:
+    """Each interval's values are written to the loggers at its own step and kept in ``callback_metrics``: fails if
+    they go through ``self.log`` alone (Lightning then writes only its ``log_every_n_steps`` steps, here none of
+    the intervals) or are written at another step."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = ControlPruning(controller="lqr", target=0.3, every_n_steps=4, round_to=4, importance="magnitude")
+    L.seed_everything(0)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path, name="run"),
+                        log_every_n_steps=50, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[cb])
+    trainer.fit(MLPClassifier(input_dim=32, hidden=(64, 64), num_classes=10),
+                datamodule=SyntheticDataModule(num_samples=512, input_shape=(32,), batch_size=32))
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(FLOPS_RATIO)]
+    assert [int(r["step"]) for r in rows] == [t["step"] for t in cb.trace] and len(rows) >= 6
+    assert [float(r[FLOPS_RATIO]) for r in rows] == pytest.approx([t["compute"] for t in cb.trace])
+    assert [float(r[ACTION]) for r in rows] == pytest.approx([t["action"] for t in cb.trace])
+    assert trainer.callback_metrics[SAVED].item() == pytest.approx(cb.summary()["train_flops_saved"], abs=0.02)
+
+
 def test_trajectory_tracking_copies_the_weights_when_lightning_clips_the_gradient_after_the_hook() -> None:
     """Lightning clips the gradient in place after the callbacks' ``on_before_optimizer_step``: the tracking must
     see it (and form −g·Δθ with the clipped gradient); without clipping it keeps the fused path. Fails if Lightning

@@ -34,6 +34,7 @@ from .controllers.base import check_number
 from .cost import AUTO, auto_round_to, check_cost, check_round_to, precision_dtype
 from .importance import Importance, build_importance
 from .loop import BUDGET_METRICS, ControlLoop, check_sense_budget, default_loss
+from .loop_planning import CONFIRM_BATCHES
 from .probe import CallInputs, capture_network_call
 from .rollback import Snapshot
 from .sensing import check_persistence_prior
@@ -118,6 +119,11 @@ class ControlPruning(Callback):
             :data:`~ctprune_lightning.sensing.PERSISTENCE_PRIOR` (``None``: all). Where the readings cannot tell
             a cut's recovery (a small cut under a noisy probe), the loop spends the budget by this prior: a task
             known to recover (a wide over-parameterised net) can say ``{"mean": 0.2}``.
+        confirm_batches: with a quality budget and held-out probe batches, this many more validation batches are
+            kept, and a cut sized by trial is read on them before it is made: it is not made (a hold, with the
+            reason in the trace) when its jump there exceeds the allowance by more than 2 of that read's errors. The
+            probe's own batches can miss a cut's damage (it falls on a few samples) and the trial then takes the
+            largest cut they read as free. Their forwards count as sensing. 0: no check.
 
     Any LightningModule works as it is: the probe loss is ``compute_loss(batch)`` when the module
     defines it, else its own ``training_step`` (logging silenced, metric states restored); the layers
@@ -150,6 +156,7 @@ class ControlPruning(Callback):
         cost_kwargs: Mapping[str, Any] | None = None,
         sense_budget: float | None = None,
         persistence_prior: Mapping[str, float] | None = None,
+        confirm_batches: int = CONFIRM_BATCHES,
     ) -> None:
         super().__init__()
         if probe_data not in PROBE_DATA:
@@ -169,7 +176,8 @@ class ControlPruning(Callback):
             raise ValueError("ControlPruning: cost='time' reads the measured cost model; cost_model=False turns it off")
         measure = cost_model if cost_model is not None else cost == "time"
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("start_step", start_step, 0),
-                                 ("min_width", min_width, 1), ("probe_batches", probe_batches, 1)):
+                                 ("min_width", min_width, 1), ("probe_batches", probe_batches, 1),
+                                 ("confirm_batches", confirm_batches, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ControlPruning: `{name}` must be an integer >= {low}, got {value!r}")
         if isinstance(controller, Controller):
@@ -199,6 +207,7 @@ class ControlPruning(Callback):
             raise TypeError(f"ControlPruning: `importance` must be a name or an Importance, got {importance!r}")
         self.every_n_steps, self.start_step = every_n_steps, start_step
         self.min_width, self.round_to, self.probe_batches = min_width, round_to, probe_batches
+        self.confirm_batches = confirm_batches
         self.ignored_layers = list(ignored_layers)
         self.group_limits = dict(group_limits or {})
         for key, value in self.group_limits.items():
@@ -314,12 +323,17 @@ class ControlPruning(Callback):
             loaders = list(loaders.values())
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
-        batches = list(itertools.islice(loaders, self.probe_batches)) if loaders is not None else []
+        confirm = self.confirm_batches if self.loop.estimator is not None else 0  # checks a budget's cuts
+        batches = list(itertools.islice(loaders, self.probe_batches + confirm)) if loaders is not None else []
         try:
             if not batches:
                 raise ValueError("the trainer has no validation batches (no val_dataloader, or limit_val_batches=0)")
+            if confirm and len(batches) < self.probe_batches + confirm:
+                rank_zero_warn(f"ControlPruning: confirm_batches={confirm}, but the validation data has only "
+                               f"{max(len(batches) - self.probe_batches, 0)} batches beyond the {self.probe_batches} "
+                               "probe batches: the sized cuts are checked on those")
             with self._eager(pl_module):
-                self.loop.set_held_out(pl_module, batches)
+                self.loop.set_held_out(pl_module, batches[:self.probe_batches], batches[self.probe_batches:])
         except ValueError as err:
             if self.probe_data == "val":
                 raise ValueError(f"ControlPruning: probe_data='val': {err}") from err

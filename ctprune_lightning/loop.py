@@ -35,6 +35,7 @@ from .probe import batch_size, step_error, step_loss
 from .probe_store import LossFn, ProbeStore
 from .sensing import DamageSensor, check_persistence_prior
 from .surgery.groups import PrunableGroup, apply_plan_, discover_groups
+from .trial import can_trial
 
 #: the probe loss unless the callback is given another: ``compute_loss(batch)``, else the module's training_step
 default_loss = step_loss
@@ -188,10 +189,12 @@ class ControlLoop(LoopPlanning):
             if measure and self.cost_model is None:  # the dense baseline never cuts: nothing to plan for
                 self.cost_model = self.measure_cost(model)
 
-    def set_held_out(self, model: nn.Module, batches: Sequence[Any]) -> None:
+    def set_held_out(self, model: nn.Module, batches: Sequence[Any], confirm: Sequence[Any] = ()) -> None:
         """Measure the probe loss on these (validation) batches instead of training batches (FLOPs are still
-        counted on the training probe); ``ValueError`` naming the error when they cannot be read."""
-        self.store.set_held_out(model, batches)
+        counted on the training probe); ``confirm``: more of them, on which a cut sized by trial is read before it
+        is made (:meth:`~ctprune_lightning.loop_planning.LoopPlanning.confirm_cut`). ``ValueError`` naming the
+        error when they cannot be read."""
+        self.store.set_held_out(model, batches, confirm)
 
     def count_batch(self, model: nn.Module, batch: Any) -> None:
         """Charge one training batch at the current architecture to the ledger."""
@@ -305,6 +308,11 @@ class ControlLoop(LoopPlanning):
             new = widths
         new = self._never_slower(widths, new)
         keep = self._keep(model, widths, new)
+        max_jump = self.controller.max_jump
+        if keep and rule is None and max_jump is not None and self.store.confirm and can_trial(model):
+            self.hold_reason = self.confirm_cut(model, keep, u, max_jump)  # the sized cut, on unselected batches
+            if self.hold_reason:
+                new, keep = widths, {}
         if keep and self.estimator is not None and self.held_out:  # the training channel's jump, measured too
             self._train_before = self.train_loss(model)
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}

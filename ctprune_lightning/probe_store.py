@@ -58,6 +58,7 @@ class ProbeStore:
         self.size, self.loss_fn, self.error_fn, self.reduce_mean = size, loss_fn, error_fn, reduce_mean
         self.train: list[Any] = []
         self.held_out: list[Any] = []
+        self.confirm: list[Any] = []  # more held-out batches: a sized cut is read on them before it is made
         self.metric = "loss"  # what a reading is: "loss", or "error" (the error rate)
         self.batch_stats = False  # BatchNorm reads the probe's batch statistics (the budget sensor's reading)
         self.samples_read = 0  # samples forwarded by every reading so far (what the sensing cost in compute)
@@ -82,14 +83,14 @@ class ProbeStore:
         self.train.append(kept)
         return len(self.train) == 1
 
-    def set_held_out(self, model: nn.Module, batches: Sequence[Any]) -> None:
-        """Read these (validation) batches instead of training ones; ``ValueError`` naming the cause when the
-        reading fails on them (nothing is kept then)."""
+    def set_held_out(self, model: nn.Module, batches: Sequence[Any], confirm: Sequence[Any] = ()) -> None:
+        """Read these (validation) batches instead of training ones, and keep ``confirm`` (more of them) for
+        :meth:`confirm_loss`; ``ValueError`` naming the cause when the reading fails on them (nothing is kept)."""
         kept = [detached(b) for b in batches]
         if not kept:
             raise ValueError("ProbeStore.set_held_out: no batches given")
         self.check_readable(model, kept[0], "validation")
-        self.held_out = kept
+        self.held_out, self.confirm = kept, [detached(b) for b in confirm]
 
     def check_readable(self, model: nn.Module, batch: Any, kind: str) -> None:
         """Raise ``ValueError`` naming the cause when the reading's function fails on ``batch``."""
@@ -132,13 +133,20 @@ class ProbeStore:
             value = max(value, 0.5 / max(1, sum(batch_size(b) for b in batches)))
         return value
 
+    def confirm_loss(self, model: nn.Module) -> float:
+        """The reading on the :attr:`confirm` batches, averaged over ranks (a sized cut's check, read apart from the
+        batches the trial selected it on)."""
+        return self.reduce_mean(self.mean(model, self.confirm, self.fn))
+
     def train_loss(self, model: nn.Module) -> float:
         """The same reading on the training batches (the sensor's second channel), averaged over ranks."""
         return self.reduce_mean(self.mean(model, self.train, self.fn))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"probe": [_cpu(b) for b in self.train], "held_out": [_cpu(b) for b in self.held_out]}
+        return {"probe": [_cpu(b) for b in self.train], "held_out": [_cpu(b) for b in self.held_out],
+                "confirm": [_cpu(b) for b in self.confirm]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.train = list(state.get("probe", []))
         self.held_out = list(state.get("held_out", []))
+        self.confirm = list(state.get("confirm", []))

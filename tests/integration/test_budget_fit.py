@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 from ctprune_lightning import FINAL_DAMAGE, ControlPruning
 from ctprune_lightning.data import SyntheticDataModule
 from ctprune_lightning.models import MLPClassifier
+from ctprune_lightning.trial import read_cut
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,9 +48,9 @@ def test_the_budget_loop_stops_short_of_a_floor_that_breaks_the_budget() -> None
     assert FINAL_DAMAGE in logged
 
 
-def short_fit(cb: ControlPruning, **trainer_kwargs) -> tuple[SyntheticDataModule, MLPClassifier]:
+def short_fit(cb: ControlPruning, samples: int = 512, **trainer_kwargs) -> tuple[SyntheticDataModule, MLPClassifier]:
     L.seed_everything(0)
-    dm = SyntheticDataModule(num_samples=512, input_shape=(32,), batch_size=64)
+    dm = SyntheticDataModule(num_samples=samples, input_shape=(32,), batch_size=64)
     model = MLPClassifier(input_dim=32, hidden=(64, 64), num_classes=10, lr=3e-3)
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb], **trainer_kwargs)
@@ -71,6 +74,46 @@ def test_the_budget_sensor_probes_held_out_validation_batches() -> None:
     restored = ControlPruning(controller="lqr", target=0.1, quality_budget=0.01)
     restored.load_state_dict(cb.state_dict())  # the held-out probe travels in the checkpoint
     assert all(torch.equal(a[0], b[0]) for a, b in zip(restored.loop.held_out, cb.loop.held_out))
+
+
+def test_a_sized_cut_is_read_on_unselected_batches_before_it_is_made() -> None:
+    """``confirm_batches``: the validation batches after the probe's are kept; each cut sized by trial is read on them
+    (nothing committed) and made only if its jump there fits the allowance within 2 of that read's errors. Fails if
+    the batches are not the next ones, the read changes the model, its jump is off, or a refusal still cuts."""
+    cb = ControlPruning(controller="lqr", target=0.1, quality_budget=0.05, every_n_steps=2, probe_batches=2,
+                        confirm_batches=3, controller_kwargs={"warmup": 0.0})
+    dm, model = short_fit(cb, samples=2048)  # 6 validation batches
+    val = list(dm.val_dataloader())
+    assert len(cb.loop.store.confirm) == 3 and cb.summary()["surgeries"] >= 1
+    assert all(torch.equal(kept[0], batch[0]) for kept, batch in zip(cb.loop.store.confirm, val[2:5]))
+    assert cb.summary()["control_time_parts"]["confirm"] > 0
+    # the read itself: the jump of the cut on those batches, the model left as it was
+    group = cb.loop.groups[0]
+    keep = {group.name: list(range(0, group.width(model), 2))}
+    before = [p.detach().clone() for p in model.parameters()]
+    model.eval()
+    with torch.no_grad():
+        base = sum(float(nn.functional.cross_entropy(model(x), y)) for x, y in val[2:5]) / 3
+    assert cb.loop.confirm_cut(model, keep, 0.2, max_jump=10.0) == ""
+    reason = cb.loop.confirm_cut(model, keep, 0.2, max_jump=-1.0)
+    jump = float(reason.split(" reads ")[1].split(" ")[0])
+    after = read_cut(model, cb.loop.groups, keep, lambda m: sum(
+        float(nn.functional.cross_entropy(m(x), y)) for x, y in val[2:5]) / 3)
+    assert reason.startswith("confirm:") and jump == pytest.approx(math.log(after / base), abs=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # a refusal is a hold with its reason, and no cut
+    refused = ControlPruning(controller="lqr", target=0.1, quality_budget=0.05, every_n_steps=2, confirm_batches=3,
+                             controller_kwargs={"warmup": 0.0})
+    refused.loop.confirm_cut = lambda *args: "confirm: refused"
+    short_fit(refused, samples=2048)
+    assert refused.summary()["surgeries"] == 0
+    assert any(r["reason"] == "confirm: refused" for r in refused.trace)
+    with pytest.raises(ValueError, match=r"`confirm_batches` must be an integer >= 0, got -1"):
+        ControlPruning(controller="lqr", confirm_batches=-1)
+    few = ControlPruning(controller="lqr", target=0.1, quality_budget=0.05, every_n_steps=2, confirm_batches=3)
+    with pytest.warns(UserWarning, match="only 0 batches beyond the 2 probe batches"):
+        short_fit(few)  # 2 validation batches: nothing to check on
+    assert few.loop.store.confirm == []
 
 
 def test_probe_data_choices_and_missing_validation_data() -> None:

@@ -42,6 +42,8 @@ from unittest import mock
 
 import numpy as np
 
+from ctprune_lightning.loop_planning import CONFIRM_BATCHES, CONFIRM_Z
+
 __all__ = ["Plant", "RunResult", "run_loop", "run_plants", "gmp_oracle", "reference_size_cut", "NaiveJumpController",
            "KnownPlantController", "NullSensor", "GMP_TARGETS", "GMP_RAMP"]
 
@@ -264,7 +266,8 @@ def _observation(harness: bool, **kwargs: Any) -> Any:
 
 def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0.01, target: float = 0.1,
              seed: int = 0, sensor: Any = None, sizer: Callable[..., float] | None = None,
-             controller_kwargs: dict[str, Any] | None = None, resume_at: int | None = None) -> RunResult:
+             controller_kwargs: dict[str, Any] | None = None, resume_at: int | None = None,
+             miss: float = 0.0, confirm_batches: int = CONFIRM_BATCHES) -> RunResult:
     """Replay the real loop on ``plant`` with measurement noise from ``seed``.
 
     Each control step ``t``: ``sensor.observe(t, probe, train, lr)``; ``r = sensor.estimate(t)``;
@@ -275,6 +278,13 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
     (``step``, ``reason``, ``max_jump``, ``warmup``). ``sensor``: default a ``DamageSensor``.
     ``resume_at``: before that control step (an index), the sensor and the controller are replaced by fresh
     ones loaded from their ``state_dict`` (a checkpoint resume); the run must not change.
+    ``miss``: the chance that a control step's 2 probe batches miss most of a cut's damage (its reads of every
+    size then show 0–40% of the true jump, their spread as small as usual): the sparse, heavy-tailed per-sample
+    damage measured on real runs (``experiments/results/suite/not_kept_2026-12-06.md``: 4 of 22 committed cuts
+    read 4.6–9.8 law errors lower on the probe's 2 batches than on 6 others). 0: Gaussian reads.
+    ``confirm_batches``: as the loop's (``ControlPruning(confirm_batches=...)``), a sized cut is read again on that
+    many batches the trial did not select on (a fresh error, the 2-batch law's × √(2 / confirm_batches)) and not
+    made when that read exceeds its allowance by more than ``CONFIRM_Z`` of its error; 0: no such check.
     """
     if isinstance(controller_name, str):
         from ctprune_lightning.controllers import build_controller
@@ -290,6 +300,8 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
         from ctprune_lightning.controllers.sizing import size_cut as sizer
     rng = np.random.default_rng([int(seed), plant.seed, 777])
     err_rng = np.random.default_rng([int(seed), plant.seed, 778])  # the jumps' read errors (leaves rng's draws be)
+    miss_rng = np.random.default_rng([int(seed), plant.seed, 779])  # which steps' probe batches miss the damage
+    confirm_rng = np.random.default_rng([int(seed), plant.seed, 780])  # the confirm batches' read errors
     T, D, q = plant.total_steps, plant.interval, plant.quantum
     margin = float(getattr(ctl, "margin", 2.0))
     warmup = float(getattr(ctl, "warmup", 0.0))
@@ -336,13 +348,14 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
         j = len(cuts)
 
         reads: dict[float, float] = {}  # this step's trials (the same batches: one error draw z_batch)
+        seen = 1.0 - float(miss_rng.uniform(0.6, 1.0)) if miss and miss_rng.random() < miss else 1.0
 
         def measured(u_req: float, _c: float = c) -> float:
             u_r = plant.snap(_c, u_req, target)
             true = plant.jump(_c, u_r)
             error = plant.jump_error(u_r, true)
             if u_r not in reads:  # the loop's per-batch spread: two batches, one degree of freedom
-                reads[u_r] = true + error * z_batch
+                reads[u_r] = true * seen + error * z_batch
                 sensor.add_jump_read(u_r, reads[u_r], error * abs(float(err_rng.standard_normal())))
             return reads[u_r]
 
@@ -352,6 +365,11 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
 
         sized = float(sizer(trial, requested, max_jump, q)) if requested > 0 else 0.0
         u = plant.snap(c, sized, target) if sized > 0 else 0.0
+        if u > 0 and confirm_batches and max_jump is not None:  # the sized cut read on unselected batches
+            scale, true_c = math.sqrt(2.0 / confirm_batches), plant.jump(c, u)
+            fresh = true_c + plant.jump_error(u, true_c) * scale * float(confirm_rng.standard_normal())
+            if fresh > max_jump + CONFIRM_Z * sensor.jump_error(u, fresh) * scale:  # it does not fit there: no cut
+                u = sized = 0.0
         if u > 0:
             s = plant.jump(c, u)
             meas = measured(u)
@@ -378,19 +396,19 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
                      stalls=stalls, stall_intervals=starts, chatter=_chatter(trace, warmup), warmup=warmup)
 
 
-def _plant_run(args: tuple[str, int, float, float]) -> tuple[RunResult, dict[str, float]]:
-    controller, seed, budget, target = args
+def _plant_run(args: tuple[str, int, float, float, dict[str, Any]]) -> tuple[RunResult, dict[str, float]]:
+    controller, seed, budget, target, kwargs = args
     plant = Plant.random(seed)
-    res = run_loop(plant, controller, budget=budget, target=target, seed=seed)
+    res = run_loop(plant, controller, budget=budget, target=target, seed=seed, **kwargs)
     return res, gmp_oracle(plant, res.warmup, budget, floor=target)
 
 
 def run_plants(controller: str, seeds: list[int], budget: float = 0.01, target: float = 0.1,
-               workers: int | None = None) -> list[tuple[RunResult, dict[str, float]]]:
+               workers: int | None = None, **run_kwargs: Any) -> list[tuple[RunResult, dict[str, float]]]:
     """:func:`run_loop` of ``controller`` and :func:`gmp_oracle` on ``Plant.random(seed)`` for each seed, in seed
     order, over ``workers`` processes (default: the CPUs this process may use; each run is deterministic, so the
-    result does not depend on them)."""
-    jobs = [(controller, int(seed), budget, target) for seed in seeds]
+    result does not depend on them); ``run_kwargs`` (e.g. ``miss``, ``confirm_batches``) go to every run."""
+    jobs = [(controller, int(seed), budget, target, dict(run_kwargs)) for seed in seeds]
     workers = workers or len(os.sched_getaffinity(0))
     if workers <= 1 or len(jobs) < 2:
         return [_plant_run(job) for job in jobs]

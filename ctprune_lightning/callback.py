@@ -438,7 +438,7 @@ class ControlPruning(Callback):
         """One control interval's values: to every logger at this step, and into ``callback_metrics`` (for
         checkpoint monitors and other callbacks). Only the progress bar's goes through ``self.log``: each call costs
         ~1 ms on a CPU (Lightning's result metric), and a value logged off its ``log_every_n_steps`` steps never
-        reaches the logger; written directly, every interval does, at a tenth of the cost."""
+        reaches the logger; written directly, every interval does, at a third of the cost."""
         values = {FLOPS_RATIO: float(row["compute"]), SAVED: float(self.ledger.saved), DAMAGE: float(row["damage"]),
                   ACTION: float(row["action"]), PARAMS: float(sum(p.numel() for p in pl_module.parameters()))}
         for key, name in ((FINAL_DAMAGE, "final_damage"), (FINAL_STD, "final_std"), (DAMAGE_STD, "damage_std"),

@@ -226,7 +226,7 @@ class LoopPlanning:
             before = self.store.confirm_loss(model)
             after = read_cut(model, self.groups, keep, self.store.confirm_loss)
         jump = math.log(max(after, 1e-12) / max(before, 1e-12))
-        probe, confirm = len(self.store.held_out or self.store.train), len(self.store.confirm)
+        probe, confirm = len(self.store.held_out), len(self.store.confirm)  # kept with held-out probe batches only
         law = self.estimator.jump_error(size, jump) if self.estimator is not None else 0.0
         error = law * math.sqrt(probe / confirm)  # the 2-batch law's error, on the confirm batches
         if jump <= max_jump + CONFIRM_Z * error:

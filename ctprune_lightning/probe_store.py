@@ -133,14 +133,18 @@ class ProbeStore:
             value = max(value, 0.5 / max(1, sum(batch_size(b) for b in batches)))
         return value
 
+    def read(self, model: nn.Module, batches: Sequence[Any]) -> float:
+        """The reading on ``batches``, averaged over ranks."""
+        return self.reduce_mean(self.mean(model, batches, self.fn))
+
     def confirm_loss(self, model: nn.Module) -> float:
-        """The reading on the :attr:`confirm` batches, averaged over ranks (a sized cut's check, read apart from the
-        batches the trial selected it on)."""
-        return self.reduce_mean(self.mean(model, self.confirm, self.fn))
+        """The reading on the :attr:`confirm` batches (a sized cut's check, apart from the batches the trial selected
+        it on)."""
+        return self.read(model, self.confirm)
 
     def train_loss(self, model: nn.Module) -> float:
-        """The same reading on the training batches (the sensor's second channel), averaged over ranks."""
-        return self.reduce_mean(self.mean(model, self.train, self.fn))
+        """The same reading on the training batches (the sensor's second channel)."""
+        return self.read(model, self.train)
 
     def state_dict(self) -> dict[str, Any]:
         return {"probe": [_cpu(b) for b in self.train], "held_out": [_cpu(b) for b in self.held_out],

@@ -9,9 +9,9 @@ Only numpy and the standard library are imported here, so ``import ctprune_light
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from ..settings import check_kwargs
 from .base import Controller, Observation
 from .hankel import HankelController
 from .lqr import LQRController, lqr_gain, solve_dare
@@ -49,11 +49,6 @@ _REGISTRY: dict[str, type[Controller]] = {
 }
 
 
-def _allowed_kwargs(cls: type[Controller]) -> list[str]:
-    params = inspect.signature(cls.__init__).parameters
-    return [p for p in params if p not in ("self", "target")]
-
-
 def build_controller(name: str, target: float, **kwargs: Any) -> Controller:
     """Build the controller registered as ``name`` (one of :data:`CONTROLLERS`).
 
@@ -65,11 +60,5 @@ def build_controller(name: str, target: float, **kwargs: Any) -> Controller:
     if key not in _REGISTRY:
         raise ValueError(f"Unknown controller {name!r}. Choose one of: {', '.join(CONTROLLERS)}")
     cls = _REGISTRY[key]
-    allowed = _allowed_kwargs(cls)
-    unexpected = sorted(k for k in kwargs if k not in allowed)
-    if unexpected:
-        raise TypeError(
-            f"Unexpected argument(s) {unexpected} for controller {key!r}. "
-            f"Allowed: {', '.join(allowed) if allowed else '(none)'}"
-        )
+    check_kwargs("controller", key, cls, kwargs, fixed=("target",))
     return cls(target=target, **kwargs)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from ..settings import check_kwargs
 from .base import Importance, reduce_to_units
 from .criteria import MagnitudeImportance, TaylorImportance, TrajectoryImportance
 
@@ -25,12 +25,7 @@ def build_importance(name: str, **kwargs: Any) -> Importance:
     if name not in IMPORTANCES:
         raise ValueError(f"Unknown importance {name!r}. Choose one of: {', '.join(IMPORTANCES)}")
     cls = IMPORTANCES[name]
-    params = inspect.signature(cls.__init__).parameters.values() if cls.__init__ is not object.__init__ else ()
-    allowed = [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    unexpected = sorted(k for k in kwargs if k not in allowed)
-    if unexpected:
-        raise TypeError(f"Unexpected argument(s) {unexpected} for importance {name!r}. "
-                        f"Allowed: {', '.join(allowed) if allowed else '(none)'}")
+    check_kwargs("importance", name, cls, kwargs)
     return cls(**kwargs)
 
 

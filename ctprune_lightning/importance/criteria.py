@@ -149,9 +149,8 @@ class TrajectoryImportance(AccumulatingImportance):
             bufs = [t.theta_old for t in copied]
             torch._foreach_sub_(bufs, [full(t.param) for t in copied])
             torch._foreach_addcmul_([t.acc for t in copied], [full(t.grad) for t in copied], bufs)
-        if closed:
-            mode = getattr(self, "_mode", "first")
-            self._mode = "copy" if touched or mode == "copy" else ("fused" if mode == "first" else mode)
+        if closed:  # "first" becomes "fused" unless the gradient changed between the hooks; "copy" stays
+            self._mode = "copy" if touched or getattr(self, "_mode", "first") == "copy" else "fused"
 
     def flush(self) -> None:
         """Add the per-element sums to the per-unit accumulators and restart them (before scores are read): each

@@ -310,9 +310,7 @@ class ControlLoop(LoopPlanning):
         keep = self._keep(model, widths, new)
         max_jump = self.controller.max_jump
         if keep and rule is None and max_jump is not None and self.store.confirm and can_trial(model):
-            self.hold_reason = self.confirm_cut(model, keep, u, max_jump)  # the sized cut, on unselected batches
-            if self.hold_reason:
-                new, keep = widths, {}
+            new, keep, u = self.confirm_cut(model, obs, widths, new, u, max_jump)  # the sized cut, read again
         if keep and self.estimator is not None and self.held_out:  # the training channel's jump, measured too
             self._train_before = self.train_loss(model)
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}

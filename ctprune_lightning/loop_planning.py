@@ -216,23 +216,46 @@ class LoopPlanning:
             self.hold_reason = (f"trial: the smallest cut tried jumps more than allowed ({max_jump:.4g})")
         return sized
 
-    def confirm_cut(self, model: nn.Module, keep: Mapping[str, Sequence[int]], size: float, max_jump: float) -> str:
-        """Read the sized cut ``keep`` on the confirm batches (held out, not the ones the trial selected it on); ""
-        when its jump fits ``max_jump`` within :data:`CONFIRM_Z` of its error (the noise law's, scaled to those
-        batches), else the hold's reason. The probe's 2 batches can miss a cut's damage altogether (sparse
+    def confirm_cut(self, model: nn.Module, obs: Observation, widths: dict[str, int], new: dict[str, int],
+                    size: float, max_jump: float) -> tuple[dict[str, int], dict[str, list[int]], float]:
+        """(widths, kept units, size) of the cut to make after reading the sized cut ``new`` on the confirm batches
+        (held out, not the ones the trial selected it on). It is made when its jump there fits ``max_jump`` within
+        :data:`CONFIRM_Z` of its error (the noise law's, scaled to those batches); else the cut scaled down to fit
+        that read (a cut's jump is about proportional to its size) is read there once and made if it fits; else
+        no cut, and :attr:`hold_reason` says why. The probe's 2 batches can miss a cut's damage altogether (sparse
         per-sample damage): the sizing then takes the largest cut they read as free
         (``experiments/results/suite/not_kept_2026-12-06.md``: 4 of 22 cuts read 0.03–0.11 lower there)."""
+        keep = self._keep(model, widths, new)
         with self.sensing(model, "confirm"):
             before = self.store.confirm_loss(model)
-            after = read_cut(model, self.groups, keep, self.store.confirm_loss)
-        jump = math.log(max(after, 1e-12) / max(before, 1e-12))
+            jump = self._confirm_jump(model, keep, before)
+            if self._fits_confirm(size, jump, max_jump):
+                return new, keep, size
+            reads = f"u={size:.4f} reads {jump:+.4f}"
+            smaller = math.floor(size * 0.98 * max_jump / jump / self.QUANTUM) * self.QUANTUM if jump > 0 else 0.0
+            if smaller > 0:
+                scaled = self._never_slower(widths, self._plan_widths(model, obs, smaller))
+                scaled_keep = self._keep(model, widths, scaled)
+                if scaled_keep and scaled != new:
+                    again = self._confirm_jump(model, scaled_keep, before)
+                    if self._fits_confirm(smaller, again, max_jump):
+                        return scaled, scaled_keep, smaller
+                    reads += f", u={smaller:.4f} reads {again:+.4f}"
+        self.hold_reason = (f"confirm: on {len(self.store.confirm)} held-out batches the trial did not select on, "
+                            f"{reads}: over the allowance {max_jump:.4g} + {CONFIRM_Z:g}σ")
+        return dict(widths), {}, size
+
+    def _confirm_jump(self, model: nn.Module, keep: Mapping[str, Sequence[int]], before: float) -> float:
+        """The log-jump of cutting to ``keep`` on the confirm batches, from their reading ``before`` (nothing cut)."""
+        after = read_cut(model, self.groups, keep, self.store.confirm_loss)
+        return math.log(max(after, 1e-12) / max(before, 1e-12))
+
+    def _fits_confirm(self, size: float, jump: float, max_jump: float) -> bool:
+        """Whether a cut of ``size`` reading ``jump`` on the confirm batches fits ``max_jump`` within
+        :data:`CONFIRM_Z` of that read's error: the noise law's 2-batch error scaled to the confirm batches."""
         probe, confirm = len(self.store.held_out), len(self.store.confirm)  # kept with held-out probe batches only
         law = self.estimator.jump_error(size, jump) if self.estimator is not None else 0.0
-        error = law * math.sqrt(probe / confirm)  # the 2-batch law's error, on the confirm batches
-        if jump <= max_jump + CONFIRM_Z * error:
-            return ""
-        return (f"confirm: the cut (u={size:.4f}) reads {jump:+.4f} on {len(self.store.confirm)} held-out batches the "
-                f"trial did not select on, over its allowance {max_jump:.4g} + {CONFIRM_Z:g}σ ({error:.4f})")
+        return jump <= max_jump + CONFIRM_Z * law * math.sqrt(probe / confirm)
 
     def smallest_worth_trying(self, model: nn.Module, obs: Observation) -> float:
         """The smallest cut (fraction of the dense compute) whose training FLOPs saved over the rest of the run

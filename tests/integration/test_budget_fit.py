@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ctprune_lightning import FINAL_DAMAGE, ControlPruning
+from ctprune_lightning.controllers import Observation
 from ctprune_lightning.data import SyntheticDataModule
 from ctprune_lightning.models import MLPClassifier
 from ctprune_lightning.trial import read_cut
@@ -79,7 +80,8 @@ def test_the_budget_sensor_probes_held_out_validation_batches() -> None:
 def test_a_sized_cut_is_read_on_unselected_batches_before_it_is_made() -> None:
     """``confirm_batches``: the validation batches after the probe's are kept; each cut sized by trial is read on them
     (nothing committed) and made only if its jump there fits the allowance within 2 of that read's errors. Fails if
-    the batches are not the next ones, the read changes the model, its jump is off, or a refusal still cuts."""
+    the batches are not the next ones, the read changes the model, its jump is off, a refusal still cuts, or the cut
+    scaled down to that read is not made when it fits there (or made when it does not)."""
     cb = ControlPruning(controller="lqr", target=0.1, quality_budget=0.05, every_n_steps=2, probe_batches=2,
                         confirm_batches=3, controller_kwargs={"warmup": 0.0})
     dm, model = short_fit(cb, samples=2048)  # 6 validation batches
@@ -94,17 +96,40 @@ def test_a_sized_cut_is_read_on_unselected_batches_before_it_is_made() -> None:
     model.eval()
     with torch.no_grad():
         base = sum(float(nn.functional.cross_entropy(model(x), y)) for x, y in val[2:5]) / 3
-    assert cb.loop.confirm_cut(model, keep, 0.2, max_jump=10.0) == ""
-    reason = cb.loop.confirm_cut(model, keep, 0.2, max_jump=-1.0)
-    jump = float(reason.split(" reads ")[1].split(" ")[0])
+    loop, widths = cb.loop, cb.loop.widths(model)
+    new = {**widths, group.name: len(keep[group.name])}
+    obs = Observation(step=0, progress=0.5, compute=loop.compute(model), damage=0.0)
+    loop._keep = lambda *args: keep  # the units this test chose, not the importance's
+    assert loop.confirm_cut(model, obs, widths, new, 0.2, max_jump=10.0) == (new, keep, 0.2)
+    assert loop.confirm_cut(model, obs, widths, new, 0.2, max_jump=-1.0) == (widths, {}, 0.2)
+    jump = float(loop.hold_reason.split(" reads ")[1].split(":")[0].split(",")[0])
     after = read_cut(model, cb.loop.groups, keep, lambda m: sum(
         float(nn.functional.cross_entropy(m(x), y)) for x, y in val[2:5]) / 3)
-    assert reason.startswith("confirm:") and jump == pytest.approx(math.log(after / base), abs=1e-4)
+    assert loop.hold_reason.startswith("confirm:") and jump == pytest.approx(math.log(after / base), abs=1e-4)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # too large there: the cut scaled to that read (jump ∝ size) is read once more, and made if it fits
+    loop.estimator = None  # no read-error allowance: the comparisons below are exact
+    width = group.width(model)
+    milder = {group.name: [i for i in range(width) if i % 4]}  # a quarter of the units out, not half
+    severe = {group.name: [0]}
+    mild_jump = loop._confirm_jump(model, milder, loop.store.confirm_loss(model))
+    assert 0 < mild_jump < jump
+    loop._plan_widths = lambda m, o, u: {**widths, group.name: len(milder[group.name])}
+    loop._keep = lambda m, w, n: keep if n == new else milder
+    smaller = math.floor(0.2 * 0.98 * mild_jump / jump / 0.005) * 0.005
+    assert loop.confirm_cut(model, obs, widths, new, 0.2, max_jump=mild_jump) == (
+        {**widths, group.name: len(milder[group.name])}, milder, pytest.approx(smaller))
+    loop._keep = lambda m, w, n: keep if n == new else severe  # the scaled cut reads worse: no cut, both reads
+    assert loop.confirm_cut(model, obs, widths, new, 0.2, max_jump=mild_jump) == (widths, {}, 0.2)
+    assert loop.hold_reason.count(" reads ") == 2
     # a refusal is a hold with its reason, and no cut
     refused = ControlPruning(controller="lqr", target=0.1, quality_budget=0.05, every_n_steps=2, confirm_batches=3,
                              controller_kwargs={"warmup": 0.0})
-    refused.loop.confirm_cut = lambda *args: "confirm: refused"
+    def refuse(model, obs, widths, new, size, max_jump):
+        refused.loop.hold_reason = "confirm: refused"
+        return dict(widths), {}, size
+
+    refused.loop.confirm_cut = refuse
     short_fit(refused, samples=2048)
     assert refused.summary()["surgeries"] == 0
     assert any(r["reason"] == "confirm: refused" for r in refused.trace)

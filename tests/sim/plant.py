@@ -283,8 +283,9 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
     damage measured on real runs (``experiments/results/suite/not_kept_2026-12-06.md``: 4 of 22 committed cuts
     read 4.6–9.8 law errors lower on the probe's 2 batches than on 6 others). 0: Gaussian reads.
     ``confirm_batches``: as the loop's (``ControlPruning(confirm_batches=...)``), a sized cut is read again on that
-    many batches the trial did not select on (a fresh error, the 2-batch law's × √(2 / confirm_batches)) and not
-    made when that read exceeds its allowance by more than ``CONFIRM_Z`` of its error; 0: no such check.
+    many batches the trial did not select on (a fresh error, the 2-batch law's × √(2 / confirm_batches)); when that
+    read exceeds its allowance by more than ``CONFIRM_Z`` of its error, the cut scaled down to fit it is read there
+    (the same batches: the same error draw) and made if it fits, else no cut; 0: no such check.
     """
     if isinstance(controller_name, str):
         from ctprune_lightning.controllers import build_controller
@@ -369,7 +370,14 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
             scale, true_c = math.sqrt(2.0 / confirm_batches), plant.jump(c, u)
             fresh = true_c + plant.jump_error(u, true_c) * scale * float(confirm_rng.standard_normal())
             if fresh > max_jump + CONFIRM_Z * sensor.jump_error(u, fresh) * scale:  # it does not fit there: no cut
+                z_c = (fresh - true_c) / max(plant.jump_error(u, true_c) * scale, 1e-12)  # the same batches again
+                smaller = plant.snap(c, u * 0.98 * max_jump / fresh, target) if fresh > 0 else 0.0
                 u = sized = 0.0
+                if smaller >= q * 0.999:  # the cut scaled down to that read, read there once more
+                    true_s = plant.jump(c, smaller)
+                    again = true_s + plant.jump_error(smaller, true_s) * scale * z_c
+                    if again <= max_jump + CONFIRM_Z * sensor.jump_error(smaller, again) * scale:
+                        u = sized = smaller
         if u > 0:
             s = plant.jump(c, u)
             meas = measured(u)

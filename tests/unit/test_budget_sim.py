@@ -104,9 +104,9 @@ def _report(s: dict[str, Any]) -> str:
 LQR = pytest.param("lqr", marks=pytest.mark.slow)
 # The issue's targets, not met yet: kept as strict expected failures (an XPASS fails the suite, so a fix must
 # promote them) next to a guard of the levels measured today (test_measured_levels_hold).
-MEASURED = ("lqr on 200 plants (2026-12-06, persistence prior N(0.5, 0.45²) + N(0, 0.25²), sized cuts checked on 6 "
-            "unselected batches): 2σ coverage 100%, within budget 98.5%, median saving 0.51 of the hindsight GMP "
-            "(0.53 without the check), 1 plant stalls")
+MEASURED = ("lqr on 200 plants (2026-12-07, persistence prior N(0.5, 0.45²) + N(0, 0.25²), sized cuts checked on 6 "
+            "unselected batches, scaled down to that read when over): 2σ coverage 100%, within budget 99%, median "
+            "saving 0.51 of the hindsight GMP (0.53 without the check), 1 plant stalls")
 TARGET = [pytest.param("lqr", marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=MEASURED)]),
           pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
 MET = [LQR, pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
@@ -178,7 +178,8 @@ def test_lqr_keeps_the_budget_when_the_probe_misses_a_cuts_damage_by_checking_it
     spread (the sparse per-sample damage measured on real runs: ``experiments/results/suite/not_kept_2026-12-06.md``).
     The loop reads each sized cut on 6 more held-out batches before making it: the budget holds on ≥ 95% of plants.
     Without that check the trial takes the largest cut the missing batches read as free, and it does not (measured
-    2026-12-06: 97.5% within with it, 77% without)."""
+    2026-12-06: 97.5% within with it, 77% without; 2026-12-07, a refused cut scaled down to the check's read and
+    made if it fits there: 97.5%, coverage 97.5%, median 0.53 of the hindsight GMP)."""
     checked = summary(*zip(*run_plants("lqr", list(range(N_PLANTS)), budget=BUDGET, target=FLOOR, miss=0.1)))
     blind = summary(*zip(*run_plants("lqr", list(range(N_PLANTS)), budget=BUDGET, target=FLOOR, miss=0.1,
                                      confirm_batches=0)))

@@ -379,7 +379,7 @@ class ControlPruning(Callback):
         if step == self._last_step:  # accumulating gradients: no optimizer step yet
             return
         self._last_step = step
-        if self.loop.estimator is not None and self.loop.budget_metric == "loss":
+        if self.loop.estimator is not None and self.loop.budget_metric == "loss" and not self.loop.idle:
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._train_loss.append(loss.detach())

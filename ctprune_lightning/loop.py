@@ -138,6 +138,7 @@ class ControlLoop(LoopPlanning):
         self.jump: float | None = None
         self.last_u = 0.0
         self.saturated = False  # no further cut possible above the floor: importance tracking stops
+        self.idle = ""  # why a quality budget reads no more: no cut it could make repays its sizing (no cut made)
         self.trials = 0  # trial cuts evaluated at the last decision
         self.trial_reads: dict[tuple, tuple[float, float | None]] = {}  # their readings (and jump errors), by cut
         self.hold_reason = ""  # why the last decision cut less than the controller asked (trial sizing)
@@ -261,8 +262,11 @@ class ControlLoop(LoopPlanning):
         """Why this interval's sensing is skipped ("" when it is due): the forwards of the probe readings and
         trial cuts so far (``ledger.sensing_flops``) would exceed ``sense_budget`` of the training FLOPs. Counted
         in FLOPs, not seconds, so a run decides alike on any machine and a resumed run as the uninterrupted one.
-        The first interval always reads. An unread interval's trace row says why; a quality budget holds on it (it
-        cuts only on a reading: the trial), a compute target acts on the last reading (``Observation.sensed``)."""
+        The first interval always reads. A quality budget gone :attr:`idle` reads no more. An unread interval's trace
+        row says why; a quality budget holds on it (it cuts only on a reading: the trial), a compute target acts on
+        the last reading (``Observation.sensed``)."""
+        if self.idle:
+            return self.idle
         if self.sense_budget is None or not self.trace or not self.controller.reads_damage:
             return ""
         spent, train = self.ledger.sensing_flops, self.ledger.train_flops
@@ -311,6 +315,11 @@ class ControlLoop(LoopPlanning):
         max_jump = self.controller.max_jump
         if keep and rule is None and max_jump is not None and self.store.confirm and can_trial(model):
             new, keep, u = self.confirm_cut(model, obs, widths, new, u, max_jump)  # the sized cut, read again
+            if keep and self.first_cut and u < (worth := self.smallest_worth_trying(model, obs)):
+                # scaled down there, the first cut no longer repays its sizing: nothing cut, nothing more to read
+                self.go_idle(f"payback: the first cut that fits the unselected batches too (u={u:.4f}) saves less "
+                             f"than sizing and checking it cost (u ≥ {worth:.4f}); not made")
+                new, keep = widths, {}
         if keep and self.estimator is not None and self.held_out:  # the training channel's jump, measured too
             self._train_before = self.train_loss(model)
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}
@@ -426,6 +435,7 @@ class ControlLoop(LoopPlanning):
             "jump": self.jump,
             "last_u": self.last_u,
             "jump_rate": self.jump_rate,
+            "idle": self.idle,
             "estimator": None if self.estimator is None else self.estimator.state_dict(),
             "budget_metric": self.budget_metric,
             "cost_model": None if self.cost_model is None else self.cost_model.state_dict(),
@@ -444,6 +454,7 @@ class ControlLoop(LoopPlanning):
         self.last_u = float(state.get("last_u", 0.0))
         rate = state.get("jump_rate")
         self.jump_rate = None if rate is None else float(rate)
+        self.idle = str(state.get("idle", ""))
         self.store.load_state_dict(dict(state))
         self.ref_batch = int(state.get("ref_batch", 1))
         if state.get("cost_model") is not None:

@@ -50,7 +50,7 @@ class LoopPlanning:
     """Compute readings and plans for :class:`~ctprune_lightning.loop.ControlLoop` (see the module docstring)."""
 
     QUANTUM = 0.005  # the finest cut (fraction of dense compute) the trial sizing resolves
-    REPAY_TRIALS = 3  # a cut is sized by trial only if its saving over the rest of the run repays this many trials
+    SIZING_TRIALS = 8  # the most trials a sizing runs; a cut is sized only if its saving repays them and its check
 
     controller: Controller
     importance: Importance
@@ -71,6 +71,7 @@ class LoopPlanning:
     cost_kwargs: dict[str, Any] | None
     cost_context: Callable[[], AbstractContextManager[Any]]
     saturated: bool
+    idle: str  # why a quality budget reads no more (no cut it could still make repays its sizing); "" while it reads
     ref_batch: int
     world_size: int
     trial_reads: dict[tuple, tuple[float, float | None]]  # this interval's trial readings and their errors, by cut
@@ -142,13 +143,15 @@ class LoopPlanning:
 
     def update_saturation(self, model: nn.Module) -> None:
         """Saturated when even the deepest cut the controller may still ask for changes no width: down to the floor,
-        or with a compute target down to the target plus the controller's ``settle`` (inside it, it never cuts)."""
+        or with a compute target down to the target plus the controller's ``settle`` (inside it, it never cuts); and
+        a quality budget gone :attr:`idle`."""
         total, per_module, dense, extra = self._planner(model)
         ctl = self.controller
         floor = (self.target + (ctl.settle if ctl.budget is None else 0.0)) * dense
         widths = self.widths(model)
-        self.saturated = widths == plan_widths(widths, per_module, total, self.groups, floor,
-                                               self.min_width, self.round_to, floor_flops=floor, **extra)
+        self.saturated = bool(self.idle) or widths == plan_widths(widths, per_module, total, self.groups, floor,
+                                                                  self.min_width, self.round_to, floor_flops=floor,
+                                                                  **extra)
 
     def plan_growth(self, model: nn.Module, request: float) -> dict[str, int]:
         """``{group: units to add}`` giving back about ``request`` of the dense compute from the cuts of
@@ -205,9 +208,16 @@ class LoopPlanning:
         likely = u if not self.jump_rate or self.jump_rate <= 0 else min(u, max_jump / self.jump_rate)
         if likely < worth:  # the sizing would cost more than the cut it finds can save: no trial, no cut
             self.hold_reason = (f"payback: a cut that fits (u≈{likely:.4f}) saves less over the rest of the run than "
-                                f"{self.REPAY_TRIALS} trials cost (it would need u ≥ {worth:.4f})")
+                                f"sizing and checking it cost (it would need u ≥ {worth:.4f})")
             return 0.0
-        sized = size_cut(trial, u, max_jump, quantum=self.QUANTUM)
+        if self.first_cut and trial(u) > max_jump and trial(worth) > max_jump:
+            # the request does not fit, nor does the smallest cut that repays its sizing, so no cut in between does
+            # (the jump grows with the cut)
+            self.trials = len(seen)
+            self.go_idle(f"payback: the smallest cut that repays sizing and checking it (u={worth:.4f}) jumps more "
+                         f"than allowed ({max_jump:.4g})")
+            return 0.0
+        sized = size_cut(trial, u, max_jump, quantum=self.QUANTUM, max_trials=self.SIZING_TRIALS)
         self.trials = len(seen)
         if sized > 0 and self._plan_widths(model, obs, sized) == widths:
             self.hold_reason = f"the cut that fits (u={sized:.4f}) is below one planner step"
@@ -215,6 +225,19 @@ class LoopPlanning:
         if sized <= 0:
             self.hold_reason = (f"trial: the smallest cut tried jumps more than allowed ({max_jump:.4g})")
         return sized
+
+    @property
+    def first_cut(self) -> bool:
+        """Whether no cut has been made yet (no jump measured, no history)."""
+        return self.jump_rate is None and not self.history
+
+    def go_idle(self, reason: str) -> None:
+        """Hold now and read no more (:attr:`idle`): called where no cut has been made and none that repays its
+        sizing fits; no later reading changes that (nothing cut: no damage; the allowance only shrinks, as a cut's
+        persistent share grows towards the end of the run; the price of a sizing only grows, with fewer steps
+        left to repay it)."""
+        self.hold_reason = reason
+        self.idle, self.saturated = reason + "; no further reading", True
 
     def confirm_cut(self, model: nn.Module, obs: Observation, widths: dict[str, int], new: dict[str, int],
                     size: float, max_jump: float) -> tuple[dict[str, int], dict[str, list[int]], float]:
@@ -259,16 +282,18 @@ class LoopPlanning:
 
     def smallest_worth_trying(self, model: nn.Module, obs: Observation) -> float:
         """The smallest cut (fraction of the dense compute) whose training FLOPs saved over the rest of the run
-        repay :attr:`REPAY_TRIALS` trial readings (each a forward of the probe batches at the current width), so the
-        sensing never costs more than the cuts it sizes save (late in a run, a small cut does not)."""
+        repay the most its sizing and check can cost: :attr:`SIZING_TRIALS` trial readings (each a forward of the
+        probe batches at the current width) and three reads of the confirm batches (before, the cut, the cut scaled
+        down), so the sensing never costs more than the cuts it sizes save (late in a run, a small cut does not)."""
         dense = self.ledger.dense_step_flops
         total = self.estimator.total_steps if self.estimator is not None else 0
         remaining = max(total - obs.step, 0)
         if not dense or remaining <= 0:
             return math.inf
-        samples = sum(batch_size(b) for b in (self.store.held_out or self.store.train))
-        trial = samples * self.flops(model)[0] / (3.0 * self.ref_batch)  # as :meth:`sensing` charges a reading
-        return self.REPAY_TRIALS * trial / (dense * remaining)
+        trial = sum(batch_size(b) for b in (self.store.held_out or self.store.train))
+        samples = self.SIZING_TRIALS * trial + 3 * sum(batch_size(b) for b in self.store.confirm)
+        cost = samples * self.flops(model)[0] / (3.0 * self.ref_batch)  # as :meth:`sensing` charges a reading
+        return cost / (dense * remaining)
 
     def reading_before(self, model: nn.Module) -> tuple[float, float, list[float]]:
         """(probe loss, best, this rank's per-batch values) before a cut: the interval's reading, else a new one."""

@@ -137,8 +137,9 @@ def main() -> None:
         args.strategy]
     model = MLPClassifier(input_dim=32, hidden=(64, 64), num_classes=10, lr=3e-3, scheduler="none")
     if args.budget:
+        # 24 steps: a cut must repay its sizing within a few steps, so no cap on how fast the loop may cut
         pruning = ControlPruning(controller="lqr", target=0.1, quality_budget=args.budget, every_n_steps=2, round_to=4,
-                                 importance="magnitude", probe_data="val")
+                                 importance="magnitude", probe_data="val", controller_kwargs={"max_rate": 100.0})
     else:
         pruning = ControlPruning(controller="gmp", target=0.3, every_n_steps=4, round_to=4, importance="magnitude",
                                  controller_kwargs={"start": 0.0, "end": 0.5})

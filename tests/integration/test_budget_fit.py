@@ -49,11 +49,12 @@ def test_the_budget_loop_stops_short_of_a_floor_that_breaks_the_budget() -> None
     assert FINAL_DAMAGE in logged
 
 
-def short_fit(cb: ControlPruning, samples: int = 512, **trainer_kwargs) -> tuple[SyntheticDataModule, MLPClassifier]:
+def short_fit(cb: ControlPruning, samples: int = 512, max_steps: int = 8,
+              **trainer_kwargs) -> tuple[SyntheticDataModule, MLPClassifier]:
     L.seed_everything(0)
     dm = SyntheticDataModule(num_samples=samples, input_shape=(32,), batch_size=64)
     model = MLPClassifier(input_dim=32, hidden=(64, 64), num_classes=10, lr=3e-3)
-    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb], **trainer_kwargs)
     trainer.fit(model, datamodule=dm)
     return dm, model
@@ -84,7 +85,7 @@ def test_a_sized_cut_is_read_on_unselected_batches_before_it_is_made() -> None:
     scaled down to that read is not made when it fits there (or made when it does not)."""
     cb = ControlPruning(controller="lqr", target=0.1, quality_budget=0.05, every_n_steps=2, probe_batches=2,
                         confirm_batches=3, controller_kwargs={"warmup": 0.0})
-    dm, model = short_fit(cb, samples=2048)  # 6 validation batches
+    dm, model = short_fit(cb, samples=2048, max_steps=40)  # 6 validation batches; a run long enough to repay a check
     val = list(dm.val_dataloader())
     assert len(cb.loop.store.confirm) == 3 and cb.summary()["surgeries"] >= 1
     assert all(torch.equal(kept[0], batch[0]) for kept, batch in zip(cb.loop.store.confirm, val[2:5]))
@@ -130,7 +131,7 @@ def test_a_sized_cut_is_read_on_unselected_batches_before_it_is_made() -> None:
         return dict(widths), {}, size
 
     refused.loop.confirm_cut = refuse
-    short_fit(refused, samples=2048)
+    short_fit(refused, samples=2048, max_steps=40)
     assert refused.summary()["surgeries"] == 0
     assert any(r["reason"] == "confirm: refused" for r in refused.trace)
     with pytest.raises(ValueError, match=r"`confirm_batches` must be an integer >= 0, got -1"):

@@ -115,6 +115,7 @@ def test_sizing_feeds_the_noise_law_and_keeps_its_error_to_spare() -> None:
         jumps[u] = loop.trial_jump(net, keep)
     max_jump = jumps[0.4]  # the bare trial of 0.4 fits this exactly: with a margin it must not
     loop.estimator.noise.reads.clear()
+    loop.jump_rate = 1e-9  # a loop that has cut before: no trial of the smallest cut worth sizing first
     loop.trial_reads = {}
     sized = loop._size_by_trial(net, obs, 0.6, max_jump)
     assert loop.trials >= 2 and len(loop.estimator.noise.reads) == loop.trials
@@ -125,20 +126,72 @@ def test_sizing_feeds_the_noise_law_and_keeps_its_error_to_spare() -> None:
 
 
 def test_no_trial_for_a_cut_that_cannot_repay_it() -> None:
-    """A cut is sized by trial only if its FLOPs saved over the rest of the run repay three trial readings: late in
-    the run (5 of 100 steps left) a cut of 0.2 cannot (it needs u >= 0.4), so no trial runs and the hold says why;
+    """A cut is sized by trial only if its FLOPs saved over the rest of the run repay the most its sizing can cost (8
+    trial readings, and 3 reads of the confirm batches when kept): late in the run (5 of 100 steps left) a cut of
+    0.2 cannot (it needs u >= 1.07), so no trial runs and the hold says why;
     early (90 steps left) the same request is tried and cut. A loop without the rule tries both (the ResNet budget
     run spent 2.7% of its fit on trials that found cuts of 0.007 of the compute)."""
     torch.manual_seed(3)
     net, _, loop, early = _budget_loop(width=32, n_batches=2)
     # each trial forwards the 2 held-out batches of 32 samples: 64 / (3 x 32) of a training step at this width
-    assert loop.smallest_worth_trying(net, early) == pytest.approx(3 * (64 / 96) / 90, rel=1e-9)
+    assert loop.smallest_worth_trying(net, early) == pytest.approx(8 * (64 / 96) / 90, rel=1e-9)
     late = dataclasses.replace(early, step=95, progress=0.95)
-    assert loop.smallest_worth_trying(net, late) == pytest.approx(3 * (64 / 96) / 5, rel=1e-9)
+    assert loop.smallest_worth_trying(net, late) == pytest.approx(8 * (64 / 96) / 5, rel=1e-9)
     read = loop.store.samples_read
     assert loop._size_by_trial(net, late, 0.2, max_jump=10.0) == 0.0
     assert loop.store.samples_read == read and loop.trials == 0 and loop.hold_reason.startswith("payback")
     assert loop._size_by_trial(net, early, 0.2, max_jump=10.0) == pytest.approx(0.2)
     assert loop.store.samples_read > read and loop.trials == 1
-    loop.jump_rate = 10.0 / 0.01  # the last cut jumped 10 per 0.01: the cut that fits now is ~0.01 < 0.022
+    loop.jump_rate = 10.0 / 0.01  # the last cut jumped 10 per 0.01: the cut that fits now is ~0.01 < 0.059
     assert loop._size_by_trial(net, early, 0.2, max_jump=10.0) == 0.0 and loop.hold_reason.startswith("payback")
+    assert not loop.idle  # a loop that has cut keeps reading (its cuts' damage, a growth)
+    loop.store.confirm = [(b[0][:16], b[1][:16]) for b in loop.store.held_out]  # the check's two reads count too
+    assert loop.smallest_worth_trying(net, early) == pytest.approx((8 * 64 + 3 * 32) / 96 / 90, rel=1e-9)
+
+
+def test_a_budget_that_can_cut_nothing_worth_its_sizing_stops_reading() -> None:
+    """Before any cut, the smallest cut that repays its sizing and check is tried first: when even it does not fit,
+    the loop holds after that one trial and reads no more (no probe, no trial, no importance tracking:
+    ``saturated``), and says why; the state survives a checkpoint. The ResNet-20's budget runs paid 3.3% of their
+    training FLOPs to size first cuts of 0.005-0.015 of the compute. Where it fits, the sizing goes on."""
+    torch.manual_seed(3)
+    net, _, loop, early = _budget_loop(width=32, n_batches=2)
+    late = dataclasses.replace(early, step=80, progress=0.8)
+    worth = loop.smallest_worth_trying(net, late)
+    assert worth == pytest.approx(8 * (64 / 96) / 20, rel=1e-9)  # 0.27 of the compute repays 8 trials in 20 steps
+    keep = loop._keep(net, loop.widths(net), loop._plan_widths(net, late, worth))
+    jump = loop.trial_jump(net, keep)
+    assert jump > 0
+    read = loop.store.samples_read
+    max_jump = 0.5 * jump  # the smallest cut worth sizing jumps twice the allowance; the request of 0.5 more
+    assert loop._size_by_trial(net, late, 0.5, max_jump=max_jump) == 0.0
+    assert loop.trials == 2 and loop.store.samples_read == read + 128  # two trials (0.5, 0.27): 2 batches of 32 each
+    assert loop.hold_reason.startswith("payback") and loop.idle.startswith("payback") and loop.saturated
+    assert loop.sensing_due() == loop.idle
+    restored = _budget_loop(width=32, n_batches=2)[2]
+    restored.load_state_dict(loop.state_dict())
+    assert restored.idle == loop.idle and restored.sensing_due() == loop.idle
+    _, _, fits, _ = _budget_loop(width=32, n_batches=2)  # where the whole request fits, it is cut after one trial
+    assert fits._size_by_trial(net, late, 0.5, max_jump=10.0) == pytest.approx(0.5) and not fits.idle
+    assert fits.trials == 1
+
+
+def test_a_first_cut_scaled_below_its_price_by_the_check_is_not_made() -> None:
+    """The check on the unselected batches may scale the first cut down below what repays its sizing: then it is not
+    made and the loop reads no more (nothing cut, nothing to watch); at or above that price it is made."""
+    for scale, expect_cut in ((0.5, False), (2.0, True)):
+        torch.manual_seed(3)
+        net, batches, loop, obs = _budget_loop(width=32, n_batches=2)
+        loop.store.confirm = list(loop.store.held_out)
+        made = scale * loop.smallest_worth_trying(net, obs)
+        loop._size_by_trial = lambda model, o, u, max_jump: 0.4  # the sizing found 0.4
+
+        def confirm(model, o, widths, new, size, max_jump, made=made):
+            return new, loop._keep(model, widths, new), made  # "fits once scaled down to `made`"
+
+        loop.confirm_cut = confirm
+        plan = loop.decide(net, obs)
+        assert bool(plan.keep) is expect_cut and bool(loop.idle) is not expect_cut, (made, loop.hold_reason)
+        if not expect_cut:
+            assert loop.hold_reason.startswith("payback: the first cut") and loop.saturated
+            assert plan.widths == loop.widths(net)

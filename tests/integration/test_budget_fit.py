@@ -184,3 +184,26 @@ def test_budget_metric_choices_and_an_unreadable_error() -> None:
         with pytest.raises(ValueError, match="probe fails on a training batch.*TypeError"):  # fails as well
             short_fit(cb)
     assert cb.loop.held_out == [] and cb.loop.trace == []  # refused before the first step
+
+
+def test_a_budget_with_nothing_worth_cutting_stops_reading_in_a_fit() -> None:
+    """A budget so small that no cut worth its sizing fits: after the first decision (two trials) the loop cuts
+    nothing and reads no more — every later interval is a hold with the idle reason, no probe or trial forward is
+    added, the importance tracking stops, and the training-loss channel is not kept growing. Fails if the idle state
+    is lost between intervals or still senses."""
+    cb = ControlPruning(controller="lqr", target=0.1, quality_budget=1e-6, every_n_steps=2, confirm_batches=3,
+                        controller_kwargs={"warmup": 0.0})
+    store, read_while_idle, tracked_while_idle = cb.loop.store, [], []
+    values = store.values  # every reading (probe, trial, check, training channel) goes through it
+    store.values = lambda *args: (read_while_idle.append(bool(cb.loop.idle)), values(*args))[1]
+    track = cb.importance.before_optimizer_step
+    cb.importance.before_optimizer_step = lambda m: (tracked_while_idle.append(bool(cb.loop.idle)), track(m))[1]
+    short_fit(cb, samples=2048, max_steps=40)
+    rows = cb.trace
+    first = next(i for i, r in enumerate(rows) if r["reason"].startswith("payback: the smallest cut"))
+    assert rows[first]["trials"] == 2 and cb.summary()["surgeries"] == 0
+    later = rows[first + 1:]
+    assert len(later) >= 10 and all(r["reason"] == cb.loop.idle for r in later)
+    assert cb.loop.idle.endswith("no further reading") and cb.loop.saturated and cb._train_loss == []
+    assert read_while_idle.count(False) >= 3 and not any(read_while_idle)  # read before, never after
+    assert tracked_while_idle.count(False) >= 1 and not any(tracked_while_idle)

@@ -369,7 +369,7 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
         if u > 0 and confirm_batches and max_jump is not None:  # the sized cut read on unselected batches
             scale, true_c = math.sqrt(2.0 / confirm_batches), plant.jump(c, u)
             fresh = true_c + plant.jump_error(u, true_c) * scale * float(confirm_rng.standard_normal())
-            if fresh > max_jump + CONFIRM_Z * sensor.jump_error(u, fresh) * scale:  # it does not fit there: no cut
+            if fresh > max_jump + CONFIRM_Z * sensor.jump_error(u, fresh) * scale:  # it does not fit there
                 z_c = (fresh - true_c) / max(plant.jump_error(u, true_c) * scale, 1e-12)  # the same batches again
                 smaller = plant.snap(c, u * 0.98 * max_jump / fresh, target) if fresh > 0 else 0.0
                 u = sized = 0.0

@@ -198,7 +198,7 @@ def test_a_budget_with_nothing_worth_cutting_stops_reading_in_a_fit() -> None:
     store.values = lambda *args: (read_while_idle.append(bool(cb.loop.idle)), values(*args))[1]
     track = cb.importance.before_optimizer_step
     cb.importance.before_optimizer_step = lambda m: (tracked_while_idle.append(bool(cb.loop.idle)), track(m))[1]
-    short_fit(cb, samples=2048, max_steps=40)
+    short_fit(cb, samples=2048, max_steps=60)  # the first request (0.25) is above the price (0.15): it is tried
     rows = cb.trace
     first = next(i for i, r in enumerate(rows) if r["reason"].startswith("payback: the smallest cut"))
     assert rows[first]["trials"] == 2 and cb.summary()["surgeries"] == 0

@@ -120,8 +120,9 @@ class ControlPruning(Callback):
             a cut's recovery (a small cut under a noisy probe), the loop spends the budget by this prior: a task
             known to recover (a wide over-parameterised net) can say ``{"mean": 0.2}``.
         confirm_batches: with a quality budget and held-out probe batches, this many more validation batches are
-            kept, and a cut sized by trial is read on them before it is made: it is not made (a hold, with the
-            reason in the trace) when its jump there exceeds the allowance by more than 2 of that read's errors. The
+            kept, and a cut sized by trial is read on them before it is made: when its jump there exceeds the
+            allowance by more than 2 of that read's errors, the cut scaled down to that read is read there once and
+            made if it fits, else none (a hold, with the reason in the trace). The
             probe's own batches can miss a cut's damage (it falls on a few samples) and the trial then takes the
             largest cut they read as free. Their forwards count as sensing. 0: no check.
 

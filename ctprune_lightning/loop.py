@@ -314,12 +314,7 @@ class ControlLoop(LoopPlanning):
         keep = self._keep(model, widths, new)
         max_jump = self.controller.max_jump
         if keep and rule is None and max_jump is not None and self.store.confirm and can_trial(model):
-            new, keep, u = self.confirm_cut(model, obs, widths, new, u, max_jump)  # the sized cut, read again
-            if keep and self.first_cut and u < (worth := self.smallest_worth_trying(model, obs)):
-                # scaled down there, the first cut no longer repays its sizing: nothing cut, nothing more to read
-                self.go_idle(f"payback: the first cut that fits the unselected batches too (u={u:.4f}) saves less "
-                             f"than sizing and checking it cost (u ≥ {worth:.4f}); not made")
-                new, keep = widths, {}
+            new, keep, u = self.checked_cut(model, obs, widths, new, u, max_jump)  # the sized cut, read again
         if keep and self.estimator is not None and self.held_out:  # the training channel's jump, measured too
             self._train_before = self.train_loss(model)
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}

@@ -239,6 +239,17 @@ class LoopPlanning:
         self.hold_reason = reason
         self.idle, self.saturated = reason + "; no further reading", True
 
+    def checked_cut(self, model: nn.Module, obs: Observation, widths: dict[str, int], new: dict[str, int],
+                    size: float, max_jump: float) -> tuple[dict[str, int], dict[str, list[int]], float]:
+        """:meth:`confirm_cut`, except that a first cut it scales down below the price of its sizing
+        (:meth:`smallest_worth_trying`) is not made, and the loop goes :meth:`go_idle`."""
+        new, keep, size = self.confirm_cut(model, obs, widths, new, size, max_jump)
+        if keep and self.first_cut and size < (worth := self.smallest_worth_trying(model, obs)):
+            self.go_idle(f"payback: the first cut that fits the unselected batches too (u={size:.4f}) saves less "
+                         f"than sizing and checking it cost (u ≥ {worth:.4f}); not made")
+            return dict(widths), {}, size
+        return new, keep, size
+
     def confirm_cut(self, model: nn.Module, obs: Observation, widths: dict[str, int], new: dict[str, int],
                     size: float, max_jump: float) -> tuple[dict[str, int], dict[str, list[int]], float]:
         """(widths, kept units, size) of the cut to make after reading the sized cut ``new`` on the confirm batches
@@ -290,8 +301,8 @@ class LoopPlanning:
         remaining = max(total - obs.step, 0)
         if not dense or remaining <= 0:
             return math.inf
-        trial = sum(batch_size(b) for b in (self.store.held_out or self.store.train))
-        samples = self.SIZING_TRIALS * trial + 3 * sum(batch_size(b) for b in self.store.confirm)
+        per_trial = sum(batch_size(b) for b in (self.store.held_out or self.store.train))
+        samples = self.SIZING_TRIALS * per_trial + 3 * sum(batch_size(b) for b in self.store.confirm)
         cost = samples * self.flops(model)[0] / (3.0 * self.ref_batch)  # as :meth:`sensing` charges a reading
         return cost / (dense * remaining)
 

@@ -390,7 +390,7 @@ class ControlPruning(Callback):
         with self.ledger.overhead():
             event = self.controller.due(self._progress(trainer))
             if step >= self.start_step and (event or step % self.every_n_steps == 0) and self.loop.ready:
-                unread = "" if event else self.loop.sensing_due()
+                unread = "" if event else self.loop.sensing_due(step)
                 unread = trainer.strategy.broadcast(unread, src=0)  # every rank reads, or none
                 with self._eager(pl_module):
                     if unread and self.controller.budget is not None:  # a budget cuts only on a reading (trial)

@@ -80,6 +80,7 @@ class LoopPlanning:
     last_u: float
     trials: int
     hold_reason: str
+    unrepaid: bool
     jump_rate: float | None
     _before: tuple[float, float] | None
 
@@ -207,6 +208,7 @@ class LoopPlanning:
         worth = self.smallest_worth_trying(model, obs)
         likely = u if not self.jump_rate or self.jump_rate <= 0 else min(u, max_jump / self.jump_rate)
         if likely < worth:  # the sizing would cost more than the cut it finds can save: no trial, no cut
+            self.unrepaid = True
             self.hold_reason = (f"payback: a cut that fits (u≈{likely:.4f}) saves less over the rest of the run than "
                                 f"sizing and checking it cost (it would need u ≥ {worth:.4f})")
             return 0.0

@@ -150,6 +150,9 @@ class Controller(ABC):
     #: whether :meth:`step` reads ``Observation.damage`` (an open-loop schedule does not: the loop then pays for
     #: no probe reading)
     reads_damage: bool = True
+    #: whether the last :meth:`step` held because its quality budget is spent and it may not grow: only a change of
+    #: the damage estimate can make it act again, so the loop reads less often (``ControlLoop.sensing_due``)
+    spent: bool = False
 
     def __init__(self, target: float) -> None:
         self.target = check_number("target", target, 0.0, 1.0, low_open=True)

@@ -101,6 +101,7 @@ class BudgetMode:
         self.grow_request = 0.0
         self.last_progress: float | None = None
         self.slack = math.nan
+        self.spent = False  # the last step held on a spent budget, with no growth to watch for
 
     def slack_of(self, obs: Observation) -> float:
         """The budget left under the chance constraint ``D + zσ <= budget``, in budgets (at most 1: a predicted
@@ -118,10 +119,11 @@ class BudgetMode:
         dp = obs.progress - max(self.warmup, self.last_progress or 0.0)  # the rate cap runs from the warm-up's end
         self.last_progress = obs.progress
         x = self.slack = self.slack_of(obs)
-        self.max_jump, self.grow_request = None, 0.0
+        self.max_jump, self.grow_request, self.spent = None, 0.0, False
         if self.grow and self._grow(obs, x):
             return 0.0
         self.reason = self._hold(obs, target, x)
+        self.spent = x <= 0 and not self.grow
         if self.reason:
             return 0.0
         if self.since_grow <= self.grow_hold:
@@ -172,7 +174,7 @@ class BudgetMode:
     def state_dict(self) -> dict[str, Any]:
         return {"reason": self.reason, "cuts": self.cuts, "last_progress": self.last_progress,
                 "max_jump": self.max_jump, "grows": self.grows, "since_cut": self.since_cut,
-                "since_grow": self.since_grow, "grow_request": self.grow_request}
+                "since_grow": self.since_grow, "grow_request": self.grow_request, "spent": self.spent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reason = str(state.get("reason", ""))
@@ -184,6 +186,7 @@ class BudgetMode:
         self.since_cut = int(state.get("since_cut", 10 ** 9))
         self.since_grow = int(state.get("since_grow", 10 ** 9))
         self.grow_request = float(state.get("grow_request", 0.0))
+        self.spent = bool(state.get("spent", False))
 
 
 
@@ -195,6 +198,7 @@ class BudgetModeMixin:
     budget: float | None
     reason: str
     max_jump: float | None
+    spent: bool
 
     def _init_budget(self, budget: float | None, margin: float, warmup: float, max_rate: float,
                      grow: bool = False, grow_hold: int = 3) -> None:
@@ -219,6 +223,7 @@ class BudgetModeMixin:
         assert self.mode is not None
         u = self.mode.step(obs, self.target, self.spend)
         self.reason, self.max_jump, self.grow_request = self.mode.reason, self.mode.max_jump, self.mode.grow_request
+        self.spent = self.mode.spent
         return u
 
     @property
@@ -233,3 +238,4 @@ class BudgetModeMixin:
         if self.mode is not None and state.get("budget_mode") is not None:
             self.mode.load_state_dict(state["budget_mode"])
             self.reason, self.max_jump, self.grow_request = self.mode.reason, self.mode.max_jump, self.mode.grow_request
+            self.spent = self.mode.spent

@@ -40,7 +40,9 @@ def test_the_budget_loop_stops_short_of_a_floor_that_breaks_the_budget() -> None
     assert ramp_s["flops_fraction"] < 0.05 and ramp > dense * (1 + budget)  # the open-loop ramp breaks it
     assert loop <= dense * (1 + budget)  # the loop stays within it, on held-out data
     assert 0.3 < s["flops_fraction"] < 1.0 and s["surgeries"] >= 1  # it cut, and stopped far above the floor
-    rows = s["trace"]
+    rows = [r for r in s["trace"] if "budget" in r]  # the intervals read (no sensing budget here)
+    unread = [r for r in s["trace"] if "budget" not in r]  # after holds with nothing to do: the backoff's gaps
+    assert all(r["reason"].startswith("backoff:") and r["action"] == 0 for r in unread)
     assert all(r["budget"] == budget and r["final_damage"] is not None and r["final_std"] >= 0 for r in rows)
     held = [r for r in rows if r["action"] == 0 and r["compute"] > floor + 0.01 and r["progress"] >= 0.05]
     assert held and all(r["reason"].startswith(("budget spent:", "trial:", "payback:")) for r in held)  # says why
@@ -167,7 +169,8 @@ def test_an_error_rate_budget_in_points_stops_short_of_a_floor_that_breaks_it() 
     assert ramp_s["flops_fraction"] < 0.05 and ramp < dense - points  # the open-loop ramp breaks it
     assert loop >= dense - points  # the loop keeps it, on held-out data
     assert floor + 0.02 < s["flops_fraction"] < 1.0 and s["surgeries"] >= 1  # short of the floor that breaks it
-    rows = s["trace"]
+    rows = [r for r in s["trace"] if "budget" in r]  # the intervals read (the others: the backoff's gaps)
+    assert all(r["reason"].startswith("backoff:") for r in s["trace"] if "budget" not in r)
     assert all(r["budget_metric"] == "error" and r["budget"] == points for r in rows)
     # the readings are error rates (a fraction of the probe's samples), not log-ratios of a loss
     assert all(0.0 < r["reference"] < 1.0 for r in rows) and max(abs(r["final_damage"]) for r in rows) < 1.0

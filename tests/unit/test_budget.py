@@ -100,11 +100,14 @@ def test_budget_mode_holds_with_a_reason_and_sizes_the_allowed_jump(name: str) -
     v = ctl.spend(1.0) if name == "lqr" else None  # lqr: the DARE share of the slack, over f + 2σ_f
     if v is not None:
         assert ctl.max_jump == pytest.approx(v * 0.01 / (0.5 + 2 * 0.1))
-    assert ctl.step(obs(0.2, final=0.008, std=0.002)) == 0 and ctl.reason.startswith("budget spent")
-    assert ctl.step(obs(0.3, compute=0.1)) == 0 and ctl.reason == "at the compute floor"
+    assert not ctl.spent
+    assert ctl.step(obs(0.2, final=0.008, std=0.002)) == 0 and ctl.reason.startswith("budget spent") and ctl.spent
+    assert ctl.step(obs(0.3, compute=0.1)) == 0 and ctl.reason == "at the compute floor" and not ctl.spent
     assert ctl.step(obs(0.4, final=-0.05)) > 0  # a predicted improvement is not banked...
     assert ctl.max_jump <= 0.01 / 0.7 + 1e-12  # ...beyond one budget of slack
     assert ctl.step(obs(0.5, final=-0.004, std=0.005)) > 0  # the chance constraint reads D + 2σ = 0.006 < 0.01
+    growing = build_controller(name, 0.1, budget=0.01, warmup=0.1, grow=True)  # it watches for a growth: not spent
+    assert growing.step(obs(0.2, final=0.008, std=0.002)) == 0 and not growing.spent
 
 
 def test_budget_mode_counts_realised_cuts_and_round_trips_through_state_dict() -> None:

@@ -140,6 +140,7 @@ def test_no_trial_for_a_cut_that_cannot_repay_it() -> None:
     read = loop.store.samples_read
     assert loop._size_by_trial(net, late, 0.2, max_jump=10.0) == 0.0
     assert loop.store.samples_read == read and loop.trials == 0 and loop.hold_reason.startswith("payback")
+    assert loop.unrepaid  # the hold the backoff counts (note_quiet)
     assert loop._size_by_trial(net, early, 0.2, max_jump=10.0) == pytest.approx(0.2)
     assert loop.store.samples_read > read and loop.trials == 1
     loop.jump_rate = 10.0 / 0.01  # the last cut jumped 10 per 0.01: the cut that fits now is ~0.01 < 0.059
@@ -167,10 +168,10 @@ def test_a_budget_that_can_cut_nothing_worth_its_sizing_stops_reading() -> None:
     assert loop._size_by_trial(net, late, 0.5, max_jump=max_jump) == 0.0
     assert loop.trials == 2 and loop.store.samples_read == read + 128  # two trials (0.5, 0.27): 2 batches of 32 each
     assert loop.hold_reason.startswith("payback") and loop.idle.startswith("payback") and loop.saturated
-    assert loop.sensing_due() == loop.idle
+    assert loop.sensing_due(0) == loop.idle
     restored = _budget_loop(width=32, n_batches=2)[2]
     restored.load_state_dict(loop.state_dict())
-    assert restored.idle == loop.idle and restored.sensing_due() == loop.idle
+    assert restored.idle == loop.idle and restored.sensing_due(0) == loop.idle
     _, _, fits, _ = _budget_loop(width=32, n_batches=2)  # where the whole request fits, it is cut after one trial
     assert fits._size_by_trial(net, late, 0.5, max_jump=10.0) == pytest.approx(0.5) and not fits.idle
     assert fits.trials == 1
@@ -195,3 +196,31 @@ def test_a_first_cut_scaled_below_its_price_by_the_check_is_not_made() -> None:
         if not expect_cut:
             assert loop.hold_reason.startswith("payback: the first cut") and loop.saturated
             assert plan.widths == loop.widths(net)
+
+
+def test_a_budget_whose_readings_find_nothing_to_do_reads_at_doubling_gaps() -> None:
+    """Readings after a hold on a spent budget (or on a cut that cannot repay its sizing) changed nothing in the
+    suite's runs: the n-th such reading in a row skips the next 2ⁿ − 1 intervals, and says so; a reading that acts
+    (or holds for any other reason) reads every interval again; the backoff survives a checkpoint. A loop without
+    it reads every interval (fails the first assertion); one that never resets keeps skipping after a cut."""
+    net, _, loop, obs = _budget_loop(width=32, n_batches=2)  # start_budget(total_steps=100, interval=10)
+    loop.controller.spent = True
+    due = []
+    for step in range(10, 100, 10):
+        if not loop.sensing_due(step):
+            due.append(step)
+            loop.note_quiet(step, acted=False)
+    assert due == [10, 30, 70]  # gaps of 2, 4, 8 intervals
+    assert loop.sensing_due(80).startswith("backoff: 3 reading(s) in a row") and "step 150" in loop.sensing_due(80)
+    restored = _budget_loop(width=32, n_batches=2)[2]
+    restored.load_state_dict(loop.state_dict())
+    assert restored.sensing_due(80) == loop.sensing_due(80)
+    loop.note_quiet(150, acted=True)  # a cut (or a growth): read every interval again
+    assert loop.quiet == 0 and loop.sensing_due(160) == ""
+    loop.controller.spent = False
+    loop.unrepaid = True  # the payback hold: no cut that fits repays its sizing
+    loop.note_quiet(160, acted=False)
+    assert loop.sensing_due(170).startswith("backoff: 1 reading(s)") and loop.sensing_due(180) == ""
+    loop.unrepaid = False  # any other hold (warm-up, rate limit, the check...) reads on
+    loop.note_quiet(180, acted=False)
+    assert loop.quiet == 0 and loop.sensing_due(190) == ""

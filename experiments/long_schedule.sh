@@ -16,7 +16,8 @@ if [ -d .gpudata/fashion-mnist ]; then export CTPRUNE_FASHION_MNIST_DIR=$PWD/.gp
 if [ -d .gpudata/shakespeare ]; then export CTPRUNE_SHAKESPEARE_DIR=$PWD/.gpudata/shakespeare; fi
 export OMP_NUM_THREADS=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
 COMMON=(logger=csv callbacks.model_checkpoint=null trainer.enable_checkpointing=false
-        ++trainer.enable_progress_bar=false ++trainer.enable_model_summary=false trainer.accelerator="$ACC")
+        ++trainer.enable_progress_bar=false ++trainer.enable_model_summary=false callbacks.progress_bar=null
+        trainer.accelerator="$ACC")
 GPT=(experiment=gpt_shakespeare dataset.batch_size=32 model.block_size=64 model.n_embd=128 model.warmup_steps=25
      trainer.max_epochs=20 trainer.limit_train_batches=50 trainer.val_check_interval=null trainer.limit_val_batches=10)
 RESNET=(experiment=resnet_fmnist dataset.batch_size=64 trainer.max_epochs=12 trainer.limit_train_batches=100

@@ -18,7 +18,7 @@ export OMP_NUM_THREADS=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=disab
 COMMON=(logger=csv callbacks.model_checkpoint=null trainer.enable_checkpointing=false
         ++trainer.enable_progress_bar=false ++trainer.enable_model_summary=false callbacks.progress_bar=null
         trainer.accelerator="$ACC")
-GPT=(experiment=gpt_shakespeare dataset.batch_size=32 model.block_size=64 model.n_embd=128 model.warmup_steps=25
+GPT=(experiment=gpt_shakespeare dataset.batch_size=32 model.block_size=64 model.n_embd=128 model.warmup_steps=25 trainer.max_steps=-1
      trainer.max_epochs=20 trainer.limit_train_batches=50 trainer.val_check_interval=null trainer.limit_val_batches=10)
 RESNET=(experiment=resnet_fmnist dataset.batch_size=64 trainer.max_epochs=12 trainer.limit_train_batches=100
         trainer.limit_val_batches=10)

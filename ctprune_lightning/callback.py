@@ -368,8 +368,9 @@ class ControlPruning(Callback):
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         # The importance is accumulated only where a decision can use it: from one control interval before
-        # `start_step` (each cut restarts it anyway) until no further cut is possible.
-        if not self.loop.saturated and trainer.global_step + self.every_n_steps >= self.start_step:
+        # `start_step` (each cut restarts it anyway) until no further cut is possible, and not while the budget's
+        # readings back off.
+        if self.loop.tracking(trainer.global_step) and trainer.global_step + self.every_n_steps >= self.start_step:
             with self.ledger.overhead("importance"):
                 self.importance.before_optimizer_step(pl_module)
 
@@ -384,7 +385,7 @@ class ControlPruning(Callback):
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._train_loss.append(loss.detach())
-        if not self.loop.saturated:
+        if self.loop.tracking(step):  # the before-hook's step: closed here (a no-op when it did not track)
             with self.ledger.overhead("importance"):
                 self.importance.after_optimizer_step(pl_module)
         with self.ledger.overhead():

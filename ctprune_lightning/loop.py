@@ -297,6 +297,12 @@ class ControlLoop(LoopPlanning):
         self.quiet += 1
         self.read_after = step + self.estimator.interval * 2 ** self.quiet
 
+    def tracking(self, step: int) -> bool:
+        """Whether the importance is tracked at the optimizer step ``step``: not once no cut is possible
+        (:attr:`saturated`), nor while the readings back off (:meth:`note_quiet`): a cut can come only at the next
+        reading, and the path tracked before the backoff is kept."""
+        return not self.saturated and step >= self.read_after
+
     def record_skip(self, model: nn.Module, step: int, progress: float, reason: str) -> dict[str, Any]:
         """The trace row of a quality budget's interval left unread (:meth:`sensing_due`): a hold, with its reason."""
         row = {"step": step, "progress": progress, "compute": self.compute(model), "damage": math.nan,

@@ -202,7 +202,8 @@ def test_a_budget_whose_readings_find_nothing_to_do_reads_at_doubling_gaps() -> 
     """Readings after a hold on a spent budget (or on a cut that cannot repay its sizing) changed nothing in the
     suite's runs: the n-th such reading in a row skips the next 2ⁿ − 1 intervals, and says so; a reading that acts
     (or holds for any other reason) reads every interval again; the backoff survives a checkpoint. A loop without
-    it reads every interval (fails the first assertion); one that never resets keeps skipping after a cut."""
+    it reads every interval (fails the first assertion); one that never resets keeps skipping after a cut. The
+    importance is not tracked in the gaps."""
     net, _, loop, obs = _budget_loop(width=32, n_batches=2)  # start_budget(total_steps=100, interval=10)
     loop.controller.spent = True
     due = []
@@ -211,6 +212,7 @@ def test_a_budget_whose_readings_find_nothing_to_do_reads_at_doubling_gaps() -> 
             due.append(step)
             loop.note_quiet(step, acted=False)
     assert due == [10, 30, 70]  # gaps of 2, 4, 8 intervals
+    assert not loop.tracking(149) and loop.tracking(150)  # no importance tracking in the gap: no cut can come there
     assert loop.sensing_due(80).startswith("backoff: 3 reading(s) in a row") and "step 150" in loop.sensing_due(80)
     restored = _budget_loop(width=32, n_batches=2)[2]
     restored.load_state_dict(loop.state_dict())

@@ -69,6 +69,9 @@ class Plan:
         snapshot: take a rollback snapshot before actuating (CompreSSM rollback mode).
         spectra: the Hankel singular values of the SSM groups cut, for the history.
         grow: ``{group name: units to add}`` after the cuts (function-preserving growth; empty: none).
+        quiet: a hold that only a change of the damage estimate can end (a quality budget spent with no growth to
+            watch for, or no cut that fits repays its sizing): the readings back off (:meth:`ControlLoop.note_quiet`).
+            Rank 0's, like the rest of the plan, so every rank backs off alike.
     """
 
     step: int
@@ -78,6 +81,7 @@ class Plan:
     snapshot: bool = False
     spectra: dict[str, Any] = field(default_factory=dict)
     grow: dict[str, int] = field(default_factory=dict)
+    quiet: bool = False
 
 
 class ControlLoop(LoopPlanning):
@@ -283,19 +287,18 @@ class ControlLoop(LoopPlanning):
         return (f"sensing budget: the probe's forwards so far are {spent / max(train, 1e-9):.1%} of the training "
                 f"FLOPs > {self.sense_budget:.1%}")
 
-    def note_quiet(self, step: int, acted: bool) -> None:
-        """After a quality budget's reading at ``step``: when it found nothing to do — its budget spent with no
-        growth to watch for (``controller.spent``), or no cut that fits repays its sizing (:attr:`unrepaid`) — the
-        ``n``-th time in a row, the next ``2ⁿ − 1`` intervals are not read; any other outcome reads every interval
-        again. Such a hold ends only when the damage estimate moves; in the suite's 75 runs that held so, one cut
+    def note_quiet(self, plan: Plan) -> None:
+        """After a quality budget's reading: when its plan found nothing to do (``Plan.quiet``: its budget spent
+        with no growth to watch for, or no cut that fits repays its sizing) the ``n``-th time in a row, the next
+        ``2ⁿ − 1`` intervals are not read; any other outcome reads every interval again. Such a hold ends only when the damage estimate moves; in the suite's 75 runs that held so, one cut
         (0.007 of the compute, at the last step) followed it. On the MLP and LRU budget runs the backoff took the
         sensing from 3.0% to 1.8–2.5% of the training FLOPs with the same cuts
         (``experiments/results/suite/loop_2026-12-07.md``)."""
-        if acted or not (self.controller.spent or self.unrepaid) or self.estimator is None:
+        if not plan.quiet or plan.keep or plan.grow or self.estimator is None:
             self.quiet, self.read_after = 0, 0
             return
         self.quiet += 1
-        self.read_after = step + self.estimator.interval * 2 ** self.quiet
+        self.read_after = plan.step + self.estimator.interval * 2 ** self.quiet
 
     def tracking(self, step: int) -> bool:
         """Whether the importance is tracked at the optimizer step ``step``: not once no cut is possible
@@ -346,7 +349,8 @@ class ControlLoop(LoopPlanning):
         if keep and self.estimator is not None and self.held_out:  # the training channel's jump, measured too
             self._train_before = self.train_loss(model)
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}
-        return Plan(step=obs.step, widths=new, keep=keep, requested=u, snapshot=snapshot, spectra=spectra)
+        quiet = not keep and (self.controller.spent or self.unrepaid)
+        return Plan(step=obs.step, widths=new, keep=keep, requested=u, snapshot=snapshot, spectra=spectra, quiet=quiet)
 
     def apply_(self, model: nn.Module, plan: Plan, optimizers: Sequence[Any]) -> None:
         """Actuate ``plan`` on this rank's (unwrapped) model; the importance follows the cut."""
@@ -395,7 +399,7 @@ class ControlLoop(LoopPlanning):
                     "budget_metric": self.budget_metric, "next_factor": obs.next_factor,
                     "max_jump": self.controller.max_jump, "trials": self.trials,
                     "reason": self.hold_reason or self.controller.reason}
-            self.note_quiet(obs.step, acted=bool(plan.keep or plan.grow))
+            self.note_quiet(plan)
         elif self.hold_reason or self.unsensed:  # e.g. the cost model held a cut (never slower than dense)
             row["reason"] = "; ".join(r for r in (self.unsensed and f"{self.unsensed} (the last reading holds)",
                                                   self.hold_reason) if r)

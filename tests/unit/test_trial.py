@@ -205,24 +205,29 @@ def test_a_budget_whose_readings_find_nothing_to_do_reads_at_doubling_gaps() -> 
     it reads every interval (fails the first assertion); one that never resets keeps skipping after a cut. The
     importance is not tracked in the gaps."""
     net, _, loop, obs = _budget_loop(width=32, n_batches=2)  # start_budget(total_steps=100, interval=10)
-    loop.controller.spent = True
     due = []
     for step in range(10, 100, 10):
         if not loop.sensing_due(step):
             due.append(step)
-            loop.note_quiet(step, acted=False)
+            loop.note_quiet(Plan(step=step, widths={}, quiet=True))
     assert due == [10, 30, 70]  # gaps of 2, 4, 8 intervals
     assert not loop.tracking(149) and loop.tracking(150)  # no importance tracking in the gap: no cut can come there
     assert loop.sensing_due(80).startswith("backoff: 3 reading(s) in a row") and "step 150" in loop.sensing_due(80)
     restored = _budget_loop(width=32, n_batches=2)[2]
     restored.load_state_dict(loop.state_dict())
     assert restored.sensing_due(80) == loop.sensing_due(80)
-    loop.note_quiet(150, acted=True)  # a cut (or a growth): read every interval again
+    loop.note_quiet(Plan(step=150, widths={}, keep={"net.0": [0]}))  # a cut (or a growth): read every interval
     assert loop.quiet == 0 and loop.sensing_due(160) == ""
-    loop.controller.spent = False
-    loop.unrepaid = True  # the payback hold: no cut that fits repays its sizing
-    loop.note_quiet(160, acted=False)
+    loop.note_quiet(Plan(step=160, widths={}, quiet=True))  # e.g. the payback hold (unrepaid)
     assert loop.sensing_due(170).startswith("backoff: 1 reading(s)") and loop.sensing_due(180) == ""
-    loop.unrepaid = False  # any other hold (warm-up, rate limit, the check...) reads on
-    loop.note_quiet(180, acted=False)
+    loop.note_quiet(Plan(step=180, widths={}))  # any other hold (warm-up, rate limit, the check...) reads on
     assert loop.quiet == 0 and loop.sensing_due(190) == ""
+
+    def quiet(spent: bool, unrepaid: bool) -> bool:  # the plan carries the hold (rank 0's: every rank backs off alike)
+        loop.controller.step = lambda o: (setattr(loop.controller, "spent", spent), 0.0 if spent else 0.2)[1]
+        loop.controller.max_jump = 0.01
+        loop._size_by_trial = lambda model, o, u, max_jump: (setattr(loop, "unrepaid", unrepaid), 0.0)[1]
+        return loop.decide(net, obs).quiet
+
+    assert quiet(spent=True, unrepaid=False) and quiet(spent=False, unrepaid=True)
+    assert not quiet(spent=False, unrepaid=False)  # e.g. the trial found no cut that fits: no backoff

@@ -290,10 +290,10 @@ class ControlLoop(LoopPlanning):
     def note_quiet(self, plan: Plan) -> None:
         """After a quality budget's reading: when its plan found nothing to do (``Plan.quiet``: its budget spent
         with no growth to watch for, or no cut that fits repays its sizing) the ``n``-th time in a row, the next
-        ``2ⁿ − 1`` intervals are not read; any other outcome reads every interval again. Such a hold ends only when the damage estimate moves; in the suite's 75 runs that held so, one cut
-        (0.007 of the compute, at the last step) followed it. On the MLP and LRU budget runs the backoff took the
-        sensing from 3.0% to 1.8–2.5% of the training FLOPs with the same cuts
-        (``experiments/results/suite/loop_2026-12-07.md``)."""
+        ``2ⁿ − 1`` intervals are not read; any other outcome reads every interval again. Such a hold ends only when
+        the damage estimate moves; in the suite's 75 runs that held so, one cut (0.007 of the compute, at the last
+        step) followed it. On the MLP and LRU budget runs the backoff took the sensing from 3.0% to 1.8–2.5% of the
+        training FLOPs with the same cuts (``experiments/results/suite/loop_2026-12-07.md``)."""
         if not plan.quiet or plan.keep or plan.grow or self.estimator is None:
             self.quiet, self.read_after = 0, 0
             return

@@ -294,7 +294,7 @@ class ControlLoop(LoopPlanning):
         the damage estimate moves; in the suite's 75 runs that held so, one cut (0.007 of the compute, at the last
         step) followed it. On the MLP and LRU budget runs the backoff took the sensing from 3.0% to 1.8–2.5% of the
         training FLOPs with the same cuts (``experiments/results/suite/loop_2026-12-07.md``)."""
-        if not plan.quiet or plan.keep or plan.grow or self.estimator is None:
+        if not plan.quiet or self.estimator is None:  # a quiet plan cuts and grows nothing (decide)
             self.quiet, self.read_after = 0, 0
             return
         self.quiet += 1

@@ -101,7 +101,11 @@ class BudgetMode:
         self.grow_request = 0.0
         self.last_progress: float | None = None
         self.slack = math.nan
-        self.spent = False  # the last step held on a spent budget, with no growth to watch for
+
+    @property
+    def spent(self) -> bool:
+        """Whether the last step found the budget spent with no growth to watch for (the slack it read is <= 0)."""
+        return self.slack <= 0 and not self.grow
 
     def slack_of(self, obs: Observation) -> float:
         """The budget left under the chance constraint ``D + zσ <= budget``, in budgets (at most 1: a predicted
@@ -119,11 +123,10 @@ class BudgetMode:
         dp = obs.progress - max(self.warmup, self.last_progress or 0.0)  # the rate cap runs from the warm-up's end
         self.last_progress = obs.progress
         x = self.slack = self.slack_of(obs)
-        self.max_jump, self.grow_request, self.spent = None, 0.0, False
+        self.max_jump, self.grow_request = None, 0.0
         if self.grow and self._grow(obs, x):
             return 0.0
         self.reason = self._hold(obs, target, x)
-        self.spent = x <= 0 and not self.grow
         if self.reason:
             return 0.0
         if self.since_grow <= self.grow_hold:
@@ -174,7 +177,7 @@ class BudgetMode:
     def state_dict(self) -> dict[str, Any]:
         return {"reason": self.reason, "cuts": self.cuts, "last_progress": self.last_progress,
                 "max_jump": self.max_jump, "grows": self.grows, "since_cut": self.since_cut,
-                "since_grow": self.since_grow, "grow_request": self.grow_request, "spent": self.spent}
+                "since_grow": self.since_grow, "grow_request": self.grow_request}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reason = str(state.get("reason", ""))
@@ -186,7 +189,6 @@ class BudgetMode:
         self.since_cut = int(state.get("since_cut", 10 ** 9))
         self.since_grow = int(state.get("since_grow", 10 ** 9))
         self.grow_request = float(state.get("grow_request", 0.0))
-        self.spent = bool(state.get("spent", False))
 
 
 

@@ -51,16 +51,24 @@ def trace_bound_s(model: nn.Module) -> float:
     return max(TRACE_BOUND_S, TRACE_BOUND_PER_MODULE_S * sum(1 for _ in model.modules()))
 
 
+#: After the bound, :class:`TraceTimeout` is raised again every this many seconds until the block is left, in
+#: case code inside it caught the first one (a model's forward with ``except Exception: <fallback>``, an exception
+#: ignored in a finaliser the collector ran): a single alarm swallowed so leaves the group search unbounded.
+TRACE_REPEAT_S = 1.0
+
+
 @contextlib.contextmanager
 def time_bound(seconds: float) -> Iterator[None]:
-    """Raise :class:`TraceTimeout` inside the block once ``seconds`` have passed (main thread: a SIGALRM
-    timer, which also interrupts a pure-Python loop; elsewhere the block runs unbounded)."""
+    """Raise :class:`TraceTimeout` inside the block once ``seconds`` have passed, and again every
+    :data:`TRACE_REPEAT_S` until the block is left (main thread: a SIGALRM timer, which also interrupts a
+    pure-Python loop; elsewhere the block runs unbounded)."""
     if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
     start = time.perf_counter()
 
     def expire(signum: int, frame: Any) -> None:
+        signal.setitimer(signal.ITIMER_REAL, TRACE_REPEAT_S)  # re-armed before raising: the raise may be caught
         raise TraceTimeout(f"the dependency tracer ran past its time bound of {seconds:.0f} s "
                            f"(set {TIMEOUT_ENV} to change it)")
 

@@ -7,6 +7,7 @@ can be traced at all, a :class:`DiscoveryError` names the module and the cause a
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 
 from ctprune_lightning.surgery import discover
 from ctprune_lightning.surgery.discover import DiscoveryError, discover_groups
-from ctprune_lightning.surgery.tracing import TraceTimeout, hooks_kept, record_calls, time_bound
+from ctprune_lightning.surgery.tracing import TRACE_REPEAT_S, TraceTimeout, hooks_kept, record_calls, time_bound
 
 
 class Block(nn.Module):
@@ -124,6 +125,26 @@ def test_time_bound_interrupts_a_python_loop_and_restores_the_outer_timer() -> N
                 pass
     with time_bound(5):
         pass
+
+
+def test_time_bound_raises_again_when_code_inside_swallowed_the_first_timeout() -> None:
+    """A forward with ``except Exception: <fallback>`` (or a finaliser's ignored exception) may eat the alarm: the
+    block is still left, within a repeat, and no timer or handler is left behind."""
+    handler, outer = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)[0]  # pytest-timeout's
+    caught = 0
+    start = time.perf_counter()
+    with pytest.raises(TraceTimeout):
+        with time_bound(0.2):
+            try:
+                while True:
+                    pass
+            except Exception:  # noqa: BLE001 - the model's own fallback, catching everything
+                caught += 1
+            while True:  # ... which then runs on: unbounded but for the repeat
+                pass
+    assert caught == 1 and time.perf_counter() - start < 0.2 + 3 * TRACE_REPEAT_S
+    left = signal.getitimer(signal.ITIMER_REAL)[0]  # the outer timer, not our repeat, with what is left of it
+    assert (left == 0.0 if outer == 0.0 else 0.0 < left <= outer - 1.0) and signal.getsignal(signal.SIGALRM) is handler
 
 
 def test_hooks_kept_removes_hooks_left_by_a_failing_trace_and_record_calls_sees_every_block() -> None:

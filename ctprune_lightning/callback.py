@@ -33,9 +33,10 @@ from .controllers import Controller, build_controller
 from .controllers.base import check_number
 from .cost import AUTO, auto_round_to, check_cost, check_round_to, precision_dtype
 from .importance import Importance, build_importance
-from .loop import BUDGET_METRICS, ControlLoop, check_sense_budget, default_loss
+from .loop import BUDGET_METRICS, ControlLoop, default_loss
 from .loop_planning import CONFIRM_BATCHES
 from .probe import CallInputs, capture_network_call
+from .reading import check_sense_budget
 from .rollback import Snapshot
 from .sensing import check_persistence_prior
 from .strategy import PruningStrategy, require_pruning_strategy

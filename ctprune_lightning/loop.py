@@ -33,6 +33,7 @@ from .cost import AUTO, CostModel, TimeLedger, auto_round_to, check_cost, check_
 from .loop_planning import LoopPlanning
 from .probe import batch_size, step_error, step_loss
 from .probe_store import LossFn, ProbeStore
+from .reading import ReadSchedule
 from .sensing import DamageSensor, check_persistence_prior
 from .surgery.groups import PrunableGroup, apply_plan_, discover_groups
 from .trial import can_trial
@@ -41,16 +42,6 @@ from .trial import can_trial
 default_loss = step_loss
 #: BUDGET_METRICS: what a quality budget is stated in (see :meth:`ControlLoop.start_budget`)
 BUDGET_METRICS = ("loss", "error")
-
-
-def check_sense_budget(value: Any) -> float | None:
-    """``sense_budget``: None (no limit) or the share of the training FLOPs the sensing's forwards may take, in (0, 1]."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"sense_budget must be null or a share of the training FLOPs in (0, 1], e.g. 0.03; "
-                         f"got {value!r}")
-    return float(value)
 
 
 def _identity(x: float) -> float:
@@ -116,7 +107,7 @@ class ControlLoop(LoopPlanning):
                  cost: str = "flops", cost_kwargs: Mapping[str, Any] | None = None,
                  sense_budget: float | None = None, persistence_prior: Mapping[str, float] | None = None) -> None:
         self.controller, self.importance = controller, importance
-        self.sense_budget = check_sense_budget(sense_budget)
+        self.reads = ReadSchedule(sense_budget)  # when a quality budget reads (sensing budget, backoff, idle)
         self.persistence_prior = check_persistence_prior(persistence_prior)
         self.cost = check_cost(cost)
         check_round_to(round_to)
@@ -142,9 +133,6 @@ class ControlLoop(LoopPlanning):
         self.jump: float | None = None
         self.last_u = 0.0
         self.saturated = False  # no further cut possible above the floor: importance tracking stops
-        self.idle = ""  # why a quality budget reads no more: no cut it could make repays its sizing (no cut made)
-        self.quiet = 0  # a quality budget's readings in a row that found nothing to do (budget spent, payback)
-        self.read_after = 0  # ... so the next reading is due at this step (backoff: see sensing_due)
         self.trials = 0  # trial cuts evaluated at the last decision
         self.trial_reads: dict[tuple, tuple[float, float | None]] = {}  # their readings (and jump errors), by cut
         self.hold_reason = ""  # why the last decision cut less than the controller asked (trial sizing)
@@ -274,18 +262,14 @@ class ControlLoop(LoopPlanning):
         ``2ⁿ − 1`` intervals (:meth:`note_quiet`). An unread interval's trace row says why; a quality budget holds
         on it (it cuts only on a reading: the trial), a compute target acts on the last reading
         (``Observation.sensed``)."""
-        if self.idle:
-            return self.idle
-        if step < self.read_after:
-            return (f"backoff: {self.quiet} reading(s) in a row found nothing to do (budget spent, or no cut that "
-                    f"repays its sizing); the next at step {self.read_after}")
-        if self.sense_budget is None or not self.trace or not self.controller.reads_damage:
-            return ""
-        spent, train = self.ledger.sensing_flops, self.ledger.train_flops
-        if spent <= self.sense_budget * train:
-            return ""
-        return (f"sensing budget: the probe's forwards so far are {spent / max(train, 1e-9):.1%} of the training "
-                f"FLOPs > {self.sense_budget:.1%}")
+        capped = bool(self.trace) and self.controller.reads_damage
+        return self.reads.due(step, self.ledger.sensing_flops, self.ledger.train_flops, capped=capped)
+
+    @property
+    def idle(self) -> str:
+        """Why a quality budget reads no more (no cut was made and none that repays its sizing fits); "" while it
+        reads (:class:`~ctprune_lightning.reading.ReadSchedule`)."""
+        return self.reads.idle
 
     def note_quiet(self, plan: Plan) -> None:
         """After a quality budget's reading: when its plan found nothing to do (``Plan.quiet``: its budget spent
@@ -294,17 +278,14 @@ class ControlLoop(LoopPlanning):
         the damage estimate moves; in the suite's 75 runs that held so, one cut (0.007 of the compute, at the last
         step) followed it. On the MLP and LRU budget runs the backoff took the sensing from 3.0% to 1.8–2.5% of the
         training FLOPs with the same cuts (``experiments/results/suite/loop_2026-12-07.md``)."""
-        if not plan.quiet or self.estimator is None:  # a quiet plan cuts and grows nothing (decide)
-            self.quiet, self.read_after = 0, 0
-            return
-        self.quiet += 1
-        self.read_after = plan.step + self.estimator.interval * 2 ** self.quiet
+        interval = self.estimator.interval if self.estimator is not None else 1
+        self.reads.note(plan.step, plan.quiet and self.estimator is not None, interval)  # a quiet plan cuts nothing
 
     def tracking(self, step: int) -> bool:
         """Whether the importance is tracked at the optimizer step ``step``: not once no cut is possible
         (:attr:`saturated`), nor while the readings back off (:meth:`note_quiet`): a cut can come only at the next
         reading, and the path tracked before the backoff is kept."""
-        return not self.saturated and step >= self.read_after
+        return not self.saturated and not self.reads.waiting(step)
 
     def record_skip(self, model: nn.Module, step: int, progress: float, reason: str) -> dict[str, Any]:
         """The trace row of a quality budget's interval left unread (:meth:`sensing_due`): a hold, with its reason."""
@@ -463,9 +444,7 @@ class ControlLoop(LoopPlanning):
             "jump": self.jump,
             "last_u": self.last_u,
             "jump_rate": self.jump_rate,
-            "idle": self.idle,
-            "quiet": self.quiet,
-            "read_after": self.read_after,
+            **self.reads.state_dict(),
             "estimator": None if self.estimator is None else self.estimator.state_dict(),
             "budget_metric": self.budget_metric,
             "cost_model": None if self.cost_model is None else self.cost_model.state_dict(),
@@ -484,8 +463,7 @@ class ControlLoop(LoopPlanning):
         self.last_u = float(state.get("last_u", 0.0))
         rate = state.get("jump_rate")
         self.jump_rate = None if rate is None else float(rate)
-        self.idle = str(state.get("idle", ""))
-        self.quiet, self.read_after = int(state.get("quiet", 0)), int(state.get("read_after", 0))
+        self.reads.load_state_dict(state)
         self.store.load_state_dict(dict(state))
         self.ref_batch = int(state.get("ref_batch", 1))
         if state.get("cost_model") is not None:

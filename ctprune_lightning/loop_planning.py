@@ -29,6 +29,7 @@ from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import group_floor, plan_growth, plan_widths, select_units
 from .probe import batch_size
 from .probe_store import LossFn, ProbeStore
+from .reading import SIZING_TRIALS, ReadSchedule, sizing_price
 from .sensing import DamageSensor
 from .surgery.groups import PrunableGroup, arch_spec
 from .trial import can_trial, read_cut
@@ -50,7 +51,6 @@ class LoopPlanning:
     """Compute readings and plans for :class:`~ctprune_lightning.loop.ControlLoop` (see the module docstring)."""
 
     QUANTUM = 0.005  # the finest cut (fraction of dense compute) the trial sizing resolves
-    SIZING_TRIALS = 8  # the most trials a sizing runs; a cut is sized only if its saving repays them and its check
 
     controller: Controller
     importance: Importance
@@ -71,7 +71,7 @@ class LoopPlanning:
     cost_kwargs: dict[str, Any] | None
     cost_context: Callable[[], AbstractContextManager[Any]]
     saturated: bool
-    idle: str  # why a quality budget reads no more (no cut it could still make repays its sizing); "" while it reads
+    reads: ReadSchedule  # when a quality budget reads: the sensing budget, the backoff, idle
     ref_batch: int
     world_size: int
     trial_reads: dict[tuple, tuple[float, float | None]]  # this interval's trial readings and their errors, by cut
@@ -150,7 +150,7 @@ class LoopPlanning:
         ctl = self.controller
         floor = (self.target + (ctl.settle if ctl.budget is None else 0.0)) * dense
         widths = self.widths(model)
-        self.saturated = bool(self.idle) or widths == plan_widths(widths, per_module, total, self.groups, floor,
+        self.saturated = bool(self.reads.idle) or widths == plan_widths(widths, per_module, total, self.groups, floor,
                                                                   self.min_width, self.round_to, floor_flops=floor,
                                                                   **extra)
 
@@ -219,7 +219,7 @@ class LoopPlanning:
             self.go_idle(f"payback: the smallest cut that repays sizing and checking it (u={worth:.4f}) jumps more "
                          f"than allowed ({max_jump:.4g})")
             return 0.0
-        sized = size_cut(trial, u, max_jump, quantum=self.QUANTUM, max_trials=self.SIZING_TRIALS)
+        sized = size_cut(trial, u, max_jump, quantum=self.QUANTUM, max_trials=SIZING_TRIALS)
         self.trials = len(seen)
         if sized > 0 and self._plan_widths(model, obs, sized) == widths:
             self.hold_reason = f"the cut that fits (u={sized:.4f}) is below one planner step"
@@ -239,7 +239,8 @@ class LoopPlanning:
         persistent share grows towards the end of the run; the price of a sizing only grows, with fewer steps
         left to repay it)."""
         self.hold_reason = reason
-        self.idle, self.saturated = reason + "; no further reading", True
+        self.reads.go_idle(reason)
+        self.saturated = True
 
     def checked_cut(self, model: nn.Module, obs: Observation, widths: dict[str, int], new: dict[str, int],
                     size: float, max_jump: float) -> tuple[dict[str, int], dict[str, list[int]], float]:
@@ -295,18 +296,14 @@ class LoopPlanning:
 
     def smallest_worth_trying(self, model: nn.Module, obs: Observation) -> float:
         """The smallest cut (fraction of the dense compute) whose training FLOPs saved over the rest of the run
-        repay the most its sizing and check can cost: :attr:`SIZING_TRIALS` trial readings (each a forward of the
-        probe batches at the current width) and three reads of the confirm batches (before, the cut, the cut scaled
-        down), so the sensing never costs more than the cuts it sizes save (late in a run, a small cut does not)."""
-        dense = self.ledger.dense_step_flops
+        repay the most its sizing and check can cost (:func:`~ctprune_lightning.reading.sizing_price`: trial readings
+        of the probe batches and reads of the confirm batches, each a forward at the current width), so the sensing
+        never costs more than the cuts it sizes save (late in a run, a small cut does not)."""
         total = self.estimator.total_steps if self.estimator is not None else 0
-        remaining = max(total - obs.step, 0)
-        if not dense or remaining <= 0:
-            return math.inf
-        per_trial = sum(batch_size(b) for b in (self.store.held_out or self.store.train))
-        samples = self.SIZING_TRIALS * per_trial + 3 * sum(batch_size(b) for b in self.store.confirm)
-        cost = samples * self.flops(model)[0] / (3.0 * self.ref_batch)  # as :meth:`sensing` charges a reading
-        return cost / (dense * remaining)
+        per_sample = self.flops(model)[0] / (3.0 * self.ref_batch)  # as :meth:`sensing` charges a reading
+        reading = sum(batch_size(b) for b in (self.store.held_out or self.store.train)) * per_sample
+        confirm = sum(batch_size(b) for b in self.store.confirm) * per_sample
+        return sizing_price(reading, confirm, self.ledger.dense_step_flops, max(total - obs.step, 0))
 
     def reading_before(self, model: nn.Module) -> tuple[float, float, list[float]]:
         """(probe loss, best, this rank's per-batch values) before a cut: the interval's reading, else a new one."""

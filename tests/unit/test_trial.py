@@ -217,11 +217,11 @@ def test_a_budget_whose_readings_find_nothing_to_do_reads_at_doubling_gaps() -> 
     restored.load_state_dict(loop.state_dict())
     assert restored.sensing_due(80) == loop.sensing_due(80)
     loop.note_quiet(Plan(step=150, widths={}, keep={"net.0": [0]}))  # a cut (or a growth): read every interval
-    assert loop.quiet == 0 and loop.sensing_due(160) == ""
+    assert loop.reads.quiet == 0 and loop.sensing_due(160) == ""
     loop.note_quiet(Plan(step=160, widths={}, quiet=True))  # e.g. the payback hold (unrepaid)
     assert loop.sensing_due(170).startswith("backoff: 1 reading(s)") and loop.sensing_due(180) == ""
     loop.note_quiet(Plan(step=180, widths={}))  # any other hold (warm-up, rate limit, the check...) reads on
-    assert loop.quiet == 0 and loop.sensing_due(190) == ""
+    assert loop.reads.quiet == 0 and loop.sensing_due(190) == ""
 
     def quiet(spent: bool, unrepaid: bool) -> bool:  # the plan carries the hold (rank 0's: every rank backs off alike)
         loop.controller.step = lambda o: (setattr(loop.controller, "spent", spent), 0.0 if spent else 0.2)[1]

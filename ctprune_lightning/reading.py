@@ -15,7 +15,7 @@ the cuts it leads to must pay back. :class:`ReadSchedule` decides, at each contr
 
 :func:`sizing_price` is the smallest cut (a fraction of the dense compute) whose saving over the rest of the run
 repays the most a sizing and its check can cost. :class:`~ctprune_lightning.loop.ControlLoop` asks both; they hold
-no model, so a simulated plant can ask them too.
+no model, so the simulated-plant harness (``tests/sim/plant.py``) asks them too and reads when the loop would.
 
 Example::
 

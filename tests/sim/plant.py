@@ -23,6 +23,13 @@ The plant is numpy only and is meant to be as hard as the real runs (ranges meas
   absolute, shrinking for tiny ``u``). Small plants' first jumps are then near zero or negative.
 * **Planner**: the realised cut snaps to the plant's grid of compute ``1 − n·q`` (``q ∈ [0.005, 0.03]``),
   never below the floor ``target``.
+* **Reading costs** (as the loop counts them, in FLOPs): one probe reading (2 batches) costs ``read_share ∈
+  [0.02, 0.07]`` of an interval's training at the same width (the suite: 2 batches per 20 steps on the MLP and
+  the LRU, 3.3%; per 10 on the char-GPT and the ResNet-20, 6.7%); a trial the same, a read of the 6 confirm
+  batches 3×, the training channel's jump of a cut 2 readings. With ``sense_budget`` the loop reads an interval
+  only when its readings so far are within that share of the training FLOPs, backs off after readings that find
+  nothing to do and goes idle where no cut repays its sizing (:class:`ctprune_lightning.reading.ReadSchedule`,
+  :func:`~ctprune_lightning.reading.sizing_price`, as the loop asks them).
 
 :func:`run_loop` replays the real loop (``ControlLoop``) on a plant; :func:`gmp_oracle` is the best fixed
 GMP schedule in hindsight on the noise-free plant. Everything is deterministic given the seeds.
@@ -43,6 +50,7 @@ from unittest import mock
 import numpy as np
 
 from ctprune_lightning.loop_planning import CONFIRM_BATCHES, CONFIRM_Z
+from ctprune_lightning.reading import ReadSchedule, sizing_price
 
 __all__ = ["Plant", "RunResult", "run_loop", "run_plants", "gmp_oracle", "reference_size_cut", "NaiveJumpController",
            "KnownPlantController", "NullSensor", "GMP_TARGETS", "GMP_RAMP"]
@@ -52,6 +60,8 @@ GMP_TARGETS = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1 .. 0.9
 GMP_RAMP = 0.15  # progress from the first possible cut to the GMP target
 MAX_CUTS = 512
 JUMP_FLOOR = 0.02  # c − u − c_min below this reads as this: past the cliff the net is broken
+SENSE_BUDGET = 0.03  # the product's default sense_budget (conf/pruning/default.yaml)
+PROBE_BATCHES = 2  # the probe's batches (a reading); the confirm batches cost confirm_batches / 2 readings
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -88,6 +98,7 @@ class Plant:
     sigma_jump: float = 0.005  # a measured jump's standard error at a 20% cut with no jump (grows with the cut)
     jump_rel: float = 0.1  # ... and its relative error where the jump is large (measured: 5-10% on 8 batches)
     quantum: float = 0.01
+    read_share: float = 0.033  # one probe reading's forwards / one interval's training FLOPs at the same width
     # per-cut draws, by cut index (the j-th cut of any schedule on this plant)
     rho_j: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     gain_j: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
@@ -119,6 +130,7 @@ class Plant:
         p.rho_j = np.clip(p.rho + 0.1 * rng.standard_normal(MAX_CUTS), 0.0, 1.3)
         p.gain_j = np.clip(p.train_gain * np.exp(0.15 * rng.standard_normal(MAX_CUTS)), 0.5, 1.5)
         p.jump_rel = float(rng.uniform(0.05, 0.15))  # drawn last: the draws before it are the plants' of old
+        p.read_share = _log_uniform(np.random.default_rng([int(seed), 20240917, 1]), 0.02, 0.07)  # its own stream
         p._curves()
         return p
 
@@ -209,7 +221,7 @@ class RunResult:
     plant_seed: int
     final_true: float  # relative excess of the final true loss over dense: exp(Σ effects at T) − 1
     final_true_log: float  # Σ effects at T (the sensor's units)
-    pred_final: float  # the sensor's predicted final at the last reading
+    pred_final: float  # the sensor's predicted final at the end (every cut's jump in, no reading after the last)
     pred_final_std: float
     cuts: list[dict[str, float]]  # step, u (realised), jump (true), measured, train_measured
     saving: float  # 1 − mean compute over the steps
@@ -220,6 +232,8 @@ class RunResult:
     stall_intervals: list[float]  # progress at the start of each stall
     chatter: int  # longest run of strictly alternating cut/hold outcomes (the loop's: controller + size_cut)
     warmup: float
+    sensing: float = 0.0  # the readings' forwards / the training FLOPs (as the loop's summary: sensing_share)
+    unread: float = 0.0  # the share of control intervals left unread (sensing budget, backoff, idle)
 
     @property
     def covered(self) -> bool:
@@ -267,7 +281,8 @@ def _observation(harness: bool, **kwargs: Any) -> Any:
 def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0.01, target: float = 0.1,
              seed: int = 0, sensor: Any = None, sizer: Callable[..., float] | None = None,
              controller_kwargs: dict[str, Any] | None = None, resume_at: int | None = None,
-             miss: float = 0.0, confirm_batches: int = CONFIRM_BATCHES) -> RunResult:
+             miss: float = 0.0, confirm_batches: int = CONFIRM_BATCHES,
+             sense_budget: float | None = SENSE_BUDGET) -> RunResult:
     """Replay the real loop on ``plant`` with measurement noise from ``seed``.
 
     Each control step ``t``: ``sensor.observe(t, probe, train, lr)``; ``r = sensor.estimate(t)``;
@@ -286,6 +301,14 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
     many batches the trial did not select on (a fresh error, the 2-batch law's × √(2 / confirm_batches)); when that
     read exceeds its allowance by more than ``CONFIRM_Z`` of its error, the cut scaled down to fit it is read there
     (the same batches: the same error draw) and made if it fits, else no cut; 0: no such check.
+    ``sense_budget``: as the loop's (``ControlPruning(sense_budget=...)``, default the product's): the readings
+    (probe, trials, checks, a cut's training-channel jump) charged at the plant's ``read_share``; an interval is
+    read only when the readings so far are within that share of the training FLOPs (the first always), the
+    backoff skips intervals after readings that found nothing to do (budget spent, or no cut that repays its
+    sizing), and the loop's payback rule holds cuts that would not repay their sizing (idle, where no first cut
+    does). An unread interval holds, with no observation (the next reading's training loss is the mean since the
+    last one). ``None``: every interval read, no payback rule (the harness before 2026-12-07). Only for a
+    controller that reads the damage (not the harness's own).
     """
     if isinstance(controller_name, str):
         from ctprune_lightning.controllers import build_controller
@@ -306,6 +329,14 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
     T, D, q = plant.total_steps, plant.interval, plant.quantum
     margin = float(getattr(ctl, "margin", 2.0))
     warmup = float(getattr(ctl, "warmup", 0.0))
+    priced = sense_budget is not None and bool(getattr(ctl, "reads_damage", False)) and not getattr(ctl, "harness",
+                                                                                                    False)
+    reads = ReadSchedule(sense_budget if priced else None)
+    reading = plant.read_share * D  # one probe reading's forwards, in dense training steps (× the compute)
+    confirm_read = reading * confirm_batches / PROBE_BATCHES
+    train_flops = sensing_flops = 0.0  # in dense training steps
+    last_read, jump_rate = 0, None
+    slack = 1.0
 
     c = 1.0
     cuts: list[tuple[int, float]] = []
@@ -321,19 +352,32 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
             from ctprune_lightning.controllers import build_controller
             from ctprune_lightning.sensing import DamageSensor
 
-            state = (ctl.state_dict(), sensor.state_dict())
+            state = (ctl.state_dict(), sensor.state_dict(), reads.state_dict())
             ctl = build_controller(controller_name, target=target, budget=budget, **(controller_kwargs or {}))
             sensor = DamageSensor(total_steps=1, interval=1)
+            reads = ReadSchedule(sense_budget if priced else None)
             ctl.load_state_dict(state[0])
             sensor.load_state_dict(state[1])
+            reads.load_state_dict(state[2])
         if k:
             noise = plant.phi * noise + innov * rng.standard_normal()
         z_batch, z_train = rng.standard_normal(2)  # this step's probe-batch error on a jump, the train batch's
+        z_mean = rng.standard_normal()  # the training loss's mean over the steps since the last reading
+        train_flops += D * c
+        unread = reads.due(t, sensing_flops, train_flops, capped=k > 0)
+        if unread:  # a budget cuts only on a reading: hold (the loop's record_skip)
+            trace.append({"step": t, "progress": t / T, "requested": 0.0, "max_jump": None, "sized": 0.0, "u": 0.0,
+                          "reason": unread, "held_by": "unread", "slack": slack, "compute": c, "read": False,
+                          "final": r.get("final"), "final_std": r.get("final_std"), "rho": r.get("rho"),
+                          "next_factor": r.get("next_factor"), "quantum_cost": 0.0})
+            continue
+        sensing_flops += reading * c
         probe = math.exp(plant.log_dense[t] + plant.effects(t, cuts) + noise)
-        window = plant.log_train[max(0, t - D) + 1:t + 1]
+        window = plant.log_train[last_read + 1:t + 1]
         train_dense = float(np.log(np.mean(np.exp(window))))
-        train = math.exp(train_dense + plant.effects(t - D / 2, cuts, gains=True)
-                         + plant.sigma_train * rng.standard_normal())
+        train = math.exp(train_dense + plant.effects((t + last_read) / 2, cuts, gains=True)
+                         + plant.sigma_train * math.sqrt(D / (t - last_read)) * z_mean)
+        last_read = t
         sensor.observe(t, probe, train_loss=train, lr=float(plant.lr_curve[t]))
         r = sensor.estimate(t)
         progress = t / T
@@ -348,39 +392,59 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
         max_jump = getattr(ctl, "max_jump", None)
         j = len(cuts)
 
-        reads: dict[float, float] = {}  # this step's trials (the same batches: one error draw z_batch)
+        tried: dict[float, float] = {}  # this step's trials (the same batches: one error draw z_batch)
         seen = 1.0 - float(miss_rng.uniform(0.6, 1.0)) if miss and miss_rng.random() < miss else 1.0
 
         def measured(u_req: float, _c: float = c) -> float:
+            nonlocal sensing_flops
             u_r = plant.snap(_c, u_req, target)
             true = plant.jump(_c, u_r)
             error = plant.jump_error(u_r, true)
-            if u_r not in reads:  # the loop's per-batch spread: two batches, one degree of freedom
-                reads[u_r] = true * seen + error * z_batch
-                sensor.add_jump_read(u_r, reads[u_r], error * abs(float(err_rng.standard_normal())))
-            return reads[u_r]
+            if u_r not in tried:  # the loop's per-batch spread: two batches, one degree of freedom
+                tried[u_r] = true * seen + error * z_batch
+                sensor.add_jump_read(u_r, tried[u_r], error * abs(float(err_rng.standard_normal())))
+                sensing_flops += reading * _c  # a trial: one reading, at the uncut model's FLOPs
+            return tried[u_r]
 
         def trial(u_req: float) -> float:  # the loop's: a trial fits with the law's error to spare
             jump = measured(u_req)
             return jump + sensor.jump_error(plant.snap(c, u_req, target), jump)
 
+        unrepaid = False
+        worth = sizing_price(reading * c, confirm_read * c, 1.0, T - t) if priced else 0.0
+        if requested > 0 and max_jump is not None and priced:  # the loop's payback rule (LoopPlanning._size_by_trial)
+            likely = requested if not jump_rate or jump_rate <= 0 else min(requested, max_jump / jump_rate)
+            if likely < worth:
+                unrepaid, requested, reason = True, 0.0, "payback"
+            elif not cuts and trial(requested) > max_jump and trial(worth) > max_jump:
+                reads.go_idle("payback: the smallest cut that repays its sizing jumps more than allowed")
+                requested, reason = 0.0, reads.idle
         sized = float(sizer(trial, requested, max_jump, q)) if requested > 0 else 0.0
         u = plant.snap(c, sized, target) if sized > 0 else 0.0
         if u > 0 and confirm_batches and max_jump is not None:  # the sized cut read on unselected batches
             scale, true_c = math.sqrt(2.0 / confirm_batches), plant.jump(c, u)
+            sensing_flops += 2 * confirm_read * c  # the confirm batches before, and with the cut
             fresh = true_c + plant.jump_error(u, true_c) * scale * float(confirm_rng.standard_normal())
             if fresh > max_jump + CONFIRM_Z * sensor.jump_error(u, fresh) * scale:  # it does not fit there
                 z_c = (fresh - true_c) / max(plant.jump_error(u, true_c) * scale, 1e-12)  # the same batches again
                 smaller = plant.snap(c, u * 0.98 * max_jump / fresh, target) if fresh > 0 else 0.0
                 u = sized = 0.0
                 if smaller >= q * 0.999:  # the cut scaled down to that read, read there once more
+                    sensing_flops += confirm_read * c
                     true_s = plant.jump(c, smaller)
                     again = true_s + plant.jump_error(smaller, true_s) * scale * z_c
                     if again <= max_jump + CONFIRM_Z * sensor.jump_error(smaller, again) * scale:
                         u = sized = smaller
+            if u > 0 and priced and not cuts and u < worth:  # LoopPlanning.checked_cut: a first cut below its price
+                reads.go_idle("payback: the first cut that fits the unselected batches too saves less than its price")
+                u = sized = 0.0
+                reason = reads.idle
         if u > 0:
             s = plant.jump(c, u)
+            if priced:
+                sensing_flops += 2 * reading * c  # the training channel's jump: its batches before and after the cut
             meas = measured(u)
+            jump_rate = meas / u
             train_meas = plant.gain_j[j] * s + plant.sigma_train * z_train
             sensor.add_cut(t, meas, train_log_jump=train_meas, size=u)
             cuts.append((t, s))
@@ -388,20 +452,25 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
             c -= u
             compute_at.append((t, c))
             last_u, last_jump = u, math.expm1(meas)
+        if priced:  # the backoff (ControlLoop.note_quiet on the plan's ``quiet``)
+            reads.note(t, u <= 0 and (bool(getattr(ctl, "spent", False)) or unrepaid), D)
         final = r["final"] if r["final"] is not None else 0.0
         slack = (budget - max(float(final), 0.0) - margin * float(r["final_std"] or 0.0)) / budget
         trace.append({"step": t, "progress": progress, "requested": requested, "max_jump": max_jump, "sized": sized,
                       "u": u, "reason": reason, "held_by": _held_by(requested, sized, u), "slack": slack,
-                      "compute": c + u, "final": final,
+                      "compute": c + u, "final": final, "read": True,
                       "final_std": r["final_std"], "rho": r.get("rho"), "next_factor": r.get("next_factor"),
                       "quantum_cost": plant.jump(c + u, plant.snap(c + u, q, target))
                       * _persist(plant, t, len(cuts) - (u > 0))})
     final_log = plant.final_log_damage(cuts)
     stalls, starts = _stalls(trace, warmup, target, plant.quantum, budget)
+    end = sensor.estimate(plant.steps[-1])  # with every cut's measured jump, the last made after the last reading
     return RunResult(plant_seed=plant.seed, final_true=math.expm1(final_log), final_true_log=final_log,
-                     pred_final=float(r.get("final") or 0.0), pred_final_std=float(r.get("final_std") or 0.0),
+                     pred_final=float(end.get("final") or 0.0), pred_final_std=float(end.get("final_std") or 0.0),
                      cuts=cut_rows, saving=plant.saving(compute_at), final_compute=c, trace=trace,
-                     stalls=stalls, stall_intervals=starts, chatter=_chatter(trace, warmup), warmup=warmup)
+                     stalls=stalls, stall_intervals=starts, chatter=_chatter(trace, warmup), warmup=warmup,
+                     sensing=sensing_flops / max(train_flops, 1e-12),
+                     unread=sum(not row["read"] for row in trace) / max(len(trace), 1))
 
 
 def _plant_run(args: tuple[str, int, float, float, dict[str, Any]]) -> tuple[RunResult, dict[str, float]]:
@@ -445,9 +514,13 @@ def _stalls(trace: list[dict[str, Any]], warmup: float, target: float, quantum: 
             budget: float) -> tuple[int, list[float]]:
     """Runs of >= STALL_RUN consecutive intervals past warm-up with no cut while (1) compute is at least a
     quantum above the floor, (2) the sensor says more than half the budget is left, and (3) one quantum cut
-    would truly cost less than half the budget at the end (else holding is right: the plant is at its cliff)."""
+    would truly cost less than half the budget at the end (else holding is right: the plant is at its cliff).
+    Unread intervals (the sensing budget, the backoff, idle: each a hold with its reason) neither count nor break
+    a run: the stall is of the decisions the loop made (:attr:`RunResult.unread` reports the rest)."""
     runs, starts, n = 0, [], 0
     for row in trace:
+        if not row.get("read", True):
+            continue
         stalled = (row["u"] <= 0 and row["progress"] >= warmup and row["compute"] > target + quantum - 1e-9
                    and row["slack"] > STALL_SLACK and row["quantum_cost"] < STALL_SLACK * budget)
         n = n + 1 if stalled else 0
@@ -459,8 +532,9 @@ def _stalls(trace: list[dict[str, Any]], warmup: float, target: float, quantum: 
 
 def _chatter(trace: list[dict[str, Any]], warmup: float) -> int:
     """Longest run of strictly alternating decisions (cut, hold, cut, hold, …) after warm-up, counted in
-    decisions; a run needs a hold between every two cuts and one cut between every two holds."""
-    decisions = [row["u"] > 0 for row in trace if row["progress"] >= warmup]
+    decisions (read intervals: an unread one decides nothing); a run needs a hold between every two cuts and one
+    cut between every two holds."""
+    decisions = [row["u"] > 0 for row in trace if row["progress"] >= warmup and row.get("read", True)]
     best = run = 1 if decisions else 0
     for prev, cur in zip(decisions, decisions[1:]):
         run = run + 1 if cur != prev else 1

@@ -2,12 +2,15 @@
 
 The plants (:mod:`tests.sim.plant`) are as hard as the real runs: LR-area learning curves with an annealing
 drop, a capacity cliff, slow partial recovery toward a persistent fraction up to 1.2, correlated probe noise
-of 0.5–5 %, jump measurements off by up to 1 % absolute, planner quantisation. Each plant is replayed through
-the real loop's sequence (observe → estimate → controller → size_cut → the check of the sized cut on unselected
-batches → cut → add_cut) and judged on the TRUE final damage, against the best fixed GMP schedule in hindsight.
+of 0.5–5 %, jump measurements off by up to 1 % absolute, planner quantisation, readings that cost what they cost
+on the real runs (2–7 % of an interval's training each) under the product's 3 % sensing budget. Each plant is
+replayed through the real loop's sequence (whether the interval is read → observe → estimate → controller → the
+payback rule → size_cut → the check of the sized cut on unselected batches → cut → add_cut) and judged on the TRUE
+final damage, against the best fixed GMP schedule in hindsight (which reads nothing).
 
 ``CTPRUNE_SIM_PLANTS`` sets the number of plants (default 200: the criteria below are stated for it).
-The closed-loop tests are marked slow (about 2 minutes per controller on 2 cores); ``.ci/run`` runs the lqr ones.
+The closed-loop tests are marked slow (15–50 s per controller and setting on 2 cores); ``.ci/run`` runs the lqr
+ones.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import pytest
 
 from tests.sim.plant import (
+    SENSE_BUDGET,
     STALL_RUN,
     KnownPlantController,
     NaiveJumpController,
@@ -36,7 +40,7 @@ from tests.sim.plant import (
 
 N_PLANTS = int(os.environ.get("CTPRUNE_SIM_PLANTS", "200"))
 BUDGET, FLOOR = 0.01, 0.1
-COVERAGE_MIN = 0.95  # the 2σ band at the last reading covers the true final damage
+COVERAGE_MIN = 0.95  # the 2σ band at the end (every cut's jump in) covers the true final damage
 WITHIN_MIN = 0.95  # the true final damage is within the budget
 RATIO_MIN = 0.9  # the median plant saves at least this much of the hindsight-best GMP's saving
 CHATTER_MAX = 7  # a run of 7 strictly alternating decisions (cut, hold, cut, hold, cut, hold, cut) chatters
@@ -99,14 +103,16 @@ def _report(s: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-# The closed loop on 200 plants takes about 2 minutes per controller on 2 cores: marked slow, and .ci/run runs the
+# The closed loop on 200 plants takes 15–50 s per controller on 2 cores: marked slow, and .ci/run runs the
 # lqr ones (`-m slow tests/unit/test_budget_sim.py -k "lqr or measured_levels"`).
 LQR = pytest.param("lqr", marks=pytest.mark.slow)
 # The issue's targets, not met yet: kept as strict expected failures (an XPASS fails the suite, so a fix must
 # promote them) next to a guard of the levels measured today (test_measured_levels_hold).
 MEASURED = ("lqr on 200 plants (2026-12-07, persistence prior N(0.5, 0.45²) + N(0, 0.25²), sized cuts checked on 6 "
-            "unselected batches, scaled down to that read when over): 2σ coverage 100%, within budget 99%, median "
-            "saving 0.51 of the hindsight GMP (0.53 without the check), 1 plant stalls")
+            "unselected batches, scaled down to that read when over; readings priced under the 3% sensing budget): "
+            "2σ coverage 99%, within budget 99.5%, median saving 0.35 of the hindsight GMP, 86% of the intervals "
+            "unread, 33 plants make no cut (no first cut repays its sizing); with every interval read for free "
+            "(sense_budget=None, the harness before): coverage 100%, within 99%, median 0.51, 1 plant stalls")
 TARGET = [pytest.param("lqr", marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=MEASURED)]),
           pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
 MET = [LQR, pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
@@ -140,10 +146,12 @@ def test_median_saving_near_hindsight_gmp(controller: str) -> None:
         f"median saving {s['median_ratio']:.2f} of the best GMP in hindsight < {RATIO_MIN}: {_report(s)}")
 
 
-@pytest.mark.parametrize("controller", TARGET)
+@pytest.mark.parametrize("controller", MET)
 def test_no_stalls(controller: str) -> None:
-    """No run of STALL_RUN intervals past warm-up holding while > half the budget is left by the sensor's own
-    reading, compute is a quantum above the floor and a quantum cut would truly cost < half the budget."""
+    """No run of STALL_RUN read intervals past warm-up holding while > half the budget is left by the sensor's own
+    reading, compute is a quantum above the floor and a quantum cut would truly cost < half the budget. Intervals
+    left unread (sensing budget, backoff, idle) are holds with their reason, not stalls: lqr has none with the
+    readings priced (1 plant with every interval read for free, sense_budget=None)."""
     results, oracles = closed_loop(controller)
     stalled = [(r.plant_seed, [round(p, 2) for p in r.stall_intervals],
                 Counter(f"{row['held_by']}: {row['reason'][:50]}" for row in r.trace
@@ -166,10 +174,15 @@ def test_no_chattering(controller: str) -> None:
 
 @pytest.mark.slow
 def test_measured_levels_hold() -> None:
-    """Regression guard: what the lqr loop achieves today on the same 200 plants must not get worse."""
-    s = summary(*closed_loop("lqr"))
+    """Regression guard: what the lqr loop achieves today on the same 200 plants must not get worse (MEASURED; the
+    median share was 0.51 while the harness read every interval for free, at a median 11% of the training FLOPs).
+    The readings keep to the sensing budget: at most it plus one decision's readings (a sizing may pass it)."""
+    results, oracles = closed_loop("lqr")
+    s = summary(results, oracles)
     assert s["coverage"] >= 0.95 and s["within_budget"] >= 0.95, _report(s)
-    assert s["median_ratio"] >= 0.5 and s["plants_with_stalls"] <= 3 and s["chattering_plants"] == 0, _report(s)
+    assert s["median_ratio"] >= 0.33 and s["plants_with_stalls"] <= 3 and s["chattering_plants"] == 0, _report(s)
+    sensing = np.array([r.sensing for r in results])
+    assert np.median(sensing) <= SENSE_BUDGET and sensing.max() <= 0.08, (np.median(sensing), sensing.max())
 
 
 @pytest.mark.slow
@@ -179,11 +192,17 @@ def test_lqr_keeps_the_budget_when_the_probe_misses_a_cuts_damage_by_checking_it
     The loop reads each sized cut on 6 more held-out batches before making it: the budget holds on ≥ 95% of plants.
     Without that check the trial takes the largest cut the missing batches read as free, and it does not (measured
     2026-12-06: 97.5% within with it, 77% without; 2026-12-07, a refused cut scaled down to the check's read and
-    made if it fits there: 97.5%, coverage 97.5%, median 0.53 of the hindsight GMP)."""
-    checked = summary(*zip(*run_plants("lqr", list(range(N_PLANTS)), budget=BUDGET, target=FLOOR, miss=0.1)))
-    blind = summary(*zip(*run_plants("lqr", list(range(N_PLANTS)), budget=BUDGET, target=FLOOR, miss=0.1,
-                                     confirm_batches=0)))
-    assert checked["within_budget"] >= WITHIN_MIN and checked["coverage"] >= COVERAGE_MIN, _report(checked)
+    made if it fits there: 97.5%, coverage 97.5%, median 0.53 of the hindsight GMP). With every interval read
+    (``sense_budget=None``) the loop makes the most decisions, each one more chance of a missed cut: the pair is
+    compared there (2026-12-07: 97.5% with the check, 77% without); under the default 3% sensing budget the check
+    keeps 100% (coverage 98%; without it 90%)."""
+    def run(**kwargs: Any) -> dict[str, Any]:
+        return summary(*zip(*run_plants("lqr", list(range(N_PLANTS)), budget=BUDGET, target=FLOOR, miss=0.1,
+                                        **kwargs)))
+
+    for checked in (run(), run(sense_budget=None)):
+        assert checked["within_budget"] >= WITHIN_MIN and checked["coverage"] >= COVERAGE_MIN, _report(checked)
+    blind = run(sense_budget=None, confirm_batches=0)
     assert blind["within_budget"] < 0.9, _report(blind)
 
 
@@ -235,6 +254,8 @@ def test_plants_cover_the_measured_ranges() -> None:
     rho = np.array([p.rho for p in plants])
     assert rho.min() >= 0 and rho.max() <= 1.2 and (rho > 1.0).any() and (rho < 0.2).any()
     assert all(0.9 <= p.a <= 0.995 and 0.05 <= p.c_min <= 0.3 and 0.005 <= p.quantum <= 0.03 for p in plants)
+    share = np.array([p.read_share for p in plants])  # a reading: the suite's 3.3% (MLP, LRU) to 6.7% (GPT, ResNet)
+    assert share.min() >= 0.02 and share.max() <= 0.07 and (share < 0.033).any() and (share > 0.067).any()
     # some plants' first cut (0.05 at the first allowed step) reads near zero or negative on the probe batches
     first = []
     for p in plants:
@@ -251,10 +272,13 @@ def test_run_is_deterministic() -> None:
     assert gmp_oracle(plant, 0.1, BUDGET) == gmp_oracle(Plant.random(3), 0.1, BUDGET)
 
 
-def test_resume_mid_run_changes_nothing() -> None:
-    """Sensor and controller rebuilt from their state_dict half-way (a checkpoint resume): same run."""
-    plant = Plant.random(7)
-    whole = run_loop(plant, "lqr", budget=BUDGET, target=FLOOR, seed=7)
-    resumed = run_loop(plant, "lqr", budget=BUDGET, target=FLOOR, seed=7, resume_at=len(plant.steps) // 2)
-    assert resumed.cuts == whole.cuts
+@pytest.mark.parametrize("seed", [7, 20])  # plant 20 resumes inside a backoff's gap
+def test_resume_mid_run_changes_nothing(seed: int) -> None:
+    """Sensor, controller and read schedule rebuilt from their state_dict half-way (a checkpoint resume): same
+    run."""
+    plant = Plant.random(seed)
+    whole = run_loop(plant, "lqr", budget=BUDGET, target=FLOOR, seed=seed)
+    resumed = run_loop(plant, "lqr", budget=BUDGET, target=FLOOR, seed=seed, resume_at=len(plant.steps) // 2)
+    assert whole.cuts and resumed.cuts == whole.cuts
+    assert [row["reason"] for row in resumed.trace] == [row["reason"] for row in whole.trace]
     assert resumed.pred_final == pytest.approx(whole.pred_final, rel=1e-9, abs=1e-12)

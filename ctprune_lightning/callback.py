@@ -226,6 +226,7 @@ class ControlPruning(Callback):
                                 **({"error_fn": error_fn} if error_fn is not None else {}))
         self.target = self.loop.target  # the dense baseline's setpoint is dense, whatever it was built with
         self._last_step = -1
+        self._tracked = False  # the importance opened the current optimizer step (closed after it)
         self._refresh = False
         self._rollback: dict[str, Any] | None = None  # CompreSSM rollback mode: the event awaiting validation
         self._train_loss: list[Any] = []  # the budget sensor's training channel: losses since the last interval
@@ -369,9 +370,11 @@ class ControlPruning(Callback):
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         # The importance is accumulated only where a decision can use it: from one control interval before
-        # `start_step` (each cut restarts it anyway) until no further cut is possible, and not while the budget's
-        # readings back off.
-        if self.loop.tracking(trainer.global_step) and trainer.global_step + self.every_n_steps >= self.start_step:
+        # `start_step` (each cut restarts it anyway) until no further cut is possible, and not where a budget's next
+        # reading cannot come (a backoff's gap, the sensing budget spent until the end).
+        self._tracked = self.loop.tracking(trainer.global_step) and \
+            trainer.global_step + self.every_n_steps >= self.start_step
+        if self._tracked:
             with self.ledger.overhead("importance"):
                 self.importance.before_optimizer_step(pl_module)
 
@@ -386,7 +389,8 @@ class ControlPruning(Callback):
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._train_loss.append(loss.detach())
-        if self.loop.tracking(step):  # the before-hook's step: closed here (a no-op when it did not track)
+        if self._tracked:  # the step the before-hook opened, closed here
+            self._tracked = False
             with self.ledger.overhead("importance"):
                 self.importance.after_optimizer_step(pl_module)
         with self.ledger.overhead():
@@ -399,6 +403,9 @@ class ControlPruning(Callback):
                         self._log(pl_module, self.loop.record_skip(pl_module, step, self._progress(trainer), unread))
                     else:  # a compute target keeps its pace on the last reading
                         self._control(trainer, pl_module, unread)
+                if self.controller.budget is not None:  # track the importance only up to a reading (rank 0's answer)
+                    expect = self.loop.expect_reading(step, trainer.accumulate_grad_batches)
+                    self.loop.read_next = trainer.strategy.broadcast(expect, src=0)
 
     # ------------------------------------------------------------------------------ control step
     @staticmethod

@@ -104,9 +104,20 @@ class ReadSchedule:
         self.quiet += 1
         self.read_after = step + interval * 2 ** self.quiet
 
-    def waiting(self, step: int) -> bool:
-        """Whether ``step`` lies in a backoff's gap (no cut can come before its next reading)."""
-        return step < self.read_after
+    def next_due(self, step: int, interval: int, sensing_flops: float, train_flops: float, interval_flops: float,
+                 capped: bool = True) -> int | None:
+        """The first control step after ``step`` (every ``interval`` steps) whose reading :meth:`due` allows, if
+        nothing is read until then and each interval adds ``interval_flops`` of training FLOPs; None when idle, or
+        when the sensing budget is spent and the training adds nothing to it."""
+        if self.idle:
+            return None
+        k, cap = 1, self.sense_budget
+        if cap is not None and capped and sensing_flops > cap * (train_flops + interval_flops):
+            if interval_flops <= 0:
+                return None
+            k = math.ceil((sensing_flops / cap - train_flops) / interval_flops - 1e-9)
+        k = max(k, math.ceil((self.read_after - step) / interval))
+        return step + k * interval
 
     def go_idle(self, reason: str) -> None:
         """Read no more, because of ``reason``."""

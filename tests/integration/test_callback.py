@@ -143,6 +143,37 @@ def test_a_compute_target_inside_the_controllers_deadband_stops_tracking_and_pro
     assert any(r["damage"] != r["damage"] for r in cb.trace[-3:])  # the last intervals read no probe
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_budget_tracks_no_importance_where_no_reading_can_follow(accumulate: int) -> None:
+    """A quality budget cuts only on a reading: it tracks the importance up to every reading (the intervals the
+    sensing budget leaves unread before it included: the path since the last cut ranks the next one), but not in a
+    backoff's gap nor once the sensing budget cannot allow another reading before the end (exact: nothing is read
+    in between, and the batches' FLOPs at the current width are known), under gradient accumulation too. Fails if
+    the tracking goes on to the end (the old rule), or stops before a reading that does come."""
+    every = 2
+    for sense_budget, backoff in ((0.15, False), (0.3, True)):
+        tracked: list[int] = []
+        trainer_ref: list[L.Trainer] = []
+
+        class Clock(L.Callback):
+            def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+                trainer_ref.append(trainer)
+
+        cb = ControlPruning(controller="lqr", target=0.1, quality_budget=0.05, every_n_steps=every, round_to=4,
+                            importance="trajectory", sense_budget=sense_budget, controller_kwargs={"warmup": 0.0})
+        original = cb.importance.before_optimizer_step
+        cb.importance.before_optimizer_step = lambda m: (tracked.append(trainer_ref[0].global_step), original(m))  # type: ignore[method-assign]
+        trainer, _ = fit(cb, epochs=4, callbacks=[Clock(), cb], accumulate_grad_batches=accumulate)
+        rows = {r["step"]: r for r in cb.trace}
+        read = {s for s, r in rows.items() if r["damage"] == r["damage"]}
+        gaps = {s for s, r in rows.items() if r.get("reason", "").startswith("backoff")}
+        ends = {(g // every + 1) * every for g in tracked}  # the control step that closes each tracked step's interval
+        assert {s for s in read if s > min(rows)} <= ends  # every reading was tracked up to
+        assert max(ends) == max(read) < max(rows)  # ... and the last one ended it, before the end
+        assert not ends & gaps and bool(gaps) is backoff  # nothing tracked into a backoff's gap
+        assert len(tracked) <= trainer.global_step - 2 * every
+
+
 def test_importance_is_tracked_from_one_interval_before_the_start_step_and_the_dense_run_never_probes() -> None:
     """Attached but not cutting costs nothing: no tracking before `start_step - every_n_steps`, no probe in `none`."""
     tracked: list[int] = []

@@ -16,11 +16,35 @@ def test_due_says_why_not_idle_first_then_the_backoff_then_the_sensing_budget() 
                                                                           "far are 3.1% of the training FLOPs > 3.0%")
     assert reads.due(10, sensing_flops=50.0, train_flops=100.0, capped=False) == ""  # the first interval reads
     reads.note(10, quiet=True, interval=10)
-    assert reads.due(15, 0.0, 100.0).startswith("backoff: 1 reading(s) in a row") and reads.waiting(19)
-    assert reads.due(30, 0.0, 100.0) == "" and not reads.waiting(30)
+    assert reads.due(15, 0.0, 100.0).startswith("backoff: 1 reading(s) in a row") and reads.due(29, 0.0, 100.0)
+    assert reads.due(30, 0.0, 100.0) == ""
     reads.go_idle("payback: nothing repays its sizing")
     assert reads.due(1000, 0.0, 100.0) == "payback: nothing repays its sizing; no further reading"
     assert ReadSchedule(None).due(10, sensing_flops=1e9, train_flops=1.0) == ""  # no sensing budget
+
+
+def test_next_due_is_the_first_control_step_due_allows() -> None:
+    """``next_due`` (where the importance stops being tracked) in closed form equals scanning ``due`` interval by
+    interval with the training FLOPs growing, through the sensing budget, the backoff and both; None when idle or
+    when the training adds nothing to repay a spent sensing budget. Fails on an off-by-one in either bound."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        reads = ReadSchedule(sense_budget=rng.choice([None, 0.03, 0.1]))
+        interval, step = rng.choice([1, 10, 20]), 10 * rng.randrange(1, 50)
+        if rng.random() < 0.5:
+            reads.note(step - rng.choice([0, interval]), quiet=True, interval=interval)
+            reads.quiet = rng.randrange(1, 4)
+            reads.read_after = step + interval * rng.randrange(0, 9)
+        sensing, train, per = rng.uniform(0, 20), rng.uniform(1, 100), rng.uniform(0.5, 5)
+        scan = next(step + k * interval for k in range(1, 10_000)
+                    if reads.due(step + k * interval, sensing, train + k * per) == "")
+        assert reads.next_due(step, interval, sensing, train, per) == scan
+    spent = ReadSchedule(sense_budget=0.03)
+    assert spent.next_due(10, 10, sensing_flops=5.0, train_flops=100.0, interval_flops=0.0) is None
+    spent.go_idle("payback")
+    assert spent.next_due(10, 10, sensing_flops=0.0, train_flops=100.0, interval_flops=1.0) is None
 
 
 def test_the_backoff_doubles_its_gap_and_any_other_outcome_resets_it() -> None:

@@ -211,7 +211,11 @@ def test_a_budget_whose_readings_find_nothing_to_do_reads_at_doubling_gaps() -> 
             due.append(step)
             loop.note_quiet(Plan(step=step, widths={}, quiet=True))
     assert due == [10, 30, 70]  # gaps of 2, 4, 8 intervals
-    assert not loop.tracking(149) and loop.tracking(150)  # no importance tracking in the gap: no cut can come there
+    # no importance tracking in the gap (no cut can come there), nor before a reading after the end of training
+    assert not loop.expect_reading(130) and not loop.tracking(131) and not loop.expect_reading(140)  # 150 > 100 steps
+    loop.estimator.total_steps = 200
+    assert loop.expect_reading(140) and loop.tracking(141)  # the interval before a reading that can come
+    loop.estimator.total_steps = 100
     assert loop.sensing_due(80).startswith("backoff: 3 reading(s) in a row") and "step 150" in loop.sensing_due(80)
     restored = _budget_loop(width=32, n_batches=2)[2]
     restored.load_state_dict(loop.state_dict())

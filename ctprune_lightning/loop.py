@@ -143,7 +143,7 @@ class ControlLoop(LoopPlanning):
         self._before: tuple[float, float] | None = None  # (probe loss, best) at the last observation
         self._before_batches: list[float] = []  # its per-batch values on this rank (a jump's error is their spread)
         self.unsensed = ""  # why this interval's probe was not read (the sensing budget), "" when it was
-        self.read_next = True  # the next control interval is expected to be read (:meth:`expect_reading`)
+        self.read_next = True  # a reading can still come after this interval: track (:meth:`expect_reading`)
         self._batch_flops = 0.0  # the last training batch's FLOPs, as charged to the ledger
 
     # ------------------------------------------------------------------------------------ set-up

@@ -69,7 +69,12 @@ class ControlPruning(Callback):
             :class:`~ctprune_lightning.controllers.Controller`.
         target: compute setpoint ``c*``: FLOPs per step of the final net ÷ dense, in ``(0, 1]``
             (default 0.3); with a Controller instance, omit it or pass the instance's own target.
-        importance: ``magnitude``, ``taylor``, ``trajectory`` or an :class:`Importance`.
+        importance: ``magnitude``, ``taylor``, ``trajectory``, ``auto`` (the default) or an :class:`Importance`.
+            ``auto`` is ``taylor`` with a quality budget and ``trajectory`` at a compute target. A budget sizes each
+            cut by its immediate jump, which Taylor's first-order score estimates; its short memory lets the loop
+            track only the interval before each reading. On the MLP, over 9 seeds, that saved +3.7 ± 2.9 points
+            more than the trajectory (7 of 9 seeds up) with a quarter of the tracking time
+            (``experiments/results/suite/loop_2026-12-07.md``).
         every_n_steps: optimizer steps per control interval.
         start_step: no cut before this optimizer step.
         min_width: no group narrower than this.
@@ -137,7 +142,7 @@ class ControlPruning(Callback):
         self,
         controller: str | Controller = "lqr",
         target: float | None = None,
-        importance: str | Importance = "trajectory",
+        importance: str | Importance = "auto",
         every_n_steps: int = 20,
         start_step: int = 0,
         min_width: int = 8,
@@ -204,6 +209,8 @@ class ControlPruning(Callback):
         if isinstance(importance, Importance):
             self.importance = importance
         elif isinstance(importance, str):
+            if importance == "auto":
+                importance = "taylor" if self.controller.budget is not None else "trajectory"
             self.importance = build_importance(importance, **dict(importance_kwargs or {}))
         else:
             raise TypeError(f"ControlPruning: `importance` must be a name or an Importance, got {importance!r}")

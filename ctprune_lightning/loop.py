@@ -296,10 +296,11 @@ class ControlLoop(LoopPlanning):
         path tracked before it is kept: the importance sums the tracked steps since the last cut), nor once no
         reading can come before the end of training: the sensing budget spent for good at the FLOPs the batches
         add at the current width (``batches_per_step`` per optimizer step; a full batch each, an upper bound), or
-        idle. Intervals the sensing budget leaves unread before a later reading are tracked: the path since the last
-        cut ranks the next one (tracking only the interval before each reading cut the MLP's budget runs' saving
-        from 27.9% to 25.0%, ``experiments/results/suite/loop_2026-12-07.md``). Exact: nothing is read between
-        two control steps. Every rank must track alike (an FSDP2 tracking step gathers the parameters): the
+        idle. For a path integral (the trajectory) the intervals the sensing budget leaves unread before a later
+        reading are tracked: the path since the last cut ranks the next one (tracking only the interval before each
+        reading cut the MLP's budget runs' saving from 27.9% to 25.0%, ``experiments/results/suite/loop_2026-12-07.md``).
+        Scores that forget (``Importance.memory``: Taylor's EMA remembers ~10 steps) are tracked only in the intervals
+        within that memory before the reading. Exact: nothing is read between two control steps. Every rank must track alike (an FSDP2 tracking step gathers the parameters): the
         callback takes rank 0's answer. A compute target acts on the last reading, and tracks every interval."""
         if self.estimator is None or self.controller.budget is None:
             self.read_next = True
@@ -310,6 +311,9 @@ class ControlLoop(LoopPlanning):
         due = self.reads.next_due(step, interval, self.ledger.sensing_flops, self.ledger.train_flops, flops, capped)
         gap = step + interval < self.reads.read_after  # the next interval ends inside a backoff's gap
         self.read_next = due is not None and due <= self.estimator.total_steps and not gap
+        memory = self.importance.memory
+        if self.read_next and memory is not None:  # scores that forget: only the intervals they remember count
+            self.read_next = due - step <= max(1, math.ceil(memory / interval)) * interval
         return self.read_next
 
     def record_skip(self, model: nn.Module, step: int, progress: float, reason: str) -> dict[str, Any]:
@@ -372,6 +376,7 @@ class ControlLoop(LoopPlanning):
         compute = obs.compute
         if plan.keep or plan.grow:
             compute = self.compute(model)
+            self._batch_flops = self.flops(model)[0]  # the next batches' (expect_reading), a full batch each
             self.last_u = obs.compute - compute
             if obs.sensed and (self.controller.reads_damage or self.estimator is not None):
                 # the cut's jump (a schedule needs none; an unread interval has no reading to compare with)

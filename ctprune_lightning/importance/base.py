@@ -39,6 +39,10 @@ class Importance:
     """Base class. Subclasses set ``name`` and implement :meth:`scores`."""
 
     name: str = "base"
+    #: how many optimizer steps back the scores remember (an EMA's time constant): a quality budget tracks only the
+    #: control intervals that many steps before a reading (:meth:`ControlLoop.expect_reading`); None: every step since
+    #: the last cut counts (a path integral), 0: the hooks do nothing (the scores read the weights alone)
+    memory: float | None = None
 
     def attach(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> None:
         """Called once the groups are known (and again after a resume)."""

@@ -23,6 +23,7 @@ class MagnitudeImportance(Importance):
     """L2 norm of all the weights of a unit, across every coupled slice."""
 
     name = "magnitude"
+    memory = 0.0  # the weights now: nothing to track
 
     def scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
         width = group.width(model)
@@ -41,6 +42,11 @@ class TaylorImportance(AccumulatingImportance):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"TaylorImportance: beta={beta!r} must lie in [0, 1)")
         self.beta = beta
+
+    @property
+    def memory(self) -> float:
+        """The EMA's time constant ``1 / (1 − β)`` in optimizer steps (10 at the default β = 0.9)."""
+        return 1.0 / (1.0 - self.beta)
 
     def before_optimizer_step(self, model: nn.Module) -> None:
         for g in self.groups:

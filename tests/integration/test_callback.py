@@ -172,6 +172,37 @@ def test_a_budget_tracks_no_importance_where_no_reading_can_follow(accumulate: i
         assert max(ends) == max(read) < max(rows)  # ... and the last one ended it, before the end
         assert not ends & gaps and bool(gaps) is backoff  # nothing tracked into a backoff's gap
         assert len(tracked) <= trainer.global_step - 2 * every
+        assert ends - read  # the trajectory (a path integral) is tracked in unread intervals before a reading too
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_budget_tracks_scores_that_forget_only_in_the_intervals_before_a_reading(accumulate: int) -> None:
+    """Taylor's EMA remembers ~10 steps (``Importance.memory``): with 4-step intervals a quality budget tracks only the
+    3 intervals (12 steps) that end at or before each reading, not the unread ones before them. Fails if it tracks
+    as for the trajectory (every interval up to the last reading), or misses a reading."""
+    every, window, tracked, trainer_ref = 4, 12, [], []
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            trainer_ref.append(trainer)
+
+    cb = ControlPruning(controller="lqr", target=0.1, quality_budget=0.05, every_n_steps=every, round_to=4,
+                        sense_budget=0.3, controller_kwargs={"warmup": 0.0})  # importance "auto": Taylor
+    assert cb.importance.name == "taylor" and cb.importance.memory == pytest.approx(10.0)
+    original = cb.importance.before_optimizer_step
+    cb.importance.before_optimizer_step = lambda m: (tracked.append(trainer_ref[0].global_step), original(m))  # type: ignore[method-assign]
+    fit(cb, epochs=6 * accumulate, callbacks=[Clock(), cb], accumulate_grad_batches=accumulate)
+    rows = {r["step"]: r for r in cb.trace}
+    read = sorted(s for s, r in rows.items() if r["damage"] == r["damage"])
+    ends = {(g // every + 1) * every for g in tracked}  # the control step that closes each tracked step's interval
+
+    def next_read(end: int) -> int | None:
+        return next((r for r in read if r >= end), None)
+
+    assert len(read) >= 3 and len(rows) - len(read) >= 3, (read, sorted(rows))
+    assert {r for r in read if r > min(rows)} <= ends  # every reading was tracked up to
+    assert all(next_read(e) is not None and next_read(e) - e <= window - every for e in ends)  # only the window
+    assert any(next_read(s) is not None and s not in ends for s in set(rows) - set(read))  # an unread one left out
 
 
 def test_importance_is_tracked_from_one_interval_before_the_start_step_and_the_dense_run_never_probes() -> None:

@@ -135,7 +135,11 @@ def test_controller_and_callbacks_instantiate(hydra_init: None, tmp_path: Path, 
 def test_importance_options_build_the_callback(hydra_init: None, tmp_path: Path, importance: str) -> None:
     cfg = compose_cfg([f"importance={importance}", "debug=fast"], tmp_path)
     assert cfg.callbacks.control_pruning.importance == importance
-    assert train.find_pruning_callback(train.instantiate_callbacks(cfg)).importance.name == importance
+    built = train.find_pruning_callback(train.instantiate_callbacks(cfg)).importance.name
+    assert built == ("trajectory" if importance == "auto" else importance)  # auto: the trajectory at a target
+    if importance == "auto":  # ... and Taylor with a quality budget
+        cfg = compose_cfg(["importance=auto", "controller=lqr", "pruning.quality_budget=0.01", "debug=fast"], tmp_path)
+        assert train.find_pruning_callback(train.instantiate_callbacks(cfg)).importance.name == "taylor"
 
 
 def test_importance_settings_reach_the_criterion(hydra_init: None, tmp_path: Path) -> None:

@@ -411,7 +411,7 @@ class ControlPruning(Callback):
                     else:  # a compute target keeps its pace on the last reading
                         self._control(trainer, pl_module, unread)
                 if self.controller.budget is not None:  # track the importance only up to a reading (rank 0's answer)
-                    expect = self.loop.expect_reading(step, trainer.accumulate_grad_batches)
+                    expect = self.loop.expect_reading(pl_module, step, trainer.accumulate_grad_batches)
                     self.loop.read_next = trainer.strategy.broadcast(expect, src=0)
 
     # ------------------------------------------------------------------------------ control step

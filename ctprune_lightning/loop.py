@@ -144,7 +144,6 @@ class ControlLoop(LoopPlanning):
         self._before_batches: list[float] = []  # its per-batch values on this rank (a jump's error is their spread)
         self.unsensed = ""  # why this interval's probe was not read (the sensing budget), "" when it was
         self.read_next = True  # a reading can still come after this interval: track (:meth:`expect_reading`)
-        self._batch_flops = 0.0  # the last training batch's FLOPs, as charged to the ledger
 
     # ------------------------------------------------------------------------------------ set-up
     def discover(self, model: nn.Module, example: Any, ignored_layers: Sequence[str | type] = (),
@@ -196,9 +195,7 @@ class ControlLoop(LoopPlanning):
 
     def count_batch(self, model: nn.Module, batch: Any) -> None:
         """Charge one training batch at the current architecture to the ledger."""
-        flops, scale = self.flops(model)[0], batch_size(batch) / self.ref_batch
-        self.ledger.add_batch(flops, scale)
-        self._batch_flops = flops * max(scale, 1.0)
+        self.ledger.add_batch(self.flops(model)[0], batch_size(batch) / self.ref_batch)
         if self.cost_model is not None:
             self.time_ledger.add(self.cost_model.step_time(self.widths(model)), self.cost_model.dense_time,
                                  batch_size(batch) / self.ref_batch)
@@ -266,8 +263,12 @@ class ControlLoop(LoopPlanning):
         ``2ⁿ − 1`` intervals (:meth:`note_quiet`). An unread interval's trace row says why; a quality budget holds
         on it (it cuts only on a reading: the trial), a compute target acts on the last reading
         (``Observation.sensed``)."""
-        capped = bool(self.trace) and self.controller.reads_damage
-        return self.reads.due(step, self.ledger.sensing_flops, self.ledger.train_flops, capped=capped)
+        return self.reads.due(step, self.ledger.sensing_flops, self.ledger.train_flops, capped=self._capped)
+
+    @property
+    def _capped(self) -> bool:
+        """Whether the sensing budget applies: not to the first interval, nor to a controller that reads no damage."""
+        return bool(self.trace) and self.controller.reads_damage
 
     @property
     def idle(self) -> str:
@@ -290,7 +291,7 @@ class ControlLoop(LoopPlanning):
         (:attr:`saturated`), nor where no cut can come before the next interval's end (:meth:`expect_reading`)."""
         return not self.saturated and self.read_next
 
-    def expect_reading(self, step: int, batches_per_step: int = 1) -> bool:
+    def expect_reading(self, model: nn.Module, step: int, batches_per_step: int = 1) -> bool:
         """After the control interval at ``step``: whether to track the importance until the next one
         (:attr:`read_next`). A quality budget cuts only on a reading, so it does not track in a backoff's gap (the
         path tracked before it is kept: the importance sums the tracked steps since the last cut), nor once no
@@ -298,17 +299,19 @@ class ControlLoop(LoopPlanning):
         add at the current width (``batches_per_step`` per optimizer step; a full batch each, an upper bound), or
         idle. For a path integral (the trajectory) the intervals the sensing budget leaves unread before a later
         reading are tracked: the path since the last cut ranks the next one (tracking only the interval before each
-        reading cut the MLP's budget runs' saving from 27.9% to 25.0%, ``experiments/results/suite/loop_2026-12-07.md``).
-        Scores that forget (``Importance.memory``: Taylor's EMA remembers ~10 steps) are tracked only in the intervals
-        within that memory before the reading. Exact: nothing is read between two control steps. Every rank must track alike (an FSDP2 tracking step gathers the parameters): the
-        callback takes rank 0's answer. A compute target acts on the last reading, and tracks every interval."""
+        reading cut the MLP's budget runs' saving from 27.9% to 25.0%,
+        ``experiments/results/suite/loop_2026-12-07.md``). Scores that forget (``Importance.memory``: Taylor's EMA
+        remembers ~10 steps) are tracked only in the intervals within that memory before the reading. Exact:
+        nothing is read between two control steps, and ``model`` has the width the batches until then train at.
+        Every rank must track alike (an FSDP2 tracking step gathers the parameters): the callback takes rank 0's
+        answer. A compute target acts on the last reading, and tracks every interval."""
         if self.estimator is None or self.controller.budget is None:
             self.read_next = True
             return True
         interval = self.estimator.interval
-        flops = interval * max(1, int(batches_per_step)) * self._batch_flops
-        capped = bool(self.trace) and self.controller.reads_damage
-        due = self.reads.next_due(step, interval, self.ledger.sensing_flops, self.ledger.train_flops, flops, capped)
+        flops = interval * max(1, int(batches_per_step)) * self.flops(model)[0]  # a full batch each: an upper bound
+        due = self.reads.next_due(step, interval, self.ledger.sensing_flops, self.ledger.train_flops, flops,
+                                  self._capped)
         gap = step + interval < self.reads.read_after  # the next interval ends inside a backoff's gap
         self.read_next = due is not None and due <= self.estimator.total_steps and not gap
         memory = self.importance.memory
@@ -376,7 +379,6 @@ class ControlLoop(LoopPlanning):
         compute = obs.compute
         if plan.keep or plan.grow:
             compute = self.compute(model)
-            self._batch_flops = self.flops(model)[0]  # the next batches' (expect_reading), a full batch each
             self.last_u = obs.compute - compute
             if obs.sensed and (self.controller.reads_damage or self.estimator is not None):
                 # the cut's jump (a schedule needs none; an unread interval has no reading to compare with)

@@ -212,9 +212,10 @@ def test_a_budget_whose_readings_find_nothing_to_do_reads_at_doubling_gaps() -> 
             loop.note_quiet(Plan(step=step, widths={}, quiet=True))
     assert due == [10, 30, 70]  # gaps of 2, 4, 8 intervals
     # no importance tracking in the gap (no cut can come there), nor before a reading after the end of training
-    assert not loop.expect_reading(130) and not loop.tracking(131) and not loop.expect_reading(140)  # 150 > 100 steps
+    assert not loop.expect_reading(net, 130) and not loop.tracking(131)
+    assert not loop.expect_reading(net, 140)  # its reading (150) comes after the end of training (100 steps)
     loop.estimator.total_steps = 200
-    assert loop.expect_reading(140) and loop.tracking(141)  # the interval before a reading that can come
+    assert loop.expect_reading(net, 140) and loop.tracking(141)  # the interval before a reading that can come
     loop.estimator.total_steps = 100
     assert loop.sensing_due(80).startswith("backoff: 3 reading(s) in a row") and "step 150" in loop.sensing_due(80)
     restored = _budget_loop(width=32, n_batches=2)[2]

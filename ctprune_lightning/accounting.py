@@ -157,6 +157,22 @@ def _head(batch: object, n: int, k: int) -> object:
     return apply_to_collection(batch, Tensor, lambda t: t[:k] if t.dim() > 0 and t.shape[0] == n else t)
 
 
+Count = tuple[int, dict[str, int]]  # (FLOPs of a training step, per module)
+
+
+def _scaled(count: Count, k: int) -> Count:
+    return count[0] * k, {name: flops * k for name, flops in count[1].items()}
+
+
+def _line(two: Count, four: Count, n: int) -> Count:
+    """The count at ``n`` samples, per module as in total, on the line through the counts at 2 and 4."""
+    def line(a: int, b: int) -> int:
+        return a + (b - a) * (n - 2) // 2
+
+    (t2, m2), (t4, m4) = two, four
+    return line(t2, t4), {name: line(m2.get(name, 0), m4.get(name, 0)) for name in {**m2, **m4}}
+
+
 @dataclass
 class FlopMeter:
     """Caches the per-step FLOPs of each architecture the run visits.
@@ -165,38 +181,41 @@ class FlopMeter:
     the line through those two counts gives exactly the whole batch's (the counted ops -- matmul, conv,
     attention -- are linear in the batch size for almost every model), later architectures are counted
     on 2 and 4 samples only and extrapolated, per module as in total, which is exact and several times
-    cheaper. A model whose count is not linear in the batch (a loss over pairs of samples) keeps whole
-    batch counts.
+    cheaper. When that line also passes through zero, per module (no op whose cost is the same for any
+    batch, such as a product of two weights), one count on 2 samples, scaled, is the line: later counts
+    take one pass instead of two (a recount took about one training step of the char-GPT). A model whose
+    count is not linear in the batch (a loss over pairs of samples) keeps whole batch counts.
     """
 
     loss_fn: Callable[[nn.Module, object], Tensor]
-    cache: dict[Hashable, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    cache: dict[Hashable, Count] = field(default_factory=dict)
     batch_linear: bool | None = None  # None: not checked yet
+    proportional: bool = False  # the line through zero: one count on 2 samples, scaled
 
-    def measure(self, model: nn.Module, batch: object, key: Hashable) -> tuple[int, dict[str, int]]:
+    def measure(self, model: nn.Module, batch: object, key: Hashable) -> Count:
         if key not in self.cache:
             self.cache[key] = self._count(model, batch)
         return self.cache[key]
 
-    def _count(self, model: nn.Module, batch: object) -> tuple[int, dict[str, int]]:
+    def _count(self, model: nn.Module, batch: object) -> Count:
         n = batch_size(batch)  # 1 when the batch holds no tensor: then whole-batch counts, always
         if self.batch_linear and n > 4:
-            return self._extrapolate(model, batch, n)
+            two = count_training_flops(model, _head(batch, n, 2), self.loss_fn)
+            four = _scaled(two, 2) if self.proportional else count_training_flops(model, _head(batch, n, 4),
+                                                                                self.loss_fn)
+            return _line(two, four, n)
         counted = count_training_flops(model, batch, self.loss_fn)
         if self.batch_linear is None:
+            self.batch_linear = False  # unless the line through the counts at 2 and 4 samples gives this count
             try:
-                self.batch_linear = n > 4 and self._extrapolate(model, batch, n) == counted
+                if n > 4:
+                    two, four = (count_training_flops(model, _head(batch, n, k), self.loss_fn) for k in (2, 4))
+                    self.batch_linear = _line(two, four, n) == counted
+                    self.proportional = self.batch_linear and four == _scaled(two, 2)
             except Exception:  # noqa: BLE001 -- a model that cannot run on 2 samples: whole batches, always
-                self.batch_linear = False
+                pass
         return counted
 
-    def _extrapolate(self, model: nn.Module, batch: object, n: int) -> tuple[int, dict[str, int]]:
-        (t2, m2), (t4, m4) = (count_training_flops(model, _head(batch, n, k), self.loss_fn) for k in (2, 4))
-
-        def line(a: int, b: int) -> int:  # the count at n samples, from the counts at 2 and 4
-            return a + (b - a) * (n - 2) // 2
-
-        return line(t2, t4), {name: line(m2.get(name, 0), m4.get(name, 0)) for name in {**m2, **m4}}
 
 
 @dataclass

@@ -42,6 +42,30 @@ def exclusive_flops(per_module: Mapping[str, int]) -> dict[str, int]:
     return own
 
 
+def flop_predictor(
+    widths: Mapping[str, int], per_module: Mapping[str, int], total: int, groups: Sequence[PrunableGroup],
+) -> Callable[[Mapping[str, int]], float]:
+    """``predict(new_widths)``: the FLOPs per step after changing ``widths`` to ``new_widths`` (first-order in each
+    width), with what does not depend on the new widths worked out once (a planner asks thousands of times).
+
+    A module's own FLOPs scale with the product of the width ratios of the groups that cut it: a
+    Linear or a Conv by (in ratio) × (out ratio), an attention module's own cost (SDPA) by its head
+    ratio. Counts of parent modules are made exclusive so nothing is scaled twice.
+    """
+    own = exclusive_flops(per_module)
+    scaled = [(g.name, g.scaled_modules()) for g in groups]
+
+    def predict(new_widths: Mapping[str, int]) -> float:
+        ratio: dict[str, float] = {}
+        for name, modules in scaled:
+            r = new_widths[name] / widths[name]
+            for m in modules:
+                ratio[m] = ratio.get(m, 1.0) * r
+        return total + sum(own[m] * (ratio[m] - 1.0) for m in own if m in ratio)
+
+    return predict
+
+
 def predict_flops(
     widths: Mapping[str, int],
     new_widths: Mapping[str, int],
@@ -49,19 +73,8 @@ def predict_flops(
     total: int,
     groups: Sequence[PrunableGroup],
 ) -> float:
-    """FLOPs per step after changing ``widths`` to ``new_widths`` (first-order in each width).
-
-    A module's own FLOPs scale with the product of the width ratios of the groups that cut it: a
-    Linear or a Conv by (in ratio) × (out ratio), an attention module's own cost (SDPA) by its head
-    ratio. Counts of parent modules are made exclusive so nothing is scaled twice.
-    """
-    ratio: dict[str, float] = {}
-    for g in groups:
-        r = new_widths[g.name] / widths[g.name]
-        for m in g.scaled_modules():
-            ratio[m] = ratio.get(m, 1.0) * r
-    own = exclusive_flops(per_module)
-    return total + sum(own[m] * (ratio[m] - 1.0) for m in own if m in ratio)
+    """FLOPs per step after changing ``widths`` to ``new_widths`` (:func:`flop_predictor`, asked once)."""
+    return flop_predictor(widths, per_module, total, groups)(new_widths)
 
 
 def group_floor(group: PrunableGroup, min_width: int) -> int:
@@ -110,8 +123,7 @@ def plan_widths(
     ``floor_flops`` are then in its unit, e.g. the cost model's modelled seconds per step).
     """
     if predict is None:
-        def predict(trial: Mapping[str, int]) -> float:
-            return predict_flops(widths, trial, per_module, total, groups)
+        predict = flop_predictor(widths, per_module, total, groups)
     floor = target_flops if floor_flops is None else floor_flops
     reference = reference or widths
     limits = {g.name: (group_floor(g, min_width), round_to if g.round_to is None else g.round_to) for g in groups}

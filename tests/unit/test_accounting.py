@@ -57,3 +57,29 @@ def test_overhead_parts_are_exclusive_and_add_up(monkeypatch) -> None:
     restored = accounting.ComputeLedger()
     restored.load_state_dict(ledger.state_dict())
     assert restored.overhead_parts == ledger.overhead_parts and restored.overhead_s == 5.0
+
+
+def with_weight_decay_term(model: nn.Module, batch) -> torch.Tensor:
+    """Cross-entropy plus a product of two weights: a cost that is the same for any batch (the line's intercept)."""
+    w = model[0].weight
+    return ce(model, batch) + (w @ w.T).trace() * 1e-4
+
+
+def test_a_count_through_zero_takes_one_pass_and_one_with_an_intercept_takes_two(monkeypatch) -> None:
+    """Both stay exact: the proportional shortcut is taken only where the counts at 2 and 4 samples show no
+    intercept (a bug that scaled the 2-sample count regardless would miss the weight product's FLOPs)."""
+    from ctprune_lightning import accounting
+
+    batch = (torch.randn(32, 16), torch.randint(0, 4, (32,)))
+    for loss, passes, proportional in ((ce, 1, True), (with_weight_decay_term, 2, False)):
+        meter = FlopMeter(loss)
+        meter.measure(mlp(64), batch, key=64)
+        assert meter.batch_linear is True and meter.proportional is proportional
+        calls = []
+        real = accounting.count_training_flops
+        monkeypatch.setattr(accounting, "count_training_flops", lambda *a: calls.append(1) or real(*a))
+        for width in (48, 24):
+            calls.clear()
+            assert meter.measure(mlp(width), batch, key=width) == real(mlp(width), batch, loss)
+            assert len(calls) == passes
+        monkeypatch.undo()

@@ -217,7 +217,6 @@ class FlopMeter:
         return counted
 
 
-
 @dataclass
 class ComputeLedger:
     """Cumulative training FLOPs against a dense run of the same schedule, and wall-clock."""

@@ -73,7 +73,8 @@ def predict_flops(
     total: int,
     groups: Sequence[PrunableGroup],
 ) -> float:
-    """FLOPs per step after changing ``widths`` to ``new_widths`` (:func:`flop_predictor`, asked once)."""
+    """FLOPs per step after changing ``widths`` to ``new_widths``: one prediction of :func:`flop_predictor` (build the
+    predictor once where many are asked)."""
     return flop_predictor(widths, per_module, total, groups)(new_widths)
 
 

@@ -14,8 +14,9 @@ buffers (BatchNorm statistics) and the random number generators are left as they
 cached in memory per (device type, dtype, model shape, batch shape, group), and in a JSON file when a
 ``cache_dir`` is given. ``max_seconds`` bounds the measurement (the dense step is always timed): each
 group's narrowest candidate first, then further ladder points round-robin over the groups while the
-budget lasts; a group the budget did not reach is *assumed* to cost time in proportion to its width
-(:attr:`GroupCost.assumed`); :meth:`CostModel.describe` says what was measured.
+budget lasts; a group the budget did not reach is *assumed* to cost time in proportion to its width over its
+share of the dense step (``shares``: the loop passes each group's share of the step's FLOPs; the whole step when
+not given) (:attr:`GroupCost.assumed`); :meth:`CostModel.describe` says what was measured.
 
 The modelled time of a width assignment is first order in each group:
 ``dense × Π_g t_g(w_g) / dense``, where ``t_g`` interpolates group ``g``'s measured times linearly in
@@ -153,12 +154,15 @@ class GroupCost:
         dense_width: its width when measured.
         times: ``{width: seconds per step}`` measured (the dense width's is the dense step time).
         candidates: every width the planner may step to, widest first.
+        share: the share of the dense step time assumed to scale with the width where only the dense width was
+            measured (:attr:`assumed`): the group's share of the step's FLOPs (1: the whole step).
     """
 
     name: str
     dense_width: int
     times: dict[int, float]
     candidates: tuple[int, ...]
+    share: float = 1.0
     _frontier: tuple[int, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -171,11 +175,11 @@ class GroupCost:
         return len(self.times) < 2
 
     def time(self, width: int) -> float:
-        """Seconds per step at ``width``: linear between measured widths, flat beyond them; proportional to the
-        width when only the dense width was measured (:attr:`assumed`)."""
+        """Seconds per step at ``width``: linear between measured widths, flat beyond them; when only the dense
+        width was measured (:attr:`assumed`), its :attr:`share` of the step in proportion to the width."""
         xs = sorted(self.times)
         if len(xs) < 2:
-            return self.times[xs[0]] * width / xs[0]
+            return self.times[xs[0]] * (1.0 - self.share * (1.0 - width / xs[0]))
         return float(np.interp(width, xs, [self.times[x] for x in xs]))
 
     @property
@@ -241,20 +245,21 @@ class CostModel:
                 "seconds": self.seconds, "max_seconds": self.max_seconds, "complete": self.complete,
                 "warmup": self.warmup, "repeats": self.repeats, "cached_widths": self.cached,
                 "groups": {n: {"measured": dict(sorted(g.times.items(), reverse=True)), "frontier": list(g.frontier),
-                               "dropped": [w for w in g.candidates if w not in g.frontier], "assumed": g.assumed}
+                               "dropped": [w for w in g.candidates if w not in g.frontier], "assumed": g.assumed,
+                               "share": g.share}
                            for n, g in self.groups.items()}}
 
     def state_dict(self) -> dict[str, Any]:
         return {"dense_time": self.dense_time, "device": self.device, "dtype": self.dtype, "seconds": self.seconds,
                 "max_seconds": self.max_seconds, "complete": self.complete, "warmup": self.warmup,
                 "repeats": self.repeats, "cached": self.cached,
-                "groups": {n: {"dense_width": g.dense_width, "times": dict(g.times), "candidates": list(g.candidates)}
-                           for n, g in self.groups.items()}}
+                "groups": {n: {"dense_width": g.dense_width, "times": dict(g.times), "candidates": list(g.candidates),
+                               "share": g.share} for n, g in self.groups.items()}}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "CostModel":
-        groups = {n: GroupCost(n, int(g["dense_width"]), dict(g["times"]), tuple(int(c) for c in g["candidates"]))
-                  for n, g in state["groups"].items()}
+        groups = {n: GroupCost(n, int(g["dense_width"]), dict(g["times"]), tuple(int(c) for c in g["candidates"]),
+                               float(g.get("share", 1.0))) for n, g in state["groups"].items()}
         return cls(**{k: v for k, v in state.items() if k != "groups"}, groups=groups)
 
 
@@ -382,6 +387,7 @@ def measure_cost(
     clock: Callable[[], float] = time.perf_counter,
     cache: MutableMapping[str, dict[int, float]] | None = None,
     cache_dir: str | Path | None = None,
+    shares: Mapping[str, float] | None = None,
 ) -> CostModel:
     """Time a training step with each group cut alone to a ladder of widths; the per-group cost frontiers.
 
@@ -395,6 +401,8 @@ def measure_cost(
         step_time: ``step_time(model) -> seconds`` instead of :class:`StepTimer` (tests inject a fake one).
         clock: the clock the budget is read on.
         cache: ``{key: {width: seconds}}`` (default: :data:`MEMORY_CACHE`); ``cache_dir``: also a JSON file there.
+        shares: ``{group: share of the dense step}`` assumed to scale with a width the budget did not measure (the
+            loop passes each group's share of the step's FLOPs); 1, the whole step, for a group not in it.
 
     Example::
 
@@ -406,6 +414,10 @@ def measure_cost(
             raise ValueError(f"measure_cost: `{name}` must be an integer >= {low}, got {value!r}")
     if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not max_seconds >= 0:
         raise ValueError(f"measure_cost: `max_seconds` must be a number >= 0, got {max_seconds!r}")
+    bad = {n: v for n, v in (shares or {}).items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0}
+    if bad:
+        raise ValueError(f"measure_cost: every share must be a number in [0, 1], got {bad}")
     cache = MEMORY_CACHE if cache is None else cache
     disk = _load_disk(cache_dir, cache)
     param = next(model.parameters())
@@ -452,7 +464,8 @@ def measure_cost(
         mine = {k: v for k, v in cache.items() if k.startswith(shape + "|")}
         old = json.loads(disk.read_text()) if disk.exists() else {}
         disk.write_text(json.dumps(old | {k: {str(w): t for w, t in v.items()} for k, v in mine.items()}))
-    groups_cost = {n: GroupCost(n, widths[n], times[n], ladders[n][0]) for n in widths}
+    shares = shares or {}
+    groups_cost = {n: GroupCost(n, widths[n], times[n], ladders[n][0], float(shares.get(n, 1.0))) for n in widths}
     return CostModel(dense_time=dense_times[0], groups=groups_cost, device=device, dtype=dtype,
                      seconds=clock() - start, max_seconds=float(max_seconds), complete=complete, warmup=warmup,
                      repeats=repeats, cached=cached)

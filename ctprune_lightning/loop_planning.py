@@ -26,7 +26,7 @@ from .controllers.sizing import size_cut
 from .cost import CostModel, measure_cost
 from .importance import Importance
 from .importance.hankel import HankelImportance, plan_lru_ranks
-from .planning import group_floor, plan_growth, plan_widths, select_units
+from .planning import flop_predictor, group_floor, plan_growth, plan_widths, select_units
 from .probe import batch_size
 from .probe_store import LossFn, ProbeStore
 from .reading import SIZING_TRIALS, ReadSchedule, likely_cut, sizing_price
@@ -115,9 +115,22 @@ class LoopPlanning:
         if not can_trial(model):
             raise ValueError("ControlPruning: a cost model cuts the model for a moment; sharded (FSDP2) parameters "
                              "cannot be cut that way: use cost='flops' and no cost model there")
+        shares = self.flop_shares(model)
         with self.cost_context(), self.ledger.overhead("cost_model"):
             return measure_cost(model, self.groups, self.store.on(model, self.probe[0]), self.loss_fn,
-                                min_width=self.min_width, round_to=self.round_to, **self.cost_kwargs)
+                                min_width=self.min_width, round_to=self.round_to,
+                                **{"shares": shares, **self.cost_kwargs})
+
+    def flop_shares(self, model: nn.Module) -> dict[str, float]:
+        """Each group's share of the step's FLOPs: what cutting it alone to nothing would remove (the planner's
+        first-order prediction). A cost model assumes that share of the step time where its budget did not time
+        the group's narrower widths; before, the whole step, compounded over the groups: the ResNet-20's model
+        (1 of 12 groups timed in 2 s) predicted 58% of the time saved where the run saved 6%."""
+        total, per_module = self.flops(model)
+        widths = self.widths(model)
+        predict = flop_predictor(widths, per_module, total, self.groups)
+        return {g.name: min(1.0, max(0.0, 1.0 - predict({**widths, g.name: 0}) / total)) if total else 1.0
+                for g in self.groups}
 
     def flops(self, model: nn.Module, part: str = "flops") -> tuple[int, dict[str, int]]:
         """(FLOPs per step, per module) of ``model``'s architecture, counted once per architecture (charged to

@@ -236,3 +236,35 @@ def test_a_group_the_budget_does_not_reach_is_assumed_proportional_to_its_width(
     assert g.time(32) == pytest.approx(cost.dense_time / 2)  # in proportion to the width
     assert g.frontier == g.candidates  # every width is faster than a wider one: none is dropped
     assert cost.describe()["groups"]["2"]["assumed"] is True
+
+
+def test_an_unmeasured_group_is_assumed_to_save_its_share_of_the_step_and_the_loop_passes_its_flop_share() -> None:
+    """With ``shares``, a group the budget did not time saves only its share of the step, in proportion to its width
+    (a bug that scaled the whole step by every unmeasured group's width ratio, compounded, predicted the ResNet-20's
+    run 58% faster where it was 6%). The loop's shares are the FLOPs each group's modules own: cutting one group
+    alone is then modelled exactly as the FLOPs predict it."""
+    model, batch = mlp()
+    cost = measured(model, batch, max_seconds=0.0, shares={"0": 0.25, "2": 0.5})  # only the dense step is timed
+    assert cost.groups["0"].assumed and cost.groups["2"].assumed
+    assert cost.groups["0"].time(32) == pytest.approx(cost.dense_time * (1 - 0.25 * 0.5))
+    assert CostModel.from_state(cost.state_dict()).groups["2"].share == 0.5  # survives a checkpoint
+    with pytest.raises(ValueError, match=r"share must be a number in \[0, 1\].*'2': 1.5"):
+        measured(model, batch, shares={"2": 1.5})
+
+    loop = ControlLoop(build_controller("lqr", 0.3), build_importance("magnitude"), target=0.3, loss_fn=loss_fn,
+                       min_width=8, round_to=8, cost="time",
+                       cost_kwargs={"step_time": fake_step_time, "max_seconds": 0.0, "cache": {}})
+    loop.discover(model, batch[0])
+    loop.add_probe(model, batch)
+    dense = count_training_flops(model, batch, loss_fn)[0]
+    for name, layer, width in (("0", 0, 16), ("2", 2, 32)):
+        cut = nn.Sequential(*[nn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m
+                              for m in model])
+        if layer == 0:
+            cut[0], cut[2] = nn.Linear(16, width), nn.Linear(width, 64)
+        else:
+            cut[2], cut[4] = nn.Linear(64, width), nn.Linear(width, 4)
+        flops = count_training_flops(cut, batch, loss_fn)[0] / dense
+        widths = {"0": 64, "2": 64, name: width}
+        assert loop.cost_model.fraction(widths) == pytest.approx(flops, rel=1e-9)
+        assert 0 < loop.cost_model.groups[name].share < 1

@@ -14,9 +14,9 @@ buffers (BatchNorm statistics) and the random number generators are left as they
 cached in memory per (device type, dtype, model shape, batch shape, group), and in a JSON file when a
 ``cache_dir`` is given. ``max_seconds`` bounds the measurement (the dense step is always timed): each
 group's narrowest candidate first, then further ladder points round-robin over the groups while the
-budget lasts; a group the budget did not reach is *assumed* to cost time in proportion to its width over its
-share of the dense step (``shares``: the loop passes each group's share of the step's FLOPs; the whole step when
-not given) (:attr:`GroupCost.assumed`); :meth:`CostModel.describe` says what was measured.
+budget lasts. A group the budget did not reach is *assumed* to save its share of the dense step in proportion
+to its width (:attr:`GroupCost.assumed`). ``shares`` gives that share: the loop passes each group's share of the
+step's FLOPs, and without it the share is the whole step. :meth:`CostModel.describe` says what was measured.
 
 The modelled time of a width assignment is first order in each group:
 ``dense × Π_g t_g(w_g) / dense``, where ``t_g`` interpolates group ``g``'s measured times linearly in

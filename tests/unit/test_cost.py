@@ -256,15 +256,11 @@ def test_an_unmeasured_group_is_assumed_to_save_its_share_of_the_step_and_the_lo
                        cost_kwargs={"step_time": fake_step_time, "max_seconds": 0.0, "cache": {}})
     loop.discover(model, batch[0])
     loop.add_probe(model, batch)
+    def net(w0: int, w2: int) -> nn.Module:  # the MLP with its two hidden widths
+        return nn.Sequential(nn.Linear(16, w0), nn.ReLU(), nn.Linear(w0, w2), nn.ReLU(), nn.Linear(w2, 4))
+
     dense = count_training_flops(model, batch, loss_fn)[0]
-    for name, layer, width in (("0", 0, 16), ("2", 2, 32)):
-        cut = nn.Sequential(*[nn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m
-                              for m in model])
-        if layer == 0:
-            cut[0], cut[2] = nn.Linear(16, width), nn.Linear(width, 64)
-        else:
-            cut[2], cut[4] = nn.Linear(64, width), nn.Linear(width, 4)
-        flops = count_training_flops(cut, batch, loss_fn)[0] / dense
-        widths = {"0": 64, "2": 64, name: width}
+    for name, widths in (("0", {"0": 16, "2": 64}), ("2", {"0": 64, "2": 32})):
+        flops = count_training_flops(net(widths["0"], widths["2"]), batch, loss_fn)[0] / dense
         assert loop.cost_model.fraction(widths) == pytest.approx(flops, rel=1e-9)
         assert 0 < loop.cost_model.groups[name].share < 1

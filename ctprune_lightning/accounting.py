@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -24,7 +24,9 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from .planning import predict_count
 from .probe import batch_size
+from .surgery.groups import PrunableGroup
 
 
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
@@ -175,27 +177,56 @@ def _line(two: Count, four: Count, n: int) -> Count:
 
 @dataclass
 class FlopMeter:
-    """Caches the per-step FLOPs of each architecture the run visits.
+    """Caches the per-step FLOPs of each architecture the run visits, counting as few of them as it can exactly.
 
-    The first architecture is counted on the whole batch, and also on its first 2 and 4 samples: when
-    the line through those two counts gives exactly the whole batch's (the counted ops -- matmul, conv,
-    attention -- are linear in the batch size for almost every model), later architectures are counted
-    on 2 and 4 samples only and extrapolated, per module as in total, which is exact and several times
-    cheaper. When that line also passes through zero, per module (no op whose cost is the same for any
-    batch, such as a product of two weights), one count on 2 samples, scaled, is the line: later counts
-    take one pass instead of two (a recount took about one training step of the char-GPT). A model whose
-    count is not linear in the batch (a loss over pairs of samples) keeps whole batch counts.
+    **Fewer samples.** The first architecture is counted on its first 2, 4 and 8 samples. When the line
+    through the counts at 2 and 4 gives exactly the count at 8, per module as in total (the counted ops --
+    matmul, conv, attention -- are linear in the batch size for almost every model), that line at the whole
+    batch is the count, and later architectures are counted on 2 and 4 samples and extrapolated. When the
+    line also passes through zero, per module (no op whose cost is the same for any batch, such as a product
+    of two weights), one count on 2 samples, scaled, is the line: one pass instead of two. A model whose
+    count is not linear in the batch (a loss over pairs of samples) is counted on whole batches, always.
+
+    **Fewer architectures.** Given the widths and the groups (``measure(..., widths=, groups=)``), each count
+    of a new architecture is compared with what :func:`~ctprune_lightning.planning.predict_count` predicts
+    from the last count; a group whose width differed there becomes *verified* when every module's count
+    and the total equal the prediction. An architecture whose groups differ from the last count only in
+    verified groups is then predicted, not counted (a recount cost about a training step of the char-GPT,
+    and its lqr run made five). One mismatch (a cost the width ratios do not scale: a functional matmul on
+    a cut dimension outside every module, a depthwise convolution) and every architecture is counted again.
     """
 
     loss_fn: Callable[[nn.Module, object], Tensor]
     cache: dict[Hashable, Count] = field(default_factory=dict)
     batch_linear: bool | None = None  # None: not checked yet
     proportional: bool = False  # the line through zero: one count on 2 samples, scaled
+    verified: set[str] = field(default_factory=set)  # groups whose width changes the prediction got exactly right
+    predictable: bool = True  # False after a prediction missed a count: count every architecture
+    counted: int = 0  # architectures counted (the others were predicted)
+    _last: tuple[dict[str, int], Count] | None = None  # the widths and count of the last architecture counted
 
-    def measure(self, model: nn.Module, batch: object, key: Hashable) -> Count:
-        if key not in self.cache:
-            self.cache[key] = self._count(model, batch)
-        return self.cache[key]
+    def measure(self, model: nn.Module, batch: object, key: Hashable, widths: Mapping[str, int] | None = None,
+                groups: Sequence[PrunableGroup] = ()) -> Count:
+        if key in self.cache:
+            return self.cache[key]
+        last, widths = self._last, dict(widths) if widths is not None else None
+        predicted = None
+        if last is not None and widths is not None and groups and last[0].keys() == widths.keys():
+            predicted = predict_count(last[0], last[1][1], last[1][0], groups, widths)
+            changed = {n for n, w in widths.items() if w != last[0][n]}
+            if self.predictable and changed <= self.verified:
+                self.cache[key] = predicted
+                return predicted
+        counted = self.cache[key] = self._count(model, batch)
+        self.counted += 1
+        if predicted is not None:
+            if predicted == counted:
+                self.verified |= changed
+            else:
+                self.predictable = False
+        if widths is not None:
+            self._last = (widths, counted)
+        return counted
 
     def _count(self, model: nn.Module, batch: object) -> Count:
         n = batch_size(batch)  # 1 when the batch holds no tensor: then whole-batch counts, always
@@ -204,6 +235,16 @@ class FlopMeter:
             four = _scaled(two, 2) if self.proportional else count_training_flops(model, _head(batch, n, 4),
                                                                                 self.loss_fn)
             return _line(two, four, n)
+        if self.batch_linear is None and n > 8:
+            try:
+                two, four, eight = (count_training_flops(model, _head(batch, n, k), self.loss_fn) for k in (2, 4, 8))
+            except Exception:  # noqa: BLE001 -- a model that cannot run on a few samples: whole batches, always
+                two = four = eight = None
+            self.batch_linear = eight is not None and _line(two, four, 8) == eight
+            if self.batch_linear:
+                self.proportional = four == _scaled(two, 2) and eight == _scaled(two, 4)
+                return _line(two, four, n)
+            return count_training_flops(model, batch, self.loss_fn)
         counted = count_training_flops(model, batch, self.loss_fn)
         if self.batch_linear is None:
             self.batch_linear = False  # unless the line through the counts at 2 and 4 samples gives this count

@@ -138,7 +138,7 @@ class LoopPlanning:
         key = arch_spec(model, self.groups)
         if key not in self.meter.cache:
             with self.flop_view(model), self.ledger.overhead(part):
-                self.meter.measure(model, self.store.on(model, self.probe[0]), key)
+                self.meter.measure(model, self.store.on(model, self.probe[0]), key, self.widths(model), self.groups)
         return self.meter.cache[key]
 
     def compute(self, model: nn.Module) -> float:

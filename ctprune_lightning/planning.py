@@ -56,14 +56,39 @@ def flop_predictor(
     scaled = [(g.name, g.scaled_modules()) for g in groups]
 
     def predict(new_widths: Mapping[str, int]) -> float:
-        ratio: dict[str, float] = {}
-        for name, modules in scaled:
-            r = new_widths[name] / widths[name]
-            for m in modules:
-                ratio[m] = ratio.get(m, 1.0) * r
+        ratio = _module_ratios(scaled, widths, new_widths)
         return total + sum(own[m] * (ratio[m] - 1.0) for m in own if m in ratio)
 
     return predict
+
+
+def _module_ratios(scaled: Sequence[tuple[str, Collection[str]]], widths: Mapping[str, int],
+                   new_widths: Mapping[str, int]) -> dict[str, float]:
+    """Each scaled module's FLOP ratio: the product of the width ratios of the groups that cut it."""
+    ratio: dict[str, float] = {}
+    for name, modules in scaled:
+        r = new_widths[name] / widths[name]
+        for m in modules:
+            ratio[m] = ratio.get(m, 1.0) * r
+    return ratio
+
+
+def predict_count(
+    widths: Mapping[str, int], per_module: Mapping[str, int], total: int, groups: Sequence[PrunableGroup],
+    new_widths: Mapping[str, int],
+) -> tuple[int, dict[str, int]]:
+    """(FLOPs per step, per module) after changing ``widths`` to ``new_widths``, in the form a count takes: each
+    module's own FLOPs scaled as :func:`flop_predictor` scales them and rounded, then summed into its parents
+    again (the inverse of :func:`exclusive_flops`)."""
+    own = exclusive_flops(per_module)
+    ratio = _module_ratios([(g.name, g.scaled_modules()) for g in groups], widths, new_widths)
+    new_own = {m: round(f * ratio.get(m, 1.0)) for m, f in own.items()}
+    inclusive = dict(new_own)
+    for name in sorted(inclusive, key=lambda n: n.count("."), reverse=True):
+        parent = name.rpartition(".")[0]
+        if parent and parent in inclusive:
+            inclusive[parent] += inclusive[name]
+    return total + sum(new_own[m] - own[m] for m in own), inclusive
 
 
 def predict_flops(

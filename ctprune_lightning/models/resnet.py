@@ -72,12 +72,15 @@ class ResNet(nn.Module):
 
 
 class ResNetClassifier(ClassifierModule):
-    """ResNet-(6n+2) classifier; logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/*``."""
+    """ResNet-(6n+2) classifier; logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/*``.
+
+    ``channels_last``: the convolutions' weights and inputs in NHWC (oneDNN's and the tensor cores' layout).
+    """
 
     def __init__(self, depth: int = 20, widths: Sequence[int] = (16, 32, 64), num_classes: int = 10,
                  in_channels: int = 1, image_size: int = 28, optimizer: str = "adamw", lr: float = 2e-3,
                  weight_decay: float = 5e-4, momentum: float = 0.9, scheduler: str = "cosine",
-                 warmup_steps: int = 0) -> None:
+                 warmup_steps: int = 0, channels_last: bool = False) -> None:
         super().__init__()
         check_optim_args(optimizer, scheduler, lr, warmup_steps)
         widths = [int(w) for w in widths]
@@ -86,6 +89,8 @@ class ResNetClassifier(ClassifierModule):
                              f"{widths=}, {num_classes=}, {in_channels=}")
         self.save_hyperparameters()
         self.net = ResNet(int(depth), widths, int(num_classes), int(in_channels))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)  # surgery keeps it (ctprune_lightning.surgery.optim)
         self.init_metrics(int(num_classes))
         self.example_input_array = torch.zeros(2, int(in_channels), int(image_size), int(image_size))
 
@@ -94,7 +99,7 @@ class ResNetClassifier(ClassifierModule):
         if x.dim() == 2:
             side = int(round(x.shape[1] ** 0.5))
             x = x.view(x.shape[0], 1, side, side)
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=self.memory_format))
 
     def configure_optimizers(self) -> Any:
         return configure_optimizer_and_scheduler(self, decay_groups(self, self.hparams.weight_decay))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .handlers import size_attrs
+from .optim import memory_format
 
 
 class ArchSpecError(ValueError):
@@ -146,6 +147,8 @@ def apply_arch_(model: nn.Module, spec: Mapping[str, Any], source: str = "spec")
             if list(old.shape) == list(shape):
                 continue
             new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+            if new.dim() == old.dim():  # a channels_last convolution stays one
+                new = new.contiguous(memory_format=memory_format(old))
             if isinstance(old, nn.Parameter):
                 setattr(module, tname, nn.Parameter(new, requires_grad=old.requires_grad))
             else:

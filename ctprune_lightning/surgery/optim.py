@@ -39,11 +39,27 @@ def slice_state_(state: dict, old: Tensor, keep: Tensor, dim: int) -> dict:
     return out
 
 
+def memory_format(t: Tensor) -> torch.memory_format:
+    """The layout ``t`` is dense in: ``channels_last`` (4-D) or ``channels_last_3d`` (5-D) where it is that and not
+    the default contiguous layout, else ``contiguous_format``.
+
+    >>> memory_format(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last))
+    torch.channels_last
+    """
+    for dim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if t.dim() == dim and not t.is_contiguous() and t.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
 def swap_in_optimizers_(old: Tensor, new: Tensor, optimizers: Iterable[Optimizer], state_fn: StateFn | None) -> None:
-    """Put ``new`` where ``old`` was in every optimizer; its state becomes ``state_fn(state, old, new)``.
+    """Put ``new`` where ``old`` was in every optimizer; its state becomes ``state_fn(state, old, new)``, each
+    per-element state tensor in ``new``'s memory format (a slice or a growth of a ``channels_last`` moment is
+    not).
 
     ``state_fn=None`` drops the state (the slot starts fresh, or the caller loads a state dict next).
     """
+    fmt = memory_format(new)
     for opt in optimizers:
         for group in opt.param_groups:
             params = group["params"]
@@ -53,16 +69,20 @@ def swap_in_optimizers_(old: Tensor, new: Tensor, optimizers: Iterable[Optimizer
         if old in opt.state:  # state is keyed by the tensor's hash (its id)
             state = opt.state.pop(old)
             if state_fn is not None:
-                opt.state[new] = state_fn(state, old, new)
+                opt.state[new] = {k: v.contiguous(memory_format=fmt) if isinstance(v, Tensor) and v.shape == new.shape else v
+                                  for k, v in state_fn(state, old, new).items()}
 
 
 def swap_parameter_(module: nn.Module, name: str, data: Tensor, optimizers: Iterable[Optimizer] = (),
                     state_fn: StateFn | None = None) -> nn.Parameter:
-    """Replace ``module.<name>`` by a new Parameter holding ``data`` (the old dtype, device and
-    ``requires_grad``: frozen stays frozen), in the old Parameter's optimizer slots; see
-    :func:`swap_in_optimizers_` for ``state_fn``. The old gradient is dropped."""
+    """Replace ``module.<name>`` by a new Parameter holding ``data`` (the old dtype, device, memory format --
+    a ``channels_last`` convolution stays one -- and ``requires_grad``: frozen stays frozen), in the old
+    Parameter's optimizer slots; see :func:`swap_in_optimizers_` for ``state_fn``. The old gradient is dropped."""
     old = getattr(module, name)
-    new = nn.Parameter(data.detach().to(device=old.device, dtype=old.dtype).clone(), requires_grad=old.requires_grad)
+    data = data.detach().to(device=old.device, dtype=old.dtype)
+    fmt = memory_format(old) if data.dim() == old.dim() else torch.contiguous_format
+    new = nn.Parameter(data.clone(memory_format=torch.preserve_format if fmt == torch.contiguous_format else fmt),
+                       requires_grad=old.requires_grad)
     swap_in_optimizers_(old, new, optimizers, state_fn)
     setattr(module, name, new)
     return new

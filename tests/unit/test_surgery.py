@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -134,3 +136,46 @@ def test_bad_plans_raise_and_change_nothing() -> None:
     assert model[1].out_features == 32 and model[1].weight.shape == (32, 20)
     with pytest.raises(TypeError, match="unsupported module ReLU"):
         shrink_norm_(nn.ReLU(), torch.tensor([0]))
+
+
+def test_a_channels_last_conv_net_stays_channels_last_through_cuts_growth_and_a_rebuild() -> None:
+    """A cut, a growth and a checkpoint rebuild keep every 4-D weight and its Adam moments in ``channels_last``
+    (an ``index_select`` returns the default layout: each later step would convert, on a GPU off its fast
+    kernels), with the numbers of the same surgery in the default layout."""
+    from ctprune_lightning.surgery.arch import apply_arch_, capture_arch
+
+    def convnet() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 8, 1),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    x = torch.randn(4, 3, 8, 8)
+    dense = convnet()
+    opt = torch.optim.Adam(dense.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        dense(x).square().mean().backward()
+        opt.step()
+    nets = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        net = copy.deepcopy(dense).to(memory_format=layout)
+        net_opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        net_opt.load_state_dict(opt.state_dict())  # the moments in the default layout: the swap converts them
+        groups, _ = discover_groups(net, x)
+        torch.manual_seed(1)  # the grown units' initialisation
+        apply_plan_(net, groups, {g.name: torch.arange(0, g.width(net), 2) for g in groups}, [net_opt],
+                    grow={groups[0].name: 2})
+        nets[layout] = (net, net_opt)
+    net, opt = nets[torch.channels_last]
+    weights = [p for p in net.parameters() if p.dim() == 4 and p.shape[2] * p.shape[3] > 1]  # 1x1: both layouts
+    assert [tuple(p.shape[:2]) for p in weights] == [(10, 3), (12, 10)]
+    for p in weights:
+        assert p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        assert all(opt.state[p][k].is_contiguous(memory_format=torch.channels_last) for k in ("exp_avg", "exp_avg_sq"))
+    reference, reference_opt = nets[torch.contiguous_format]
+    for a, b in zip(net.parameters(), reference.parameters()):
+        assert torch.equal(a, b) and all(torch.equal(opt.state[a][k], reference_opt.state[b][k]) for k in opt.state[a])
+    rebuilt = convnet().to(memory_format=torch.channels_last)
+    apply_arch_(rebuilt, capture_arch(net), "test")
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in rebuilt.parameters() if p.dim() == 4)

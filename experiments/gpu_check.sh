@@ -39,14 +39,15 @@ if [ "$TINY" = 1 ]; then  # CPU, seconds: tiny schedules, aot_eager (no C++ code
   MLP=(dataset=synthetic dataset.num_samples=512 'model.hidden=[64,64]' trainer.max_steps=24
        pruning.every_n_steps=4 pruning.round_to=1 importance=trajectory)
   RESNET=(experiment=resnet_fmnist dataset=synthetic dataset.num_samples=256 'dataset.input_shape=[1,28,28]'
-          dataset.batch_size=32 'model.widths=[8,16,16]' model.depth=8 trainer.max_steps=16 pruning.every_n_steps=4)
+          dataset.batch_size=32 'model.widths=[8,16,16]' model.depth=8 trainer.max_steps=16 pruning.every_n_steps=4
+          model.channels_last=true)
   GPT=(experiment=gpt_shakespeare dataset.max_chars=60000 dataset.batch_size=16 model.block_size=32 model.n_embd=32
        model.n_layer=1 model.n_head=2 model.warmup_steps=2 trainer.max_steps=16 pruning.every_n_steps=4)
 else  # one GPU, bf16-mixed; schedules of a few thousand steps at most, ~10-30 s per eager run
   COMMON+=(trainer=gpu ++trainer.precision=bf16-mixed)
   # round_to=auto: widths in multiples of 64 for bf16 on CUDA (the ResNet's 16-64 channels keep steps of 8)
   MLP=(trainer.max_epochs=3 pruning.every_n_steps=50 pruning.round_to=auto)
-  RESNET=(experiment=resnet_fmnist trainer.max_epochs=2 pruning.every_n_steps=40)
+  RESNET=(experiment=resnet_fmnist trainer.max_epochs=2 pruning.every_n_steps=40 model.channels_last=true)  # NHWC: cuDNN's bf16 layout
   GPT=(experiment=gpt_shakespeare trainer.max_steps=600 trainer.max_epochs=-1 trainer.val_check_interval=200
        model.warmup_steps=50 pruning.every_n_steps=50 pruning.round_to=auto)
 fi

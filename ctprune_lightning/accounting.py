@@ -191,9 +191,10 @@ class FlopMeter:
     of a new architecture is compared with what :func:`~ctprune_lightning.planning.predict_count` predicts
     from the last count; a group whose width differed there becomes *verified* when every module's count
     and the total equal the prediction. An architecture whose groups differ from the last count only in
-    verified groups is then predicted, not counted (a recount cost about a training step of the char-GPT,
-    and its lqr run made five). One mismatch (a cost the width ratios do not scale: a functional matmul on
-    a cut dimension outside every module, a depthwise convolution) and every architecture is counted again.
+    verified groups is then predicted, not counted (a count costs about a training step's Python dispatch;
+    the char-GPT's lqr run counts 3 of its 11 architectures). One mismatch (a cost the width ratios do not
+    scale, such as a functional matmul on a cut dimension outside every module) and every architecture is
+    counted again.
     """
 
     loss_fn: Callable[[nn.Module, object], Tensor]

@@ -69,7 +69,8 @@ def swap_in_optimizers_(old: Tensor, new: Tensor, optimizers: Iterable[Optimizer
         if old in opt.state:  # state is keyed by the tensor's hash (its id)
             state = opt.state.pop(old)
             if state_fn is not None:
-                opt.state[new] = {k: v.contiguous(memory_format=fmt) if isinstance(v, Tensor) and v.shape == new.shape else v
+                opt.state[new] = {k: v.contiguous(memory_format=fmt)
+                                  if isinstance(v, Tensor) and v.shape == new.shape else v
                                   for k, v in state_fn(state, old, new).items()}
 
 

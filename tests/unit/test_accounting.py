@@ -1,4 +1,5 @@
-"""FlopMeter: counts on a few samples extrapolated, and architectures predicted from verified groups, exactly, or\nnot at all."""
+"""FlopMeter: counts on a few samples extrapolated, and architectures predicted from verified groups: exactly,
+or not at all."""
 
 from __future__ import annotations
 

@@ -179,10 +179,11 @@ def _line(two: Count, four: Count, n: int) -> Count:
 class FlopMeter:
     """Caches the per-step FLOPs of each architecture the run visits, counting as few of them as it can exactly.
 
-    **Fewer samples.** The first architecture is counted on its first 2, 4 and 8 samples. When the line
-    through the counts at 2 and 4 gives exactly the count at 8, per module as in total (the counted ops --
-    matmul, conv, attention -- are linear in the batch size for almost every model), that line at the whole
-    batch is the count, and later architectures are counted on 2 and 4 samples and extrapolated. When the
+    **Fewer samples.** The first architecture is counted on its first 2, 4 and 8 samples (the whole batch as
+    the third when it holds at most 8). When the line through the counts at 2 and 4 gives exactly the third
+    count, per module as in total (the counted ops -- matmul, conv, attention -- are linear in the batch size
+    for almost every model), that line at the whole batch is the count, and later architectures are counted
+    on 2 and 4 samples and extrapolated. When the
     line also passes through zero, per module (no op whose cost is the same for any batch, such as a product
     of two weights), one count on 2 samples, scaled, is the line: one pass instead of two. A model whose
     count is not linear in the batch (a loss over pairs of samples) is counted on whole batches, always.
@@ -236,27 +237,21 @@ class FlopMeter:
             four = _scaled(two, 2) if self.proportional else count_training_flops(model, _head(batch, n, 4),
                                                                                 self.loss_fn)
             return _line(two, four, n)
-        if self.batch_linear is None and n > 8:
-            try:
-                two, four, eight = (count_training_flops(model, _head(batch, n, k), self.loss_fn) for k in (2, 4, 8))
-            except Exception:  # noqa: BLE001 -- a model that cannot run on a few samples: whole batches, always
-                two = four = eight = None
-            self.batch_linear = eight is not None and _line(two, four, 8) == eight
-            if self.batch_linear:
-                self.proportional = four == _scaled(two, 2) and eight == _scaled(two, 4)
-                return _line(two, four, n)
-            return count_training_flops(model, batch, self.loss_fn)
-        counted = count_training_flops(model, batch, self.loss_fn)
         if self.batch_linear is None:
-            self.batch_linear = False  # unless the line through the counts at 2 and 4 samples gives this count
-            try:
-                if n > 4:
-                    two, four = (count_training_flops(model, _head(batch, n, k), self.loss_fn) for k in (2, 4))
-                    self.batch_linear = _line(two, four, n) == counted
-                    self.proportional = self.batch_linear and four == _scaled(two, 2)
-            except Exception:  # noqa: BLE001 -- a model that cannot run on 2 samples: whole batches, always
-                pass
-        return counted
+            self.batch_linear = False  # unless the counts on 2, 4 and min(n, 8) samples lie on one line
+            k = min(n, 8)
+            if n > 4:
+                try:
+                    two, four, third = (count_training_flops(model, _head(batch, n, j), self.loss_fn)
+                                        for j in (2, 4, k))
+                except Exception:  # noqa: BLE001 -- a model that cannot run on a few samples: whole batches, always
+                    two = four = third = None
+                if third is not None and _line(two, four, k) == third:
+                    self.batch_linear, self.proportional = True, four == _scaled(two, 2)
+                    return _line(two, four, n)
+                if third is not None and k == n:  # the whole batch, counted already
+                    return third
+        return count_training_flops(model, batch, self.loss_fn)
 
 
 @dataclass

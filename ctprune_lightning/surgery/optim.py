@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -25,18 +26,39 @@ from torch.optim import Optimizer
 StateFn = Callable[[dict, Tensor, Tensor], dict]
 
 
-def slice_state_(state: dict, old: Tensor, keep: Tensor, dim: int) -> dict:
-    """Slice every per-element state tensor (Adam moments, SGD momentum, ...) like the parameter.
+def follows(value: Any, old: Tensor, dim: int) -> bool:
+    """Whether an optimizer state value is per element of ``old`` along ``dim`` and is cut or grown with it:
+    a tensor of ``old``'s rank whose size is ``old``'s along ``dim`` and ``old``'s or 1 along every other dimension
+    (Adam's moments; Adafactor's factored ``row_var``/``col_var`` along the dimension they keep). A factored
+    statistic reduced over ``dim`` (size 1 there) is kept as it is, and so is a scalar (``step``; also one of shape
+    ``(1,)`` next to a larger parameter)."""
+    return (isinstance(value, Tensor) and value.dim() == old.dim() > 0 and (value.numel() > 1 or old.numel() == 1)
+            and value.shape[dim] == old.shape[dim]
+            and all(v in (o, 1) for v, o in zip(value.shape, old.shape)))
 
-    Scalars (e.g. Adam's ``step``) and tensors of another shape are kept as they are.
-    """
-    out = {}
+
+def uncarried(state: dict, old: Tensor) -> str | None:
+    """The first key of a slot's state that no per-element rule can cut or grow with ``old`` (a tensor of another
+    shape than ``old`` and its broadcasts, e.g. a Shampoo preconditioner or a block-quantised 8-bit moment, or a
+    container of tensors, e.g. LBFGS's history), or None."""
     for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == old.shape and value.dim() > 0:
-            out[key] = value.index_select(dim, keep.to(value.device)).clone()
-        else:
-            out[key] = value
-    return out
+        if isinstance(value, Tensor):
+            if value.numel() > 1 and (value.dim() != old.dim()
+                                      or any(v not in (o, 1) for v, o in zip(value.shape, old.shape))):
+                return key
+        elif isinstance(value, (list, tuple, dict)):
+            items = value.values() if isinstance(value, dict) else value
+            if any(isinstance(v, Tensor) and v.numel() > 1 for v in items):
+                return key
+    return None
+
+
+def slice_state_(state: dict, old: Tensor, keep: Tensor, dim: int) -> dict:
+    """Slice every per-element state tensor (Adam moments, SGD momentum, Adafactor's factored second moments...)
+    like the parameter (:func:`follows`); scalars (e.g. Adam's ``step``) and statistics reduced over ``dim`` are
+    kept as they are."""
+    return {key: value.index_select(dim, keep.to(value.device)).clone() if follows(value, old, dim) else value
+            for key, value in state.items()}
 
 
 def memory_format(t: Tensor) -> torch.memory_format:
@@ -57,21 +79,52 @@ def swap_in_optimizers_(old: Tensor, new: Tensor, optimizers: Iterable[Optimizer
     per-element state tensor in ``new``'s memory format (a slice or a growth of a ``channels_last`` moment is
     not).
 
-    ``state_fn=None`` drops the state (the slot starts fresh, or the caller loads a state dict next).
+    ``state_fn=None`` drops the state (the slot starts fresh, or the caller loads a state dict next). Where the
+    shape changes, state that no per-element rule can carry restarts instead of going stale, with a warning: a
+    slot holding :func:`uncarried` state, and a flat vector over all of an optimizer's parameters kept in one
+    slot (LBFGS's direction and history).
     """
     fmt = memory_format(new)
+    reshaped = old.shape != new.shape
     for opt in optimizers:
+        flat_numel = sum(p.numel() for group in opt.param_groups for p in group["params"]) if reshaped else 0
+        held = False
         for group in opt.param_groups:
             params = group["params"]
             for i, p in enumerate(params):
                 if p is old:  # identity: `in` would compare tensors elementwise
                     params[i] = new
+                    held = True
         if old in opt.state:  # state is keyed by the tensor's hash (its id)
             state = opt.state.pop(old)
-            if state_fn is not None:
+            key = uncarried(state, old) if reshaped and state_fn is not None else None
+            if key is not None:
+                _restart_warning(opt, key, "of a shape the parameter's cut cannot follow")
+            elif state_fn is not None:
                 opt.state[new] = {k: v.contiguous(memory_format=fmt)
                                   if isinstance(v, Tensor) and v.shape == new.shape else v
                                   for k, v in state_fn(state, old, new).items()}
+        if held and reshaped:
+            _restart_flat_state_(opt, flat_numel)
+
+
+def _restart_flat_state_(opt: Optimizer, numel: int) -> None:
+    """Drop every slot holding a flat vector over all ``numel`` elements of ``opt``'s parameters (their sizes
+    changed): LBFGS keeps its search direction and curvature history so, in its first parameter's slot."""
+    for param, state in list(opt.state.items()):
+        for key, value in state.items():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if numel > param.numel() and any(isinstance(v, Tensor) and v.numel() == numel for v in items):
+                del opt.state[param]
+                _restart_warning(opt, key, "a flat vector over all its parameters")
+                break
+    if getattr(opt, "_numel_cache", None) is not None:  # torch LBFGS caches its parameters' total size
+        opt._numel_cache = None
+
+
+def _restart_warning(opt: Optimizer, key: str, what: str) -> None:
+    warnings.warn(f"{type(opt).__name__}'s optimizer state {key!r} is {what}: it restarts at each surgery "
+                  "that changes a parameter's shape", stacklevel=3)
 
 
 def swap_parameter_(module: nn.Module, name: str, data: Tensor, optimizers: Iterable[Optimizer] = (),
@@ -141,11 +194,12 @@ def interleave(old: Tensor, fresh: Tensor, dim: int, positions: Tensor | None = 
 
 
 def grow_state_(state: dict, old: Tensor, dim: int, positions: Tensor) -> dict:
-    """Optimizer state of a grown parameter: old entries kept, new slots zero (a fresh parameter's moments);
-    scalars (Adam's ``step``) kept, so every element of the tensor shares one step count."""
+    """Optimizer state of a grown parameter: old entries kept, new slots zero (a fresh parameter's moments) in
+    every per-element tensor (:func:`follows`); scalars (Adam's ``step``) kept, so every element of the tensor
+    shares one step count."""
     out = {}
     for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == old.shape and value.dim() > 0:
+        if follows(value, old, dim):
             shape = list(value.shape)
             shape[dim] = int(positions.numel())
             out[key] = interleave(value, value.new_zeros(shape), dim, positions)

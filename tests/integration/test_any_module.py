@@ -7,6 +7,7 @@ falling, and write a checkpoint that ``load_pruned`` rebuilds to the same weight
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,34 @@ def test_a_target_that_disagrees_with_the_controller_instance_is_refused() -> No
         ControlPruning(controller=build_controller("lqr", 0.3), target=0.5)
     assert ControlPruning(controller=build_controller("lqr", 0.3), target=0.3).target == 0.3
     assert ControlPruning(controller=build_controller("lqr", 0.25)).target == 0.25
+
+
+class WithOptimizer(SeveralArgs):
+    """Adafactor (factored second moments) or LBFGS (flat history over all parameters, a closure per step)."""
+
+    def __init__(self, optimizer: str = "adafactor") -> None:
+        super().__init__()
+        self.optimizer = optimizer
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer == "lbfgs":
+            return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=3, history_size=5)
+        return torch.optim.Adafactor(self.parameters(), lr=3e-2)
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "lbfgs"])
+def test_optimizers_whose_state_is_not_per_element_train_through_cuts_and_resume(optimizer: str, tmp_path: Path) -> None:
+    module = WithOptimizer(optimizer)
+    with pytest.warns(UserWarning, match="restarts") if optimizer == "lbfgs" else contextlib.nullcontext():
+        trainer, cb = fit(module, tmp_path)  # a size mismatch in the optimizer's step after the first cut, before
+    check_fit(module, trainer, cb, tmp_path)
+    widths = cb.summary()["widths"]
+    resumed = WithOptimizer(optimizer)  # dense: the checkpoint's architecture and optimizer state are restored
+    cb = ControlPruning(controller="gmp", target=0.4, every_n_steps=4, importance="magnitude", min_width=4,
+                        controller_kwargs={"start": 0.0, "end": 0.5})
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[cb])
+    trainer.fit(resumed, ckpt_path=tmp_path / "last.ckpt")
+    losses = torch.tensor(resumed.losses)  # one more epoch, from the trained weights (not a fresh start)
+    assert trainer.current_epoch == 4 and torch.isfinite(losses).all() and losses.mean() < 0.7 * module.losses[0]
+    assert cb.summary()["widths"] == widths

@@ -39,6 +39,7 @@ from .probe import CallInputs, capture_network_call
 from .reading import check_sense_budget
 from .rollback import Snapshot
 from .sensing import check_persistence_prior
+from .shadows import follow_, shadow_models
 from .strategy import PruningStrategy, require_pruning_strategy
 from .surgery.mha import convert_multihead_attention_
 
@@ -236,6 +237,7 @@ class ControlPruning(Callback):
         self._tracked = False  # the importance opened the current optimizer step (closed after it)
         self._refresh = False
         self._rollback: dict[str, Any] | None = None  # CompreSSM rollback mode: the event awaiting validation
+        self._warned_shadow = False
         self._train_loss: list[Any] = []  # the budget sensor's training channel: losses since the last interval
         self.compile_watch = CompileWatch()  # torch.compile: re-specialise after each surgery, count the cost
 
@@ -426,6 +428,17 @@ class ControlPruning(Callback):
         else:
             fn(trainer.lightning_module, trainer.optimizers)
 
+    def _follow_in_shadows(self, trainer: L.Trainer, keep: Mapping[str, Sequence[int]] | None = None) -> None:
+        """Cut the model copies other callbacks keep (weight averaging) like the live model (:mod:`.shadows`)."""
+        plan = {name: torch.tensor(idx, dtype=torch.long) for name, idx in (keep or {}).items()}
+        for shadow in shadow_models(trainer.callbacks):
+            with self.ledger.overhead("surgery"):
+                restarted = follow_(shadow, trainer.lightning_module, self.groups, plan)
+            if restarted and not self._warned_shadow:
+                self._warned_shadow = True
+                rank_zero_info(f"ControlPruning: the averaged model copy restarts the average of {len(restarted)} "
+                               f"tensors the surgery could not mirror (e.g. {restarted[0]}: grown units, a rollback)")
+
     def _train_channel(self, trainer: L.Trainer) -> tuple[float | None, float | None]:
         """The mean training loss since the last interval (averaged over ranks) and the learning rate now."""
         if self.loop.estimator is None:
@@ -447,6 +460,7 @@ class ControlPruning(Callback):
                 self._rollback = {"snapshot": Snapshot.take(pl_module, trainer.optimizers), "step": obs.step,
                                   "before": None if monitor is None else float(monitor)}
             self._actuate(trainer, lambda model, optimizers: self.loop.apply_(model, plan, optimizers))
+            self._follow_in_shadows(trainer, plan.keep)
             self.compile_watch.after_surgery(trainer.lightning_module)
         row = self.loop.record(pl_module, obs, plan)
         self._log(pl_module, row)
@@ -479,6 +493,7 @@ class ControlPruning(Callback):
         if pending["before"] is None or not ctl.worse(pending["before"], after):
             return  # an event before any validation is accepted unchecked
         self._actuate(trainer, lambda model, optimizers: pending["snapshot"].restore_(model, optimizers))
+        self._follow_in_shadows(trainer)
         self.compile_watch.after_surgery(trainer.lightning_module)
         self.loop.record_rollback(pl_module, trainer.global_step, pending["step"], pending["before"], after)
         rank_zero_info(f"ControlPruning: validation {ctl.rollback_monitor} went {pending['before']:.4f} -> {after:.4f}; "

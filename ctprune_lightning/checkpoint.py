@@ -23,6 +23,7 @@ from typing import Any, Mapping, TypeVar
 import torch
 from torch import nn
 
+from .shadows import follow_, shadow_models
 from .surgery.arch import ArchSpecError, apply_arch_, capture_arch, check_arch, check_state_dict
 
 CTPRUNE_KEY = "ctprune"
@@ -176,7 +177,10 @@ def install_checkpoint_hooks(trainer: Any) -> None:
 
     def load_model_state_dict_rebuilt(checkpoint: Mapping[str, Any], strict: bool = True, **kwargs: Any) -> Any:
         rebuild_from_checkpoint_(strategy.lightning_module, checkpoint, str(trainer.ckpt_path), strict=strict)
-        return load_model_state_dict(checkpoint, strict=strict, **kwargs)
+        loaded = load_model_state_dict(checkpoint, strict=strict, **kwargs)
+        for shadow in shadow_models(trainer.callbacks):  # built dense at setup; their own states load next
+            follow_(shadow, strategy.lightning_module)
+        return loaded
 
     strategy.load_checkpoint = load_checkpoint_named
     if not getattr(strategy, "rebuilds_from_checkpoint", False):  # a pruning FSDP strategy rebuilds itself

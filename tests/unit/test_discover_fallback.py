@@ -157,3 +157,16 @@ def test_hooks_kept_removes_hooks_left_by_a_failing_trace_and_record_calls_sees_
     calls = record_calls(model, torch.randn(2, 8))
     assert {"", "inp", "blocks.0", "blocks.1.down", "out"} <= set(calls) and "blocks" not in calls
     assert calls["blocks.1"].args[0].shape == (2, 16)
+
+
+def test_parametrized_layers_are_left_dense_with_the_reason_and_the_rest_is_cut() -> None:
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 12), nn.ReLU(), spectral_norm(nn.Linear(12, 4)))
+    groups, skipped = discover_groups(model, torch.zeros(2, 8))
+    reasons = dict(skipped)
+    assert [g.name for g in groups] == ["2"]  # reads from the parametrized 0 and feeds the plain 4: cut
+    assert reasons["0"].startswith("0's weight is parametrized (WeightNorm") and "remove the parametrization" in reasons["0"]
+    assert reasons["4"].startswith("6's weight is parametrized (SpectralNorm")  # feeds it: its inputs cannot go

@@ -206,7 +206,14 @@ def handlers() -> list[SliceHandler]:
 
 
 def claim(module: nn.Module, is_out: bool, ctx: ClaimContext) -> tuple[Claim | None, str | None]:
-    """The first handler's claim on ``module`` as ``(claim, None)``, or ``(None, reason)``."""
+    """The first handler's claim on ``module`` as ``(claim, None)``, or ``(None, reason)``. A module with a
+    parametrized tensor (``torch.nn.utils.parametrize``: weight or spectral norm) is refused: slicing its originals
+    would rescale the weights it keeps."""
+    plists = getattr(module, "parametrizations", None)
+    if isinstance(plists, nn.ModuleDict) and len(plists):
+        kinds = sorted({type(p).__name__.lstrip("_") for plist in plists.values() for p in plist})
+        return None, (f"{{}}'s {', '.join(plists)} is parametrized ({', '.join(kinds)}, torch.nn.utils.parametrize) "
+                      "and cannot be cut; remove the parametrization to prune it")
     for h in REGISTRY:
         answer = h.claims(module, is_out, ctx)
         if isinstance(answer, Claim):

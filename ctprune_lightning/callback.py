@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
@@ -238,6 +240,7 @@ class ControlPruning(Callback):
         self._refresh = False
         self._rollback: dict[str, Any] | None = None  # CompreSSM rollback mode: the event awaiting validation
         self._warned_shadow = False
+        self._model: weakref.ref | None = None  # the model this callback's state belongs to
         self._train_loss: list[Any] = []  # the budget sensor's training channel: losses since the last interval
         self.compile_watch = CompileWatch()  # torch.compile: re-specialise after each surgery, count the cost
 
@@ -259,6 +262,12 @@ class ControlPruning(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and is_overridden("configure_model", pl_module):
+            # layers built there exist only after every setup hook: build them now, in the contexts Lightning uses
+            # (the hook is idempotent by Lightning's contract; its own WeightAveraging does the same)
+            with trainer.strategy.tensor_init_context(), trainer.strategy.model_sharded_context(), \
+                    trainer.precision_plugin.module_init_context():
+                pl_module.configure_model()
         if self.convert_attention and not self.groups:  # before the optimizer exists and any checkpoint loads
             converted = convert_multihead_attention_(pl_module)
             if converted:
@@ -266,6 +275,12 @@ class ControlPruning(Callback):
         install_checkpoint_hooks(trainer)  # any stage: validate/test(ckpt_path=...) must rebuild too
         if stage != "fit":
             return
+        if self._model is not None and self._model() is not pl_module:
+            raise ValueError(f"ControlPruning: this callback already pruned another model "
+                             f"({type(self._model()).__name__ if self._model() is not None else 'freed'}); its groups, "
+                             f"schedule and ledger belong to that run. Create a new ControlPruning for each model "
+                             f"(a resume restores its state from the checkpoint: ckpt_path=...)")
+        self._model = weakref.ref(pl_module)
         self.compile_watch.install()
         self.compile_watch.compiled = self.compile_watch.compiled or is_compiled(pl_module)
         require_pruning_strategy(trainer.strategy, trainer.world_size)
@@ -279,7 +294,8 @@ class ControlPruning(Callback):
             rank_zero_info(f"ControlPruning: round_to='auto' -> {self.loop.round_to} "
                            f"({strategy.root_device.type}, {trainer.precision})")
         self.loop.cost_context = trainer.precision_plugin.forward_context  # the cost model times autocast steps
-        if pl_module.example_input_array is not None and not self.groups:
+        materialized = all(not p.is_meta for p in pl_module.parameters())  # else: discovered on the first batch
+        if pl_module.example_input_array is not None and not self.groups and materialized:
             with self._eager(pl_module):
                 self._discover(pl_module, pl_module.example_input_array)
 

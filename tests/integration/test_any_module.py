@@ -283,3 +283,38 @@ def test_lightnings_weight_averaging_follows_the_cuts_and_resumes(averaging: str
     resumed, avg, cb = run(6, tmp_path / "last.ckpt")  # the dense copy built at setup is rebuilt at the restore
     assert cb.summary()["widths"] == {g.name: g.width(resumed) for g in cb.groups}
     assert torch.isfinite(torch.tensor(resumed.losses)).all()
+
+
+def test_a_callback_that_pruned_one_model_refuses_another_before_touching_it(tmp_path: Path) -> None:
+    trainer, cb = fit(SeveralArgs(), tmp_path, epochs=2)
+    assert cb.summary()["train_flops_saved"] > 0
+    other = SeveralArgs()
+    dense = {n: p.detach().clone() for n, p in other.state_dict().items()}
+    with pytest.raises(ValueError, match="already pruned another model .SeveralArgs.*new ControlPruning"):
+        L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[cb]).fit(other)  # before: no cut at all, silently
+    assert all(torch.equal(p, dense[n]) for n, p in other.state_dict().items())
+
+
+class LazyTransformer(Transformer):
+    """The layers are built in ``configure_model`` (Lightning calls it after every callback's ``setup``)."""
+
+    def __init__(self) -> None:
+        Base.__init__(self)
+        self.encoder: nn.Module | None = None
+        self.example_input_array = torch.zeros(2, 4, DIM)
+
+    def configure_model(self) -> None:
+        if self.encoder is None:  # idempotent, as Lightning asks
+            layer = nn.TransformerEncoderLayer(d_model=DIM, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+            self.head = nn.Linear(DIM, CLASSES)
+
+
+def test_layers_built_in_configure_model_are_converted_and_cut(tmp_path: Path) -> None:
+    module = LazyTransformer()  # before: the set-up discovery traced a model without layers and raised
+    trainer, cb = fit(module, tmp_path, controller="lqr", target=0.4, controller_kwargs={}, epochs=4)
+    assert sum(isinstance(m, PrunableMultiheadAttention) for m in module.modules()) == 2
+    s = cb.summary()
+    assert s["train_flops_saved"] > 0.1 and any(s["widths"][g] < s["dense_widths"][g] for g in s["widths"])
+    assert live_parameters_missing(module, trainer.optimizers) == []

@@ -2,8 +2,8 @@
 
 A *head-structured* attention module keeps its head count in an integer attribute (``n_head`` or
 ``num_heads``) that its forward reads, and projects with Linear children, either fused
-(``c_attn`` laid out [q | k | v], each head-major, as in nanoGPT) or separate (``q_proj``, ``k_proj``,
-``v_proj``), then an output projection (``c_proj``, ``out_proj`` or ``o_proj``). Removing head ``h``
+(``c_attn`` laid out [q | k | v], each head-major, as in nanoGPT, or timm's ``qkv``) or separate (``q_proj``,
+``k_proj``, ``v_proj``), then an output projection (``c_proj``, ``out_proj``, ``o_proj`` or timm's ``proj``). Removing head ``h``
 removes its rows of every q/k/v projection and its input columns of the output projection; the
 module's input and output widths (the residual stream) do not change.
 
@@ -37,7 +37,8 @@ MHA_REASON = ("nn.MultiheadAttention heads cannot be pruned without changing emb
               "built: ctprune_lightning.surgery.convert_multihead_attention_(model) replaces every "
               "nn.MultiheadAttention by PrunableMultiheadAttention (same forward and state dict)")
 HEAD_COUNT_ATTRS = ("n_head", "num_heads")
-OUT_NAMES = ("c_proj", "out_proj", "o_proj")
+OUT_NAMES = ("c_proj", "out_proj", "o_proj", "proj")
+FUSED_NAMES = ("c_attn", "qkv")  # one Linear laid out [q | k | v], each head-major
 INNER_WIDTH_ATTRS = ("inner_dim", "all_head_size")  # bookkeeping some modules keep; updated when present
 
 
@@ -72,8 +73,9 @@ def find_head_layout(module: nn.Module) -> HeadLayout | None:
     out = next((n for n in OUT_NAMES if _linear_child(module, n) is not None), None)
     if attr is None or out is None:
         return None
-    if _linear_child(module, "c_attn") is not None:
-        return HeadLayout(("c_attn",), out, attr)
+    fused = next((n for n in FUSED_NAMES if _linear_child(module, n) is not None), None)
+    if fused is not None:
+        return HeadLayout((fused,), out, attr)
     if all(_linear_child(module, n) is not None for n in ("q_proj", "k_proj", "v_proj")):
         return HeadLayout(("q_proj", "k_proj", "v_proj"), out, attr)
     return None
@@ -125,8 +127,8 @@ def shrink_attention_heads_(attn: nn.Module, keep: Tensor, optimizers: Iterable[
     layout = layout or find_head_layout(attn)
     if layout is None:
         raise TypeError(f"shrink_attention_heads_: {type(attn).__name__} is not a head-structured attention module "
-                        f"(needs an int {' or '.join(HEAD_COUNT_ATTRS)} and Linear c_attn or q/k/v_proj and "
-                        f"{'/'.join(OUT_NAMES)})"
+                        f"(needs an int {' or '.join(HEAD_COUNT_ATTRS)} and Linear {' or '.join(FUSED_NAMES)} or "
+                        f"q/k/v_proj and {'/'.join(OUT_NAMES)})"
                         + (f"; {MHA_REASON}" if isinstance(attn, nn.MultiheadAttention) else ""))
     reason = check_head_layout(attn, layout)
     if reason:

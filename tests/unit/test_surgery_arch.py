@@ -12,7 +12,7 @@ from torch import nn
 
 from ctprune_lightning.models.gpt import GPT, CausalSelfAttention
 from ctprune_lightning.models.resnet import BasicBlock, ResNet
-from ctprune_lightning.surgery import (MHA_REASON, apply_plan_, discover_groups, find_head_layout,
+from ctprune_lightning.surgery import (MHA_REASON, HeadLayout, apply_plan_, discover_groups, find_head_layout,
                                        shrink_attention_heads_, shrink_conv_in_channels_, shrink_conv_out_channels_,
                                        shrink_linear_in_features_, shrink_linear_out_features_, shrink_norm_)
 
@@ -427,3 +427,35 @@ def test_separate_qkv_projections_prune_heads_and_grouped_query_attention_is_ref
     _, skipped = discover_groups(gqa, torch.zeros(2, 5, 3))
     assert dict(skipped)["1"] == ("attention heads: grouped-query attention (num_key_value_heads=2 != "
                                   "num_heads=4) is not supported")
+
+
+class TimmAttention(nn.Module):
+    """timm's layout: one fused ``qkv`` Linear ([q | k | v], head-major), ``proj`` out, ``num_heads`` read in forward."""
+
+    def __init__(self, dim: int = 8, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        return self.proj(y)
+
+
+def test_timm_fused_qkv_attention_prunes_heads() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), TimmAttention(), nn.Linear(8, 2)).eval()
+    assert find_head_layout(model[1]) == HeadLayout(("qkv",), "proj", "num_heads")
+    groups, _ = discover_groups(model, torch.zeros(2, 5, 3))
+    heads = next(g for g in groups if g.name == "1")  # before: "partially coupled" (a split of qkv), left dense
+    assert heads.slices[0].parts == ("qkv", "proj") and heads.width(model) == 4
+    zero_consumers_(model, heads, [0, 2])
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        ref = model(x)
+    apply_plan_(model, groups, {"1": torch.tensor([1, 3])})
+    assert model[1].num_heads == 2 and model[1].qkv.out_features == 12 and model[1].proj.in_features == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=0)

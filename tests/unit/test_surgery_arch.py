@@ -12,8 +12,8 @@ from torch import nn
 
 from ctprune_lightning.models.gpt import GPT, CausalSelfAttention
 from ctprune_lightning.models.resnet import BasicBlock, ResNet
-from ctprune_lightning.surgery import (MHA_REASON, HeadLayout, apply_plan_, discover_groups, find_head_layout,
-                                       shrink_attention_heads_, shrink_conv_in_channels_, shrink_conv_out_channels_,
+from ctprune_lightning.surgery import (MHA_REASON, HeadLayout, PrunableGroup, apply_plan_, discover_groups,
+                                       find_head_layout, shrink_attention_heads_, shrink_conv_in_channels_, shrink_conv_out_channels_,
                                        shrink_linear_in_features_, shrink_linear_out_features_, shrink_norm_)
 
 PROPERTY = settings(max_examples=25, deadline=None)
@@ -397,6 +397,19 @@ class SeparateQKV(nn.Module):
         return self.o_proj(y)
 
 
+def cut_heads_1_and_3_preserves_the_output(model: nn.Module, groups: list[PrunableGroup],
+                                           heads: PrunableGroup) -> torch.Tensor:
+    """Zero what heads 0 and 2 of ``model[1]`` feed, cut them: the output is unchanged. The input used."""
+    zero_consumers_(model, heads, [0, 2])
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        ref = model(x)
+    apply_plan_(model, groups, {"1": torch.tensor([1, 3])})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=0)
+    return x
+
+
 def test_separate_qkv_projections_prune_heads_and_grouped_query_attention_is_refused() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), SeparateQKV(), nn.Linear(8, 2)).eval()
@@ -406,14 +419,8 @@ def test_separate_qkv_projections_prune_heads_and_grouped_query_attention_is_ref
     widths = {g.name: [(s.module, s.kind) for s in g.slices] for g in groups}
     assert widths == {"0": [("0", "linear_out"), ("1", "attention_in")], "1": [("1", "heads")],
                       "1.o_proj": [("1", "attention_out"), ("2", "linear_in")]}
-    zero_consumers_(model, heads, [0, 2])
-    x = torch.randn(2, 5, 3)
-    with torch.no_grad():
-        ref = model(x)
-    apply_plan_(model, groups, {"1": torch.tensor([1, 3])})
+    x = cut_heads_1_and_3_preserves_the_output(model, groups, heads)
     assert model[1].num_heads == 2 and model[1].k_proj.out_features == 4 and model[1].o_proj.in_features == 4
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=0)
     zero_consumers_(model, groups[0], [5])  # a unit going into the attention's q/k/v
     zero_consumers_(model, groups[2], [2])  # a unit coming out of its output projection
     with torch.no_grad():
@@ -451,11 +458,5 @@ def test_timm_fused_qkv_attention_prunes_heads() -> None:
     groups, _ = discover_groups(model, torch.zeros(2, 5, 3))
     heads = next(g for g in groups if g.name == "1")  # before: "partially coupled" (a split of qkv), left dense
     assert heads.slices[0].parts == ("qkv", "proj") and heads.width(model) == 4
-    zero_consumers_(model, heads, [0, 2])
-    x = torch.randn(2, 5, 3)
-    with torch.no_grad():
-        ref = model(x)
-    apply_plan_(model, groups, {"1": torch.tensor([1, 3])})
+    cut_heads_1_and_3_preserves_the_output(model, groups, heads)
     assert model[1].num_heads == 2 and model[1].qkv.out_features == 12 and model[1].proj.in_features == 4
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=0)

@@ -297,10 +297,15 @@ PruningFSDPStrategy.register_strategies(StrategyRegistry)
 
 
 def require_pruning_strategy(strategy: Strategy, world_size: int) -> None:
-    """Raise at ``setup`` when a multi-process run uses a strategy that cannot re-wrap after a cut."""
-    if world_size <= 1 or isinstance(strategy, PruningStrategy):
+    """Raise at ``setup`` when a strategy wraps the model in a way that cannot re-wrap after a cut: any multi-process
+    run but ours, and DDP, FSDP or DeepSpeed even in one process (their wrapper holds the old Parameters: DDP's
+    reducer then waits for gradients that never come)."""
+    if isinstance(strategy, PruningStrategy):
         return
     name = type(strategy).__name__
+    wraps = isinstance(strategy, (DDPStrategy, ModelParallelStrategy)) or "FSDP" in name or "DeepSpeed" in name
+    if world_size <= 1 and not wraps:
+        return
     if isinstance(strategy, DDPStrategy):
         use = '"ctprune_ddp" (or PruningDDPStrategy(...))'
     elif isinstance(strategy, ModelParallelStrategy) or "FSDP" in name:

@@ -318,3 +318,21 @@ def test_layers_built_in_configure_model_are_converted_and_cut(tmp_path: Path) -
     s = cb.summary()
     assert s["train_flops_saved"] > 0.1 and any(s["widths"][g] < s["dense_widths"][g] for g in s["widths"])
     assert live_parameters_missing(module, trainer.optimizers) == []
+
+
+def test_a_wrapping_strategy_is_refused_even_in_one_process() -> None:
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+    from ctprune_lightning import PruningDDPStrategy
+    from ctprune_lightning.strategy import require_pruning_strategy
+
+    for strategy in (DDPStrategy(), DDPStrategy(find_unused_parameters=True), ModelParallelStrategy()):
+        # one process still wraps the model: DDP's reducer waited for the old Parameters' gradients and raised
+        # "parameters that were not used in producing the loss" after the first cut
+        with pytest.raises(RuntimeError, match="cannot shrink a model under .*world_size=1.*ctprune_"):
+            require_pruning_strategy(strategy, 1)
+    require_pruning_strategy(SingleDeviceStrategy("cpu"), 1)
+    require_pruning_strategy(PruningDDPStrategy(), 1)
+    require_pruning_strategy(PruningDDPStrategy(), 4)
+    with pytest.raises(RuntimeError, match="world_size=2"):
+        require_pruning_strategy(SingleDeviceStrategy("cpu"), 2)

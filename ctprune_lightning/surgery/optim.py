@@ -26,25 +26,51 @@ from torch.optim import Optimizer
 StateFn = Callable[[dict, Tensor, Tensor], dict]
 
 
-def follows(value: Any, old: Tensor, dim: int) -> bool:
-    """Whether an optimizer state value is per element of ``old`` along ``dim`` and is cut or grown with it:
-    a tensor of ``old``'s rank whose size is ``old``'s along ``dim`` and ``old``'s or 1 along every other dimension
-    (Adam's moments; Adafactor's factored ``row_var``/``col_var`` along the dimension they keep). A factored
-    statistic reduced over ``dim`` (size 1 there) is kept as it is, and so is a scalar (``step``; also one of shape
-    ``(1,)`` next to a larger parameter)."""
-    return (isinstance(value, Tensor) and value.dim() == old.dim() > 0 and (value.numel() > 1 or old.numel() == 1)
-            and value.shape[dim] == old.shape[dim]
+#: State keys holding a statistic of the parameter reduced over one dimension (removed from its shape), where the
+#: shape alone cannot say which (a square weight): transformers' Adafactor keeps its factored second moment so.
+REDUCED_OVER = {"exp_avg_sq_row": -1, "exp_avg_sq_col": -2}
+
+
+def _same_rank(value: Tensor, old: Tensor) -> bool:
+    """``value`` has ``old``'s rank and ``old``'s size or 1 along every dimension (Adam's moments; Adafactor's
+    ``row_var``/``col_var`` in torch); one element next to a larger parameter is a scalar (``step`` of shape (1,))."""
+    return (value.dim() == old.dim() > 0 and (value.numel() > 1 or old.numel() == 1)
             and all(v in (o, 1) for v, o in zip(value.shape, old.shape)))
 
 
+def _reduced_over(key: str, value: Tensor, old: Tensor) -> int | None:
+    """The dimension of ``old`` that ``value`` is a statistic over (``old``'s shape with it removed), or None; a key
+    in :data:`REDUCED_OVER` says which where the shape fits several."""
+    if value.dim() != old.dim() - 1 or value.dim() == 0:
+        return None
+    fits = [j for j in range(old.dim()) if tuple(value.shape) == tuple(old.shape[:j]) + tuple(old.shape[j + 1:])]
+    hint = REDUCED_OVER.get(key)
+    if hint is not None and hint % old.dim() in fits:
+        return hint % old.dim()
+    return fits[0] if len(fits) == 1 else None
+
+
+def state_axis(key: str, value: Any, old: Tensor, dim: int) -> int | None:
+    """The axis of an optimizer state value that is cut or grown with ``old`` along ``dim``, or None where the value
+    is kept as it is: a scalar (``step``), a statistic reduced over ``dim`` (size 1 there, or that dimension
+    removed, as transformers' Adafactor keeps ``exp_avg_sq_row``/``_col``)."""
+    if not isinstance(value, Tensor):
+        return None
+    if _same_rank(value, old):
+        return dim if value.shape[dim] == old.shape[dim] else None
+    reduced = _reduced_over(key, value, old)
+    if reduced is None or reduced == dim:
+        return None
+    return dim if dim < reduced else dim - 1
+
+
 def uncarried(state: dict, old: Tensor) -> str | None:
-    """The first key of a slot's state that no per-element rule can cut or grow with ``old`` (a tensor of another
-    shape than ``old`` and its broadcasts, e.g. a Shampoo preconditioner or a block-quantised 8-bit moment, or a
-    container of tensors, e.g. LBFGS's history), or None."""
+    """The first key of a slot's state that no rule of :func:`state_axis` can cut or grow with ``old`` (a tensor of
+    another shape, e.g. a Shampoo preconditioner or a block-quantised 8-bit moment, or a container of tensors, e.g.
+    LBFGS's history), or None."""
     for key, value in state.items():
         if isinstance(value, Tensor):
-            if value.numel() > 1 and (value.dim() != old.dim()
-                                      or any(v not in (o, 1) for v, o in zip(value.shape, old.shape))):
+            if value.numel() > 1 and not _same_rank(value, old) and _reduced_over(key, value, old) is None:
                 return key
         elif isinstance(value, (list, tuple, dict)):
             items = value.values() if isinstance(value, dict) else value
@@ -55,10 +81,13 @@ def uncarried(state: dict, old: Tensor) -> str | None:
 
 def slice_state_(state: dict, old: Tensor, keep: Tensor, dim: int) -> dict:
     """Slice every per-element state tensor (Adam moments, SGD momentum, Adafactor's factored second moments...)
-    like the parameter (:func:`follows`); scalars (e.g. Adam's ``step``) and statistics reduced over ``dim`` are
+    like the parameter (:func:`state_axis`); scalars (e.g. Adam's ``step``) and statistics reduced over ``dim`` are
     kept as they are."""
-    return {key: value.index_select(dim, keep.to(value.device)).clone() if follows(value, old, dim) else value
-            for key, value in state.items()}
+    out = {}
+    for key, value in state.items():
+        axis = state_axis(key, value, old, dim)
+        out[key] = value if axis is None else value.index_select(axis, keep.to(value.device)).clone()
+    return out
 
 
 def memory_format(t: Tensor) -> torch.memory_format:
@@ -195,16 +224,17 @@ def interleave(old: Tensor, fresh: Tensor, dim: int, positions: Tensor | None = 
 
 def grow_state_(state: dict, old: Tensor, dim: int, positions: Tensor) -> dict:
     """Optimizer state of a grown parameter: old entries kept, new slots zero (a fresh parameter's moments) in
-    every per-element tensor (:func:`follows`); scalars (Adam's ``step``) kept, so every element of the tensor
+    every per-element tensor (:func:`state_axis`); scalars (Adam's ``step``) kept, so every element of the tensor
     shares one step count."""
     out = {}
     for key, value in state.items():
-        if follows(value, old, dim):
-            shape = list(value.shape)
-            shape[dim] = int(positions.numel())
-            out[key] = interleave(value, value.new_zeros(shape), dim, positions)
-        else:
+        axis = state_axis(key, value, old, dim)
+        if axis is None:
             out[key] = value
+        else:
+            shape = list(value.shape)
+            shape[axis] = int(positions.numel())
+            out[key] = interleave(value, value.new_zeros(shape), axis, positions)
     return out
 
 

@@ -31,7 +31,11 @@ def step(model: nn.Module, opt: torch.optim.Optimizer, seed: int = 0) -> float:
         loss.backward()
         return loss
 
-    return float(opt.step(closure).detach())
+    if isinstance(opt, torch.optim.LBFGS):  # re-evaluates the loss itself
+        return float(opt.step(closure).detach())
+    loss = closure()
+    opt.step()
+    return float(loss.detach())
 
 
 def cut_hidden_(model: nn.Sequential, keep: torch.Tensor, opt: torch.optim.Optimizer, layer: int = 0) -> None:
@@ -116,3 +120,27 @@ def test_a_one_unit_parameter_grows_its_moments() -> None:
     assert state["exp_avg"].shape == (3,) and state["exp_avg_sq"].shape == (3,) and state["step"].dim() == 0
     bigger = grow_parameter_(layer, "bias", torch.zeros(1), 0, [opt])
     assert opt.state[bigger]["exp_avg"].shape == (4,) and opt.state[bigger]["step"].dim() == 0
+
+
+def test_transformers_adafactor_row_and_column_moments_follow_the_cut_even_on_a_square_weight() -> None:
+    from transformers.optimization import Adafactor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))  # 2: square
+    opt = Adafactor(model.parameters(), lr=1e-2, relative_step=False, scale_parameter=False, beta1=0.9)
+    for s in range(3):
+        step(model, opt, s)
+    w2 = model[2].weight
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[w2].items()}
+    assert before["exp_avg_sq_row"].shape == (8,) == before["exp_avg_sq_col"].shape  # the shape cannot tell them
+    keep = torch.tensor([0, 3, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # carried, not restarted
+        cut_hidden_(model, keep, opt, layer=0)  # model[2]'s inputs: its columns
+    state = opt.state[model[2].weight]
+    torch.testing.assert_close(state["exp_avg_sq_col"], before["exp_avg_sq_col"][keep], rtol=0, atol=0)
+    torch.testing.assert_close(state["exp_avg_sq_row"], before["exp_avg_sq_row"], rtol=0, atol=0)  # over the columns
+    torch.testing.assert_close(state["exp_avg"], before["exp_avg"][:, keep], rtol=0, atol=0)
+    assert state["step"] == before["step"]
+    losses = [step(model, opt, 9) for _ in range(3)]  # raised a size mismatch before
+    assert losses[-1] < losses[0]

@@ -114,8 +114,8 @@ class AccumulatingImportance(Importance):
     def scores(self, model: nn.Module, group: PrunableGroup) -> Tensor:
         return self.acc[group.name].detach().to("cpu", copy=True)
 
-    def state_dict(self) -> dict:
-        return {"acc": {k: v.tolist() for k, v in self.acc.items()}}
+    def state_dict(self) -> dict:  # before `attach` too: a tuner's checkpoint at the start of fit
+        return {"acc": {k: v.tolist() for k, v in getattr(self, "acc", {}).items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.acc = {k: torch.tensor(v, dtype=torch.float32) for k, v in state.get("acc", {}).items()}

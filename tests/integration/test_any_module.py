@@ -336,3 +336,25 @@ def test_a_wrapping_strategy_is_refused_even_in_one_process() -> None:
     require_pruning_strategy(PruningDDPStrategy(), 4)
     with pytest.raises(RuntimeError, match="world_size=2"):
         require_pruning_strategy(SingleDeviceStrategy("cpu"), 2)
+
+
+def test_a_tuner_that_checkpoints_before_training_and_restores_leaves_one_clean_run(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    class Tunable(SeveralArgs):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lr = 3e-3
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+    module = Tunable()
+    cb = ControlPruning(controller="lqr", target=0.4, every_n_steps=4, min_width=4)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[LearningRateFinder(num_training_steps=20), cb])
+    trainer.fit(module)  # the finder saved a checkpoint (our state_dict) before anything was attached: raised
+    s = cb.summary()
+    assert module.lr != 3e-3 and s["steps"] == trainer.global_step == 3 * N // 32  # the search is not charged
+    assert s["train_flops_saved"] > 0.2 and all(s["widths"][g] < s["dense_widths"][g] for g in s["widths"])

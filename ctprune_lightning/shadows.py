@@ -6,9 +6,10 @@ back for validation and at the end. After a surgery the copy must have the live 
 update raises a size mismatch. Found by duck typing (a callback's ``_average_model``), so nothing here imports the
 averaging callbacks.
 
-A cut is mirrored with the same kept units, so the surviving units keep their averages. A tensor whose shape
-still differs afterwards (grown units, a rollback, a resume, a cut no plan describes) restarts its average from
-the live values.
+A cut is mirrored with the same kept units, so the surviving units keep their averages. A group whose units own
+no parameter slice (an SSM's balanced states: the cut is a change of basis computed from the weights) is not
+mirrored, since the copy's own truncation would pick another basis than the live model's; its tensors, and any
+other whose shape still differs (grown units, a rollback, a resume), restart their average from the live values.
 
 Example::
 
@@ -49,6 +50,8 @@ def follow_(shadow: nn.Module, live: nn.Module, groups: Sequence[PrunableGroup] 
     """Give ``shadow`` the shapes of ``live`` after a surgery: first the cut ``keep`` (group -> kept unit indices,
     the live model's plan), then every tensor whose shape still differs takes the live values. The names of the
     tensors that restarted."""
+    sliced = {g.name for g in groups if g.unit_slices(live)}
+    keep = {name: idx for name, idx in (keep or {}).items() if name in sliced}
     if keep:
         apply_plan_(shadow, groups, keep)
     own, theirs = _tensors(shadow), _tensors(live)

@@ -66,3 +66,23 @@ def test_the_averaging_callbacks_copies_are_found() -> None:
 
     found = shadow_models([EMA(), SWA(), NotYet(), object()])
     assert found[0] is EMA._average_model.module and found[1] is SWA._average_model and len(found) == 2
+
+
+def test_a_state_space_cut_is_not_mirrored_but_restarts_from_the_live_model() -> None:
+    from ctprune_lightning.models.lru import LRUClassifier
+
+    torch.manual_seed(0)
+    live = LRUClassifier(input_dim=8, d_model=8, d_state=8, num_blocks=1, dropout=0.0)
+    average = copy.deepcopy(live)
+    with torch.no_grad():
+        for p in average.parameters():
+            p.mul_(0.9)  # another system: its own balanced truncation would keep other states in another basis
+    groups, _ = discover_groups(live, torch.zeros(2, 5, 8))
+    keep = {"blocks.0.lru": torch.arange(5)}
+    apply_plan_(live, groups, keep)
+    restarted = follow_(average, live, groups, keep)
+    assert {"blocks.0.lru.nu_log", "blocks.0.lru.B_re", "blocks.0.lru.C_re"} <= set(restarted)
+    shadow = average.state_dict()
+    for name in restarted:  # the live model's basis, not a truncation of the copy's own
+        torch.testing.assert_close(shadow[name], live.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(shadow["blocks.0.lru.D"], live.blocks[0].lru.D)  # not cut: keeps its average

@@ -358,3 +358,63 @@ def test_a_tuner_that_checkpoints_before_training_and_restores_leaves_one_clean_
     s = cb.summary()
     assert module.lr != 3e-3 and s["steps"] == trainer.global_step == 3 * N // 32  # the search is not charged
     assert s["train_flops_saved"] > 0.2 and all(s["widths"][g] < s["dense_widths"][g] for g in s["widths"])
+
+
+class TwoOptimizers(SeveralArgs):
+    """Manual optimization, two optimizers over disjoint parameters (AdamW for the first layer, SGD for the rest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self(batch["features"], batch["mask"]), batch["label"])
+
+    def configure_optimizers(self) -> Any:
+        first = [p for n, p in self.named_parameters() if n.startswith("net.0")]
+        rest = [p for n, p in self.named_parameters() if not n.startswith("net.0")]
+        return torch.optim.AdamW(first, lr=3e-3), torch.optim.SGD(rest, lr=0.05, momentum=0.9)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+        return self.record(loss.detach())
+
+
+class Plateau(SeveralArgs):
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=3e-3)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt),
+                                                   "monitor": "train/loss"}}
+
+
+class Streamed(SeveralArgs):
+    """An IterableDataset (no length): the schedule comes from max_steps."""
+
+    def train_dataloader(self) -> DataLoader:
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self) -> Any:
+                return iter(DictData())
+
+        return DataLoader(Stream(), batch_size=32)
+
+
+@pytest.mark.parametrize("case", ["two_optimizers", "plateau", "streamed", "float64", "bf16_true"])
+def test_training_setups_beyond_one_adamw_in_fp32_shrink_and_keep_learning(case: str, tmp_path: Path) -> None:
+    module = {"two_optimizers": TwoOptimizers, "plateau": Plateau, "streamed": Streamed}.get(case, SeveralArgs)()
+    extra = {"float64": {"precision": "64-true"}, "bf16_true": {"precision": "bf16-true"},
+             "streamed": {"max_steps": 30, "max_epochs": -1}}.get(case, {})
+    L.seed_everything(0)
+    cb = ControlPruning(controller="lqr", target=0.4, every_n_steps=4, min_width=4)
+    trainer = L.Trainer(**({"max_epochs": 4, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                            "enable_model_summary": False, "default_root_dir": tmp_path, "callbacks": [cb]} | extra))
+    trainer.fit(module)
+    s = cb.summary()
+    assert s["train_flops_saved"] > 0.2 and all(s["widths"][g] < s["dense_widths"][g] for g in s["widths"])
+    assert live_parameters_missing(module, trainer.optimizers) == []
+    losses = torch.tensor(module.losses, dtype=torch.float32)
+    assert torch.isfinite(losses).all() and losses[-4:].mean() < 0.5 * losses[:4].mean()

@@ -283,7 +283,7 @@ class ControlPruning(Callback):
         self._model = weakref.ref(pl_module)
         self.compile_watch.install()
         self.compile_watch.compiled = self.compile_watch.compiled or is_compiled(pl_module)
-        require_pruning_strategy(trainer.strategy, trainer.world_size)
+        require_pruning_strategy(trainer.strategy, trainer.world_size, cuts=self.controller.name != "none")
         strategy = trainer.strategy
         self.loop.reduce_mean = lambda x: float(strategy.reduce(torch.tensor(float(x)), reduce_op="mean"))
         self.loop.world_size = trainer.world_size

@@ -296,15 +296,15 @@ PruningDDPStrategy.register_strategies(StrategyRegistry)
 PruningFSDPStrategy.register_strategies(StrategyRegistry)
 
 
-def require_pruning_strategy(strategy: Strategy, world_size: int) -> None:
+def require_pruning_strategy(strategy: Strategy, world_size: int, cuts: bool = True) -> None:
     """Raise at ``setup`` when a strategy wraps the model in a way that cannot re-wrap after a cut: any multi-process
-    run but ours, and DDP, FSDP or DeepSpeed even in one process (their wrapper holds the old Parameters: DDP's
-    reducer then waits for gradients that never come)."""
+    run but ours, and, where the controller ever ``cuts``, DDP, FSDP or DeepSpeed even in one process (their wrapper
+    holds the old Parameters: DDP's reducer then waits for gradients that never come)."""
     if isinstance(strategy, PruningStrategy):
         return
     name = type(strategy).__name__
     wraps = isinstance(strategy, (DDPStrategy, ModelParallelStrategy)) or "FSDP" in name or "DeepSpeed" in name
-    if world_size <= 1 and not wraps:
+    if world_size <= 1 and not (wraps and cuts):
         return
     if isinstance(strategy, DDPStrategy):
         use = '"ctprune_ddp" (or PruningDDPStrategy(...))'

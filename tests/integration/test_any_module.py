@@ -332,6 +332,7 @@ def test_a_wrapping_strategy_is_refused_even_in_one_process() -> None:
         with pytest.raises(RuntimeError, match="cannot shrink a model under .*world_size=1.*ctprune_"):
             require_pruning_strategy(strategy, 1)
     require_pruning_strategy(SingleDeviceStrategy("cpu"), 1)
+    require_pruning_strategy(DDPStrategy(), 1, cuts=False)  # the dense baseline (controller "none") never cuts
     require_pruning_strategy(PruningDDPStrategy(), 1)
     require_pruning_strategy(PruningDDPStrategy(), 4)
     with pytest.raises(RuntimeError, match="world_size=2"):

@@ -23,7 +23,7 @@ from .optim import replace_buffer_, replace_parameter_
 
 #: Normalisation layers (the per-channel ones with a feature axis); :func:`shrink_norm_` cuts BatchNorm and 1-D LayerNorm.
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
-#: Convolutions ctprune cuts (transposed convolutions are not among them).
+#: Convolutions ctprune cuts here (transposed ones: handlers/transposed.py).
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

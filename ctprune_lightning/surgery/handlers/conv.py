@@ -2,7 +2,7 @@
 
 A depthwise convolution (``groups == in_channels == out_channels``) ties each output channel to its input
 channel: it neither produces nor consumes a group's units, it carries them (role ``"through"``), like a
-norm. Transposed convolutions are refused.
+norm. Transposed convolutions: :mod:`.transposed`.
 
 A grouped convolution (``1 < groups``, not depthwise) is cut uniformly per group: its weight is
 ``[out, in/groups, *k]`` with group ``j`` owning outputs ``j*out/groups .. (j+1)*out/groups - 1`` and inputs
@@ -210,10 +210,8 @@ class ConvHandler(SliceHandler):
         return isinstance(module, CONV_TYPES)
 
     def claims(self, module: nn.Module, is_out: bool, ctx: ClaimContext) -> Claim | str | None:
-        if not isinstance(module, nn.modules.conv._ConvNd):
+        if not isinstance(module, CONV_TYPES):  # transposed ones: TransposedConvHandler (transposed.py)
             return None
-        if not isinstance(module, CONV_TYPES):
-            return f"coupled to {type(module).__name__} '{{}}' (transposed convolutions are not supported)"
         if is_depthwise(module):
             return Claim(DEPTHWISE)
         if module.groups != 1:

@@ -1,10 +1,10 @@
 """Attention heads as prunable units.
 
 A *head-structured* attention module keeps its head count in an integer attribute (``n_head`` or
-``num_heads``) that its forward reads, and projects with Linear children, either fused
-(``c_attn`` laid out [q | k | v], each head-major, as in nanoGPT, or timm's ``qkv``) or separate (``q_proj``,
-``k_proj``, ``v_proj``), then an output projection (``c_proj``, ``out_proj``, ``o_proj`` or timm's ``proj``). Removing head ``h``
-removes its rows of every q/k/v projection and its input columns of the output projection; the
+``num_heads``) that its forward reads, and projects with Linear children, either fused (``c_attn`` laid out
+[q | k | v], each head-major, as in nanoGPT, or timm's ``qkv``) or separate (``q_proj``, ``k_proj``,
+``v_proj``), then an output projection (``c_proj``, ``out_proj``, ``o_proj`` or timm's ``proj``). Removing
+head ``h`` removes its rows of every q/k/v projection and its input columns of the output projection; the
 module's input and output widths (the residual stream) do not change.
 
 ``nn.MultiheadAttention`` is *not* head-prunable: ``F.multi_head_attention_forward`` requires

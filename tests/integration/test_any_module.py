@@ -240,7 +240,8 @@ class WithOptimizer(SeveralArgs):
 
 
 @pytest.mark.parametrize("optimizer", ["adafactor", "lbfgs"])
-def test_optimizers_whose_state_is_not_per_element_train_through_cuts_and_resume(optimizer: str, tmp_path: Path) -> None:
+def test_optimizers_whose_state_is_not_per_element_train_through_cuts_and_resume(optimizer: str,
+                                                                                 tmp_path: Path) -> None:
     module = WithOptimizer(optimizer)
     with pytest.warns(UserWarning, match="restarts") if optimizer == "lbfgs" else contextlib.nullcontext():
         trainer, cb = fit(module, tmp_path)  # a size mismatch in the optimizer's step after the first cut, before

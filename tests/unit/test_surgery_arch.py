@@ -13,8 +13,9 @@ from torch import nn
 from ctprune_lightning.models.gpt import GPT, CausalSelfAttention
 from ctprune_lightning.models.resnet import BasicBlock, ResNet
 from ctprune_lightning.surgery import (MHA_REASON, HeadLayout, PrunableGroup, apply_plan_, discover_groups,
-                                       find_head_layout, shrink_attention_heads_, shrink_conv_in_channels_, shrink_conv_out_channels_,
-                                       shrink_linear_in_features_, shrink_linear_out_features_, shrink_norm_)
+                                       find_head_layout, shrink_attention_heads_, shrink_conv_in_channels_,
+                                       shrink_conv_out_channels_, shrink_linear_in_features_,
+                                       shrink_linear_out_features_, shrink_norm_)
 
 PROPERTY = settings(max_examples=25, deadline=None)
 
@@ -437,7 +438,8 @@ def test_separate_qkv_projections_prune_heads_and_grouped_query_attention_is_ref
 
 
 class TimmAttention(nn.Module):
-    """timm's layout: one fused ``qkv`` Linear ([q | k | v], head-major), ``proj`` out, ``num_heads`` read in forward."""
+    """timm's layout: one fused ``qkv`` Linear ([q | k | v], head-major), ``proj`` out, ``num_heads`` read in
+    forward."""
 
     def __init__(self, dim: int = 8, num_heads: int = 4) -> None:
         super().__init__()

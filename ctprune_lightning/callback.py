@@ -221,6 +221,9 @@ class ControlPruning(Callback):
         self.min_width, self.round_to, self.probe_batches = min_width, round_to, probe_batches
         self.confirm_batches = confirm_batches
         self.ignored_layers = list(ignored_layers)
+        bad = [x for x in self.ignored_layers if not isinstance(x, (str, type))]
+        if bad:
+            raise TypeError(f"ControlPruning: `ignored_layers` takes module names or types, got {bad!r}")
         self.group_limits = dict(group_limits or {})
         for key, value in self.group_limits.items():
             if not isinstance(key, (str, type)):

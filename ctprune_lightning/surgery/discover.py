@@ -63,6 +63,11 @@ def _check_args(model: nn.Module, ignored_layers: Sequence[Any], min_width: Any,
     if bad:
         raise TypeError(f"discover_groups: `ignored_layers` takes module names or types, got {bad!r}")
     names = {n for n, _ in model.named_modules()}
+    unknown = [x for x in ignored_layers
+               if isinstance(x, str) and x not in names and not any(n.startswith(x + ".") for n in names)]
+    if unknown:  # a typo would leave the layer it meant to protect prunable
+        raise ValueError(f"discover_groups: `ignored_layers` {unknown!r} names no module of {type(model).__name__} "
+                         f"(e.g. {sorted(names - {''})[:5]})")
     for key, value in (group_limits or {}).items():
         if not isinstance(key, (str, type)):
             raise TypeError(f"discover_groups: `group_limits` keys are group/module names or types, got {key!r}")

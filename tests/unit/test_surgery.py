@@ -42,6 +42,12 @@ def test_ignored_layers_and_min_width() -> None:
     groups, skipped = discover_groups(mlp(), torch.zeros(2, 20), min_width=24)
     assert [g.name for g in groups] == ["1"]
     assert "too small" in dict(skipped)["4"]
+    with pytest.raises(ValueError, match=r"`ignored_layers` \['head'\] names no module of Sequential"):
+        discover_groups(mlp(), torch.zeros(2, 20), ignored_layers=["4", "head"])  # a typo protected nothing before
+    from ctprune_lightning import ControlPruning
+
+    with pytest.raises(TypeError, match="`ignored_layers` takes module names or types, got \\[3.5\\]"):
+        ControlPruning(ignored_layers=[3.5])
 
 
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd"])

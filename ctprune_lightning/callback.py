@@ -265,12 +265,15 @@ class ControlPruning(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and is_overridden("configure_model", pl_module):
-            # layers built there exist only after every setup hook: build them now, in the contexts Lightning uses
-            # (the hook is idempotent by Lightning's contract; its own WeightAveraging does the same)
+        built_late = is_overridden("configure_model", pl_module)  # layers that exist only after every setup hook
+        if stage == "fit" and built_late and not is_overridden("setup", pl_module):
+            # build them now, in the contexts Lightning uses (the hook is idempotent by Lightning's contract; its
+            # own WeightAveraging does the same). A module with its own `setup` may build from what that sets:
+            # its layers are left to Lightning and discovered on the first batch
             with trainer.strategy.tensor_init_context(), trainer.strategy.model_sharded_context(), \
                     trainer.precision_plugin.module_init_context():
                 pl_module.configure_model()
+            built_late = False
         if self.convert_attention and not self.groups:  # before the optimizer exists and any checkpoint loads
             converted = convert_multihead_attention_(pl_module)
             if converted:
@@ -297,7 +300,7 @@ class ControlPruning(Callback):
             rank_zero_info(f"ControlPruning: round_to='auto' -> {self.loop.round_to} "
                            f"({strategy.root_device.type}, {trainer.precision})")
         self.loop.cost_context = trainer.precision_plugin.forward_context  # the cost model times autocast steps
-        materialized = all(not p.is_meta for p in pl_module.parameters())  # else: discovered on the first batch
+        materialized = not built_late and all(not p.is_meta for p in pl_module.parameters())  # else: first batch
         if pl_module.example_input_array is not None and not self.groups and materialized:
             with self._eager(pl_module):
                 self._discover(pl_module, pl_module.example_input_array)

@@ -420,3 +420,26 @@ def test_training_setups_beyond_one_adamw_in_fp32_shrink_and_keep_learning(case:
     assert live_parameters_missing(module, trainer.optimizers) == []
     losses = torch.tensor(module.losses, dtype=torch.float32)
     assert torch.isfinite(losses).all() and losses[-4:].mean() < 0.5 * losses[:4].mean()
+
+
+class LazyWithSetup(LazyTransformer):
+    """``configure_model`` reads what the module's own ``setup`` set: the callback must not call it before."""
+
+    def setup(self, stage: str) -> None:
+        self.ffn_width = 64
+
+    def configure_model(self) -> None:
+        if self.encoder is None:
+            layer = nn.TransformerEncoderLayer(d_model=DIM, nhead=4, dim_feedforward=self.ffn_width, dropout=0.0,
+                                               batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+            self.head = nn.Linear(DIM, CLASSES)
+
+
+def test_configure_model_that_needs_the_modules_setup_is_left_to_lightning(tmp_path: Path) -> None:
+    module = LazyWithSetup()
+    trainer, cb = fit(module, tmp_path, controller="lqr", target=0.5, controller_kwargs={}, epochs=4)
+    s = cb.summary()  # discovered on the first batch: the FFN widths are cut; the attention is left dense (built
+    assert s["train_flops_saved"] > 0.1  # after the conversion could run), with the reason
+    assert any("linear1" in g and s["widths"][g] < s["dense_widths"][g] for g in s["widths"])
+    assert any("MultiheadAttention" in r for r in s["left_dense"].values())

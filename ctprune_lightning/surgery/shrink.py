@@ -119,11 +119,12 @@ def shrink_embedding_dim_(embedding: nn.Embedding, keep: Tensor, optimizers: Ite
 
 
 def shrink_norm_(norm: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
-    """Shrink a LayerNorm over its (single) last dimension, or a BatchNorm's channels."""
+    """Shrink a LayerNorm or RMSNorm over its (single) last dimension, or a BatchNorm's channels."""
     optimizers = list(optimizers)
-    if isinstance(norm, nn.LayerNorm):
+    if isinstance(norm, (nn.LayerNorm, nn.RMSNorm)):
         if len(norm.normalized_shape) != 1:
-            raise ValueError(f"shrink_norm_: LayerNorm over {norm.normalized_shape} is not supported (1-D only)")
+            raise ValueError(f"shrink_norm_: {type(norm).__name__} over {norm.normalized_shape} is not supported "
+                             "(1-D only)")
         _check_keep(keep, norm.normalized_shape[0], "shrink_norm_")
         norm.normalized_shape = (int(keep.numel()),)
     elif isinstance(norm, nn.modules.batchnorm._BatchNorm):
@@ -132,7 +133,8 @@ def shrink_norm_(norm: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] 
         replace_buffer_(norm, "running_mean", keep)
         replace_buffer_(norm, "running_var", keep)
     else:
-        raise TypeError(f"shrink_norm_: unsupported module {type(norm).__name__}; allowed: LayerNorm, BatchNorm1d/2d/3d")
+        raise TypeError(f"shrink_norm_: unsupported module {type(norm).__name__}; allowed: LayerNorm, RMSNorm, "
+                        "BatchNorm1d/2d/3d")
     for name in ("weight", "bias"):
         if getattr(norm, name, None) is not None:
             replace_parameter_(norm, name, keep, 0, optimizers)

@@ -161,6 +161,23 @@ def case_rnn_input() -> Case:
     return model, x, _plain(model, x), "inp", {}
 
 
+def _decoder() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 2, stride=2),
+                         nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1))
+
+
+def case_transposed_out() -> Case:  # the transposed convolution's output channels (weight dim 1, bias)
+    model = _decoder()
+    x = torch.randn(16, 3, 8, 8)
+    return model, x, _plain(model, x), "2", {}
+
+
+def case_transposed_in() -> Case:  # its input channels (weight dim 0), fed by a convolution
+    model = _decoder()
+    x = torch.randn(16, 3, 8, 8)
+    return model, x, _plain(model, x), "0", {}
+
+
 def _hf(family: str) -> Case:
     transformers = pytest.importorskip("transformers")
     if family == "gpt2":
@@ -207,7 +224,7 @@ CASES = {n[5:]: f for n, f in dict(globals()).items() if n.startswith("case_")}
 COVERS = {"LinearHandler": "linear", "ConvHandler": "depthwise", "NormHandler": "conv_norm_flatten",
           "EmbeddingHandler": "embedding", "AttentionHandler": "heads", "MultiheadAttentionHandler": "mha",
           "HuggingFaceHandler": "hf_gpt2", "LRUHandler": "lru", "RNNHandler": "gru",
-          "MoEExpertsHandler": "hf_moe", "TiledHandler": "grouped_out"}
+          "MoEExpertsHandler": "hf_moe", "TiledHandler": "grouped_out", "TransposedConvHandler": "transposed_out"}
 
 
 def test_every_builtin_handler_has_a_growth_case() -> None:

@@ -185,3 +185,26 @@ def test_a_channels_last_conv_net_stays_channels_last_through_cuts_growth_and_a_
     rebuilt = convnet().to(memory_format=torch.channels_last)
     apply_arch_(rebuilt, capture_arch(net), "test")
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in rebuilt.parameters() if p.dim() == 4)
+
+
+def test_torch_rmsnorm_is_cut_with_its_features_and_refuses_growth() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.RMSNorm(32), nn.ReLU(), nn.Linear(32, 5))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    groups, skipped = discover_groups(model, torch.zeros(2, 20))  # before: "a bare nn.Parameter '1.weight'"
+    assert [(s.module, s.kind) for s in groups[0].slices] == [("0", "linear_out"), ("1", "norm"), ("3", "linear_in")]
+    keep = torch.tensor([0, 4, 9, 31])
+    x = torch.randn(3, 20)
+    with torch.no_grad():  # the reference: the kept features normalised over themselves
+        h = model[0](x)[:, keep]
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + torch.finfo(h.dtype).eps) * model[1].weight[keep]
+        ref = model[3].weight[:, keep] @ torch.relu(normed).T
+        weight = model[1].weight[keep].clone()
+    apply_plan_(model, groups, {"0": keep})
+    assert model[1].normalized_shape == (4,) and torch.equal(model[1].weight.detach(), weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref.T + model[3].bias, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="RMSNorm normalises over the grown features"):
+        apply_plan_(model, groups, {}, grow={"0": 2})
+    assert model[0].out_features == 4 == model[3].in_features  # refused before anything was touched

@@ -1,13 +1,13 @@
-"""BatchNorm channels and 1-D LayerNorm features (pass-through slices of a group).
+"""BatchNorm channels and 1-D LayerNorm / RMSNorm features (pass-through slices of a group).
 
-New BatchNorm entries are neutral: weight 1, bias 0, running mean 0, running variance 1. A LayerNorm's
-features cannot grow function-preservingly (the new features enter every feature's mean and variance), so
-a group that holds one refuses to grow.
+New BatchNorm entries are neutral: weight 1, bias 0, running mean 0, running variance 1. A LayerNorm's or an
+RMSNorm's features cannot grow function-preservingly (the new features enter every feature's mean and variance,
+or root mean square), so a group that holds one refuses to grow.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,9 +15,10 @@ from torch.optim import Optimizer
 
 from ..optim import grow_buffer_, grow_parameter_
 from ..shrink import shrink_norm_
-from .base import Claim, ClaimContext, GrowInit, ParamSlice, SliceHandler, register
+from .base import Claim, ClaimContext, GrowInit, ParamSlice, SliceHandler, register, stand_in
 
 NORM = "norm"
+FEATURE_NORMS = (nn.LayerNorm, nn.RMSNorm)  # normalise over their last (here: only) dimension
 
 
 def grow_batchnorm_(norm: nn.Module, n: int, optimizers: Sequence[Optimizer]) -> None:
@@ -40,19 +41,29 @@ class NormHandler(SliceHandler):
     priority = 70
 
     def owns(self, module: nn.Module, kind: str) -> bool:
-        return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+        return isinstance(module, (nn.modules.batchnorm._BatchNorm, *FEATURE_NORMS))
 
     def claims(self, module: nn.Module, is_out: bool, ctx: ClaimContext) -> Claim | str | None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return Claim(NORM)
-        if isinstance(module, nn.LayerNorm):
+        if isinstance(module, FEATURE_NORMS):
             if len(module.normalized_shape) != 1:
-                return f"coupled to LayerNorm '{{}}' over {tuple(module.normalized_shape)} (1-D only)"
+                return f"coupled to {type(module).__name__} '{{}}' over {tuple(module.normalized_shape)} (1-D only)"
             return Claim(NORM)
         return None
 
     def width(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...]) -> int:
-        return int(module.normalized_shape[0]) if isinstance(module, nn.LayerNorm) else int(module.num_features)
+        return int(module.normalized_shape[0]) if isinstance(module, FEATURE_NORMS) else int(module.num_features)
+
+    def trace_as_layer(self, module: nn.Module) -> tuple[int, int] | None:
+        """torch's RMSNorm is unknown to the dependency tracer (its weight would read as a bare Parameter): one
+        opaque pass-through layer instead."""
+        if isinstance(module, nn.RMSNorm) and len(module.normalized_shape) == 1:
+            return int(module.normalized_shape[0]), int(module.normalized_shape[0])
+        return None
+
+    def trace_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return stand_in(args[0], int(module.normalized_shape[0])) if args else None
 
     def unit_slices(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...]) -> list[ParamSlice]:
         return [ParamSlice("", "weight", 0, None), ParamSlice("", "bias", 0, None)]
@@ -62,9 +73,9 @@ class NormHandler(SliceHandler):
         shrink_norm_(module, keep, optimizers)
 
     def grow_refusal(self, module: nn.Module, kind: str) -> str | None:
-        if isinstance(module, nn.LayerNorm):
-            return ("a LayerNorm normalises over the grown features: new features would change every feature's "
-                    "mean and variance, so growth would not preserve the model's function")
+        if isinstance(module, FEATURE_NORMS):
+            return (f"a {type(module).__name__} normalises over the grown features: new features would change every "
+                    "feature's normalisation, so growth would not preserve the model's function")
         return None
 
     def grow_(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...], n: int,

@@ -119,7 +119,8 @@ def shrink_embedding_dim_(embedding: nn.Embedding, keep: Tensor, optimizers: Ite
 
 
 def shrink_norm_(norm: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
-    """Shrink a LayerNorm or RMSNorm over its (single) last dimension, or a BatchNorm's channels."""
+    """Shrink a LayerNorm or RMSNorm over its (single) last dimension, or a BatchNorm's or InstanceNorm's
+    channels."""
     optimizers = list(optimizers)
     if isinstance(norm, (nn.LayerNorm, nn.RMSNorm)):
         if len(norm.normalized_shape) != 1:
@@ -127,14 +128,14 @@ def shrink_norm_(norm: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] 
                              "(1-D only)")
         _check_keep(keep, norm.normalized_shape[0], "shrink_norm_")
         norm.normalized_shape = (int(keep.numel()),)
-    elif isinstance(norm, nn.modules.batchnorm._BatchNorm):
+    elif isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         _check_keep(keep, norm.num_features, "shrink_norm_")
         norm.num_features = int(keep.numel())
         replace_buffer_(norm, "running_mean", keep)
         replace_buffer_(norm, "running_var", keep)
     else:
         raise TypeError(f"shrink_norm_: unsupported module {type(norm).__name__}; allowed: LayerNorm, RMSNorm, "
-                        "BatchNorm1d/2d/3d")
+                        "BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d")
     for name in ("weight", "bias"):
         if getattr(norm, name, None) is not None:
             replace_parameter_(norm, name, keep, 0, optimizers)

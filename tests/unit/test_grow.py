@@ -166,6 +166,13 @@ def _decoder() -> nn.Sequential:
                          nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1))
 
 
+def case_instance_norm() -> Case:  # per-channel statistics: new channels are normalised on their own
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1))
+    x = torch.randn(16, 3, 6, 6)
+    return model, x, _plain(model, x), "0", {}
+
+
 def case_transposed_out() -> Case:  # the transposed convolution's output channels (weight dim 1, bias)
     model = _decoder()
     x = torch.randn(16, 3, 8, 8)

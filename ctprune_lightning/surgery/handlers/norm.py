@@ -1,8 +1,9 @@
-"""BatchNorm channels and 1-D LayerNorm / RMSNorm features (pass-through slices of a group).
+"""BatchNorm and InstanceNorm channels, 1-D LayerNorm / RMSNorm features (pass-through slices of a
+group).
 
-New BatchNorm entries are neutral: weight 1, bias 0, running mean 0, running variance 1. A LayerNorm's or an
-RMSNorm's features cannot grow function-preservingly (the new features enter every feature's mean and variance,
-or root mean square), so a group that holds one refuses to grow.
+New BatchNorm (InstanceNorm) entries are neutral: weight 1, bias 0, running mean 0, running variance 1. A
+LayerNorm's or an RMSNorm's features cannot grow function-preservingly (the new features enter every feature's
+mean and variance, or root mean square), so a group that holds one refuses to grow.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .base import Claim, ClaimContext, GrowInit, ParamSlice, SliceHandler, regis
 
 NORM = "norm"
 FEATURE_NORMS = (nn.LayerNorm, nn.RMSNorm)  # normalise over their last (here: only) dimension
+CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)  # each channel on its own
 
 
 def grow_batchnorm_(norm: nn.Module, n: int, optimizers: Sequence[Optimizer]) -> None:
@@ -41,10 +43,10 @@ class NormHandler(SliceHandler):
     priority = 70
 
     def owns(self, module: nn.Module, kind: str) -> bool:
-        return isinstance(module, (nn.modules.batchnorm._BatchNorm, *FEATURE_NORMS))
+        return isinstance(module, (*CHANNEL_NORMS, *FEATURE_NORMS))
 
     def claims(self, module: nn.Module, is_out: bool, ctx: ClaimContext) -> Claim | str | None:
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, CHANNEL_NORMS):
             return Claim(NORM)
         if isinstance(module, FEATURE_NORMS):
             if len(module.normalized_shape) != 1:

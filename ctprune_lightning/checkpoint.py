@@ -157,7 +157,8 @@ def shrink_to_checkpoint_(model: nn.Module, path: str | os.PathLike) -> dict[str
 
 
 def install_checkpoint_hooks(trainer: Any) -> None:
-    """Make ``trainer.strategy`` rebuild the architecture before it loads a checkpoint's weights.
+    """Make ``trainer.strategy`` rebuild the architecture before it loads a checkpoint's weights, and record it in
+    every checkpoint it saves (weights-only ones too).
 
     Idempotent. Also turns unreadable files into a :class:`CheckpointError` naming the file.
     """
@@ -182,9 +183,19 @@ def install_checkpoint_hooks(trainer: Any) -> None:
             follow_(shadow, strategy.lightning_module)
         return loaded
 
+    save_checkpoint = strategy.save_checkpoint
+
+    def save_checkpoint_with_spec(checkpoint: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        # a weights-only save (ModelCheckpoint(save_weights_only=True)) skips the callbacks' on_save_checkpoint:
+        # the architecture is recorded here, so load_pruned and a resume can still rebuild it
+        if CTPRUNE_KEY not in checkpoint and "state_dict" in checkpoint:
+            checkpoint[CTPRUNE_KEY] = make_spec(strategy.lightning_module)
+        return save_checkpoint(checkpoint, *args, **kwargs)
+
     strategy.load_checkpoint = load_checkpoint_named
     if not getattr(strategy, "rebuilds_from_checkpoint", False):  # a pruning FSDP strategy rebuilds itself
         strategy.load_model_state_dict = load_model_state_dict_rebuilt
+        strategy.save_checkpoint = save_checkpoint_with_spec
     strategy._ctprune_hooks = True
 
 

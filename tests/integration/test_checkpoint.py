@@ -267,3 +267,17 @@ def test_resume_and_load_pruned_keep_a_frozen_layer_frozen(tmp_path: Path) -> No
     assert loaded.net[3].weight.shape == (stopped["net.3"]["out_features"], stopped["net.3"]["in_features"])
     assert not loaded.net[3].weight.requires_grad and not loaded.net[3].bias.requires_grad
     assert loaded.net[1].weight.requires_grad
+
+
+def test_a_weights_only_checkpoint_records_the_architecture_too(tmp_path: Path) -> None:
+    train, val = loaders()
+    model = make_model()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_weights_only=True)
+    trainer(tmp_path, make_callback(), ckpt, max_epochs=2).fit(model, train)
+    assert widths(model) != (64, 64)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert "optimizer_states" not in saved and saved["ctprune"]["arch"]  # Lightning skipped our on_save_checkpoint
+    rebuilt = load_pruned(MLPClassifier, tmp_path / "last.ckpt")  # raised "wrong shapes" before
+    assert widths(rebuilt) == widths(model)
+    x = next(iter(val))[0]
+    torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=0)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelPruning
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -289,7 +289,12 @@ class ControlPruning(Callback):
         self._model = weakref.ref(pl_module)
         self.compile_watch.install()
         self.compile_watch.compiled = self.compile_watch.compiled or is_compiled(pl_module)
-        require_pruning_strategy(trainer.strategy, trainer.world_size, cuts=self.controller.name != "none")
+        cuts = self.controller.name != "none"
+        require_pruning_strategy(trainer.strategy, trainer.world_size, cuts=cuts)
+        masking = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, ModelPruning)]
+        if cuts and masking:  # it re-parametrises `weight` as weight_orig * weight_mask: a cut would fight its hook
+            raise ValueError(f"ControlPruning cannot cut a model that {masking[0]} (Lightning's mask pruning) also "
+                             "prunes: use one of the two, or ControlPruning(controller='none') to only measure")
         strategy = trainer.strategy
         self.loop.reduce_mean = lambda x: float(strategy.reduce(torch.tensor(float(x)), reduce_op="mean"))
         self.loop.world_size = trainer.world_size

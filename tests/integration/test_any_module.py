@@ -445,3 +445,19 @@ def test_configure_model_that_needs_the_modules_setup_is_left_to_lightning(tmp_p
     assert s["train_flops_saved"] > 0.1  # after the conversion could run), with the reason
     assert any("linear1" in g and s["widths"][g] < s["dense_widths"][g] for g in s["widths"])
     assert any("MultiheadAttention" in r for r in s["left_dense"].values())
+
+
+def test_lightnings_mask_pruning_is_refused_beside_a_cutting_controller_and_allowed_beside_none() -> None:
+    from lightning.pytorch.callbacks import ModelPruning
+
+    def run(controller: str) -> tuple[SeveralArgs, ControlPruning]:
+        L.seed_everything(0)
+        module, cb = SeveralArgs(), ControlPruning(controller=controller, every_n_steps=4, min_width=4)
+        L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                  enable_model_summary=False, callbacks=[cb, ModelPruning("l1_unstructured", amount=0.3)]).fit(module)
+        return module, cb
+
+    with pytest.raises(ValueError, match="cannot cut a model that ModelPruning .* also prunes"):
+        run("lqr")  # before: a size mismatch of weight_orig * weight_mask after the first cut
+    module, cb = run("none")  # only measuring: both run
+    assert cb.summary()["train_flops_saved"] == 0.0 and module.net[0].weight.shape == (64, DIM)

@@ -171,3 +171,14 @@ def test_parametrized_layers_are_left_dense_with_the_reason_and_the_rest_is_cut(
     assert reasons["0"].startswith("0's weight is parametrized (WeightNorm")
     assert "remove the parametrization" in reasons["0"]
     assert reasons["4"].startswith("6's weight is parametrized (SpectralNorm")  # feeds it: its inputs cannot go
+
+
+def test_a_layer_masked_by_torch_prune_is_left_dense_with_the_reason() -> None:
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)  # weight = weight_orig * weight_mask, before each forward
+    groups, skipped = discover_groups(model, torch.zeros(2, 8))
+    assert [g.name for g in groups] == ["2"]  # before: the cut raised "cannot assign 'torch.FloatTensor' as parameter"
+    assert dict(skipped)["0"].startswith("0's weight is masked by torch.nn.utils.prune (L1Unstructured)")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
+import torch.nn.utils.prune
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -214,6 +215,11 @@ def claim(module: nn.Module, is_out: bool, ctx: ClaimContext) -> tuple[Claim | N
         kinds = sorted({type(p).__name__.lstrip("_") for plist in plists.values() for p in plist})
         return None, (f"{{}}'s {', '.join(plists)} is parametrized ({', '.join(kinds)}, torch.nn.utils.parametrize) "
                       "and cannot be cut; remove the parametrization to prune it")
+    masks = [h for h in module._forward_pre_hooks.values() if isinstance(h, torch.nn.utils.prune.BasePruningMethod)]
+    if masks:  # `weight` is recomputed from `weight_orig * weight_mask` before every forward
+        names = sorted({str(getattr(h, "_tensor_name", "?")) for h in masks})
+        return None, (f"{{}}'s {', '.join(names)} is masked by torch.nn.utils.prune ({type(masks[0]).__name__}) and "
+                      "cannot be cut; torch.nn.utils.prune.remove(module, name) makes the mask permanent")
     for h in REGISTRY:
         answer = h.claims(module, is_out, ctx)
         if isinstance(answer, Claim):

@@ -265,6 +265,8 @@ class ControlPruning(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._refuse_fit(trainer, pl_module)  # before anything is touched
         built_late = is_overridden("configure_model", pl_module)  # layers that exist only after every setup hook
         if stage == "fit" and built_late and not is_overridden("setup", pl_module):
             # build them now, in the contexts Lightning uses (the hook is idempotent by Lightning's contract; its
@@ -281,20 +283,9 @@ class ControlPruning(Callback):
         install_checkpoint_hooks(trainer)  # any stage: validate/test(ckpt_path=...) must rebuild too
         if stage != "fit":
             return
-        if self._model is not None and self._model() is not pl_module:
-            raise ValueError(f"ControlPruning: this callback already pruned another model "
-                             f"({type(self._model()).__name__ if self._model() is not None else 'freed'}); its groups, "
-                             f"schedule and ledger belong to that run. Create a new ControlPruning for each model "
-                             f"(a resume restores its state from the checkpoint: ckpt_path=...)")
         self._model = weakref.ref(pl_module)
         self.compile_watch.install()
         self.compile_watch.compiled = self.compile_watch.compiled or is_compiled(pl_module)
-        cuts = self.controller.name != "none"
-        require_pruning_strategy(trainer.strategy, trainer.world_size, cuts=cuts)
-        masking = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, ModelPruning)]
-        if cuts and masking:  # it re-parametrises `weight` as weight_orig * weight_mask: a cut would fight its hook
-            raise ValueError(f"ControlPruning cannot cut a model that {masking[0]} (Lightning's mask pruning) also "
-                             "prunes: use one of the two, or ControlPruning(controller='none') to only measure")
         strategy = trainer.strategy
         self.loop.reduce_mean = lambda x: float(strategy.reduce(torch.tensor(float(x)), reduce_op="mean"))
         self.loop.world_size = trainer.world_size
@@ -309,6 +300,21 @@ class ControlPruning(Callback):
         if pl_module.example_input_array is not None and not self.groups and materialized:
             with self._eager(pl_module):
                 self._discover(pl_module, pl_module.example_input_array)
+
+    def _refuse_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Raise for a fit this callback cannot run: another model than the one its state belongs to, a strategy
+        that cannot re-wrap a cut model, Lightning's mask pruning beside a controller that cuts."""
+        if self._model is not None and self._model() is not pl_module:
+            raise ValueError(f"ControlPruning: this callback already pruned another model "
+                             f"({type(self._model()).__name__ if self._model() is not None else 'freed'}); its groups, "
+                             f"schedule and ledger belong to that run. Create a new ControlPruning for each model "
+                             f"(a resume restores its state from the checkpoint: ckpt_path=...)")
+        cuts = self.controller.name != "none"
+        require_pruning_strategy(trainer.strategy, trainer.world_size, cuts=cuts)
+        masking = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, ModelPruning)]
+        if cuts and masking:  # it re-parametrises `weight` as weight_orig * weight_mask: a cut would fight its hook
+            raise ValueError(f"ControlPruning cannot cut a model that {masking[0]} (Lightning's mask pruning) also "
+                             "prunes: use one of the two, or ControlPruning(controller='none') to only measure")
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

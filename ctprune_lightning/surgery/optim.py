@@ -110,13 +110,12 @@ def swap_in_optimizers_(old: Tensor, new: Tensor, optimizers: Iterable[Optimizer
 
     ``state_fn=None`` drops the state (the slot starts fresh, or the caller loads a state dict next). Where the
     shape changes, state that no per-element rule can carry restarts instead of going stale, with a warning: a
-    slot holding :func:`uncarried` state, and a flat vector over all of an optimizer's parameters kept in one
-    slot (LBFGS's direction and history).
+    slot holding :func:`uncarried` state, and a flat vector over all of an optimizer's parameters kept in a
+    param group's first slot (LBFGS's direction and history).
     """
     fmt = memory_format(new)
     reshaped = old.shape != new.shape
     for opt in optimizers:
-        flat_numel = sum(p.numel() for group in opt.param_groups for p in group["params"]) if reshaped else 0
         held = False
         for group in opt.param_groups:
             params = group["params"]
@@ -134,21 +133,30 @@ def swap_in_optimizers_(old: Tensor, new: Tensor, optimizers: Iterable[Optimizer
                                   if isinstance(v, Tensor) and v.shape == new.shape else v
                                   for k, v in state_fn(state, old, new).items()}
         if held and reshaped:
-            _restart_flat_state_(opt, flat_numel)
+            _restart_flat_state_(opt, old.numel() - new.numel())
 
 
-def _restart_flat_state_(opt: Optimizer, numel: int) -> None:
-    """Drop every slot holding a flat vector over all ``numel`` elements of ``opt``'s parameters (their sizes
-    changed): LBFGS keeps its search direction and curvature history so, in its first parameter's slot."""
-    for param, state in list(opt.state.items()):
-        for key, value in state.items():
+def _restart_flat_state_(opt: Optimizer, removed: int) -> None:
+    """Drop a slot holding a flat vector over all of ``opt``'s parameters as they were before a swap that took
+    ``removed`` elements away (negative: added): LBFGS keeps its search direction and curvature history so, in
+    its first parameter's slot. Only the first slot of each param group is read (a swap must not cost a pass
+    over every slot); the total is summed only when that slot holds a vector longer than its parameter."""
+    for group in opt.param_groups:
+        first = group["params"][0] if group["params"] else None
+        state = opt.state.get(first) if first is not None else None
+        for key, value in (state or {}).items():
             items = value if isinstance(value, (list, tuple)) else [value]
-            if numel > param.numel() and any(isinstance(v, Tensor) and v.numel() == numel for v in items):
-                del opt.state[param]
+            longer = [v for v in items if isinstance(v, Tensor) and v.dim() == 1 and v.numel() > first.numel()]
+            if longer and any(v.numel() == _total(opt) + removed for v in longer):
+                del opt.state[first]
                 _restart_warning(opt, key, "a flat vector over all its parameters")
                 break
     if getattr(opt, "_numel_cache", None) is not None:  # torch LBFGS caches its parameters' total size
         opt._numel_cache = None
+
+
+def _total(opt: Optimizer) -> int:
+    return sum(p.numel() for group in opt.param_groups for p in group["params"])
 
 
 def _restart_warning(opt: Optimizer, key: str, what: str) -> None:

@@ -21,8 +21,11 @@ from torch.optim import Optimizer
 
 from .optim import replace_buffer_, replace_parameter_
 
-#: Normalisation layers (the per-channel ones with a feature axis); :func:`shrink_norm_` cuts BatchNorm and 1-D LayerNorm.
+#: Normalisation layers (the per-channel ones with a feature axis); :func:`shrink_norm_` cuts the two kinds below.
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+#: Normalised over their last (cut: only) dimension, and each channel on its own.
+FEATURE_NORMS = (nn.LayerNorm, nn.RMSNorm)
+CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 #: Convolutions ctprune cuts here (transposed ones: handlers/transposed.py).
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -122,13 +125,13 @@ def shrink_norm_(norm: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] 
     """Shrink a LayerNorm or RMSNorm over its (single) last dimension, or a BatchNorm's or InstanceNorm's
     channels."""
     optimizers = list(optimizers)
-    if isinstance(norm, (nn.LayerNorm, nn.RMSNorm)):
+    if isinstance(norm, FEATURE_NORMS):
         if len(norm.normalized_shape) != 1:
             raise ValueError(f"shrink_norm_: {type(norm).__name__} over {norm.normalized_shape} is not supported "
                              "(1-D only)")
         _check_keep(keep, norm.normalized_shape[0], "shrink_norm_")
         norm.normalized_shape = (int(keep.numel()),)
-    elif isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+    elif isinstance(norm, CHANNEL_NORMS):
         _check_keep(keep, norm.num_features, "shrink_norm_")
         norm.num_features = int(keep.numel())
         replace_buffer_(norm, "running_mean", keep)

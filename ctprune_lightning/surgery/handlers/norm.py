@@ -15,12 +15,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..optim import grow_buffer_, grow_parameter_
-from ..shrink import shrink_norm_
+from ..shrink import CHANNEL_NORMS, FEATURE_NORMS, shrink_norm_
 from .base import Claim, ClaimContext, GrowInit, ParamSlice, SliceHandler, register, stand_in
 
 NORM = "norm"
-FEATURE_NORMS = (nn.LayerNorm, nn.RMSNorm)  # normalise over their last (here: only) dimension
-CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)  # each channel on its own
 
 
 def grow_batchnorm_(norm: nn.Module, n: int, optimizers: Sequence[Optimizer]) -> None:

@@ -245,6 +245,7 @@ class ControlPruning(Callback):
         self._warned_shadow = False
         self._model: weakref.ref | None = None  # the model this callback's state belongs to
         self._train_loss: list[Any] = []  # the budget sensor's training channel: losses since the last interval
+        self._train_since = 0  # ... from this optimizer step on
         self.compile_watch = CompileWatch()  # torch.compile: re-specialise after each surgery, count the cost
 
     # the loop's state, under the names users and reports read
@@ -352,6 +353,7 @@ class ControlPruning(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.compile_watch.clear(pl_module)  # undo "skip" marks of set-up under FlopCounterMode (ModelSummary)
         self.ledger.start_clock()
+        self._train_loss, self._train_since = [], trainer.global_step  # a resume starts the channel's mean afresh
         if self.controller.budget is not None:
             total = trainer.estimated_stepping_batches
             if not math.isfinite(total):
@@ -442,6 +444,7 @@ class ControlPruning(Callback):
                 unread = trainer.strategy.broadcast(unread, src=0)  # every rank reads, or none
                 with self._eager(pl_module):
                     if unread and self.controller.budget is not None:  # a budget cuts only on a reading (trial)
+                        self.loop.observe_training(step, *self._train_channel(trainer))  # the free channel still
                         self._log(pl_module, self.loop.record_skip(pl_module, step, self._progress(trainer), unread))
                     else:  # a compute target keeps its pace on the last reading
                         self._control(trainer, pl_module, unread)
@@ -472,19 +475,22 @@ class ControlPruning(Callback):
                 rank_zero_info(f"ControlPruning: the averaged model copy restarts the average of {len(restarted)} "
                                f"tensors the surgery could not mirror (e.g. {restarted[0]}: grown units, a rollback)")
 
-    def _train_channel(self, trainer: L.Trainer) -> tuple[float | None, float | None]:
-        """The mean training loss since the last interval (averaged over ranks) and the learning rate now."""
+    def _train_channel(self, trainer: L.Trainer) -> tuple[float | None, float | None, int | None]:
+        """The mean training loss since the last interval (averaged over ranks), the learning rate now, and the
+        optimizer steps that mean covers."""
         if self.loop.estimator is None:
-            return None, None
+            return None, None, None
+        span = trainer.global_step - self._train_since
+        self._train_since = trainer.global_step
         mean = float(torch.stack(self._train_loss).float().mean()) if self._train_loss else math.nan
         self._train_loss = []
         mean = self.loop.reduce_mean(mean)
         lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
-        return (mean if math.isfinite(mean) else None), (None if lr is None else float(lr))
+        return (mean if math.isfinite(mean) else None), (None if lr is None else float(lr)), (span or None)
 
     def _control(self, trainer: L.Trainer, pl_module: L.LightningModule, unread: str = "") -> None:
-        train_loss, lr = self._train_channel(trainer)
-        obs = self.loop.observe(pl_module, trainer.global_step, self._progress(trainer), train_loss, lr, unread)
+        train_loss, lr, span = self._train_channel(trainer)
+        obs = self.loop.observe(pl_module, trainer.global_step, self._progress(trainer), train_loss, lr, unread, span)
         plan = self.loop.decide(pl_module, obs, events_allowed=self._rollback is None)
         plan = trainer.strategy.broadcast(plan, src=0)  # rank 0's plan is the one every rank applies
         if plan.keep or plan.grow:

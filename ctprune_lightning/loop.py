@@ -61,7 +61,8 @@ class Plan:
         spectra: the Hankel singular values of the SSM groups cut, for the history.
         grow: ``{group name: units to add}`` after the cuts (function-preserving growth; empty: none).
         quiet: a hold that only a change of the damage estimate can end (a quality budget spent with no growth to
-            watch for, or no cut that fits repays its sizing): the readings back off (:meth:`ControlLoop.note_quiet`).
+            watch for, no cut that fits repays its sizing, or the trial cuts found none that fits): the readings
+            back off (:meth:`ControlLoop.note_quiet`).
             Rank 0's, like the rest of the plan, so every rank backs off alike.
     """
 
@@ -219,13 +220,13 @@ class ControlLoop(LoopPlanning):
 
     # ------------------------------------------------------------------------------- the control step
     def observe(self, model: nn.Module, step: int, progress: float, train_loss: float | None = None,
-                lr: float | None = None, unsensed: str = "") -> Observation:
+                lr: float | None = None, unsensed: str = "", span: int | None = None) -> Observation:
         """Sense: compute fraction and the probe-loss damage (every rank).
 
         ``train_loss`` (the mean training loss of the steps since the last observation, averaged over ranks)
-        and ``lr`` (the learning rate now) feed the budget sensor's second channel and its clock. ``unsensed``:
-        why the probe is not read this interval (the sensing budget, target mode): ``Observation.sensed`` is
-        then False and the cut made on it measures no jump.
+        and ``lr`` (the learning rate now) feed the budget sensor's second channel and its clock (``span``: the
+        steps that mean covers, default one interval). ``unsensed``: why the probe is not read this interval (the
+        sensing budget, target mode): ``Observation.sensed`` is then False and the cut made on it measures no jump.
         """
         compute = self.compute(model)
         self.unsensed = unsensed
@@ -246,13 +247,20 @@ class ControlLoop(LoopPlanning):
         self.best, self._before, self._before_batches = min(best, loss), (loss, best), list(self.store.last_batches)
         sensed: dict[str, Any] = {}
         if self.estimator is not None:  # quality budget: loss now vs the dense reference now, and at the end
-            self.estimator.observe(step, loss, train_loss, lr)
+            self.estimator.observe(step, loss, train_loss, lr, span)
             sensed = self.estimator.reading(step, self.budget_metric, compute)
             damage = sensed.pop("damage")
         obs = Observation(step=step, progress=progress, compute=compute, damage=damage,
                           jump=self.jump, last_action=self.last_u, **sensed)
         self.jump, self.last_u = None, 0.0
         return obs
+
+    def observe_training(self, step: int, train_loss: float | None, lr: float | None, span: int | None = None) -> None:
+        """An interval the probe does not read (:meth:`sensing_due`): the budget sensor still gets its free channel,
+        the mean training loss of the last ``span`` steps, so the recovery after a cut is followed between the
+        readings (on the suite's char-GPT and ResNet-20 the 3% sensing budget reads 2 of 25–30 intervals)."""
+        if self.estimator is not None:
+            self.estimator.observe(step, None, train_loss, lr, span)
 
     def sensing_due(self, step: int) -> str:
         """Why the interval at ``step`` is not read ("" when it is due): the forwards of the probe readings and
@@ -362,7 +370,7 @@ class ControlLoop(LoopPlanning):
         if keep and self.estimator is not None and self.held_out:  # the training channel's jump, measured too
             self._train_before = self.train_loss(model)
         spectra = {n: self.hankel.spectra[n] for n in keep if n in self.hankel.spectra}
-        quiet = not keep and (self.controller.spent or self.unrepaid)
+        quiet = not keep and (self.controller.spent or self.unrepaid or self.trials > 0)  # or no trial cut fitted
         return Plan(step=obs.step, widths=new, keep=keep, requested=u, snapshot=snapshot, spectra=spectra, quiet=quiet)
 
     def apply_(self, model: nn.Module, plan: Plan, optimizers: Sequence[Any]) -> None:

@@ -4,8 +4,10 @@ The sensor models two channels of the run in log space, each as *the dense refer
 effect of the cuts*, whose immediate size is measured exactly (the loss on fixed batches just before
 and just after each surgery, same weights otherwise):
 
-* the held-out probe loss ``y_k`` (noisy: 0.5–5% per reading on real runs), read at each interval;
-* the training loss averaged over the steps since the last reading ``z_k`` (free, and lower noise).
+* the held-out probe loss ``y_k`` (noisy: 0.5–5% per reading on real runs), read at the intervals the sensing
+  budget allows;
+* the training loss averaged over the steps of each interval ``z_k`` (free, and lower noise), read at every
+  interval, the probe's or not, and placed at the middle of the steps it averages.
 
 ::
 
@@ -54,6 +56,7 @@ Example::
 
     sensor = DamageSensor(total_steps=1000, interval=20)
     sensor.observe(step=20, loss=2.1, train_loss=2.2, lr=1e-3); ...
+    sensor.observe(step=40, loss=None, train_loss=2.1, lr=1e-3)    # an interval the probe does not read
     sensor.add_jump_read(size=0.1, jump=0.03, error=0.004)    # each trial's, while sizing the cut
     sensor.add_cut(step=100, log_jump=0.03, train_log_jump=0.02, size=0.1)
     sensor.estimate(step=200)    # {"damage": ..., "final": ..., "final_std": ..., "next_factor": ..., ...}
@@ -135,19 +138,24 @@ class DamageSensor:
         self.total_steps, self.interval = int(total_steps), int(interval)
         self.rho_mean, self.rho_mean_std, self.rho_spread = float(rho_mean), float(rho_mean_std), float(rho_spread)
         self.window = int(window)
-        self.readings: list[tuple[int, float, float | None, float | None]] = []  # (step, log y, log z, lr)
+        #: (step, log y, log z, lr, the steps z averages): a channel not read is None
+        self.readings: list[tuple[int, float | None, float | None, float | None, int]] = []
         self.cuts: list[tuple[int, float, float, float]] = []  # (step, probe log-jump, training log-jump, size)
         self.noise = JumpNoise()  # the law of a measured jump's error
 
     # ------------------------------------------------------------------------------------ data
-    def observe(self, step: int, loss: float, train_loss: float | None = None, lr: float | None = None) -> None:
-        """The probe loss at ``step`` (before any cut there), the mean training loss of the steps since
-        the last reading, and the learning rate now. Non-finite or non-positive losses are ignored."""
-        if not (math.isfinite(loss) and loss > 0):
-            return
+    def observe(self, step: int, loss: float | None, train_loss: float | None = None, lr: float | None = None,
+                span: int | None = None) -> None:
+        """The probe loss at ``step`` (before any cut there; ``None``: not read this interval), the mean training
+        loss of the last ``span`` steps (default one interval), and the learning rate now. A non-finite or
+        non-positive loss is not a reading of its channel; a reading of neither channel is ignored."""
+        y = math.log(loss) if loss is not None and math.isfinite(loss) and loss > 0 else None
         z = math.log(train_loss) if train_loss is not None and math.isfinite(train_loss) and train_loss > 0 else None
+        if y is None and z is None:
+            return
         rate = float(lr) if lr is not None and math.isfinite(lr) and lr > 0 else None
-        self.readings.append((int(step), math.log(loss), z, rate))
+        span = self.interval if span is None else max(1, int(span))
+        self.readings.append((int(step), y, z, rate, span))
 
     def add_cut(self, step: int, log_jump: float, train_log_jump: float | None = None,
                 size: float = UNKNOWN_SIZE) -> None:
@@ -218,9 +226,11 @@ class DamageSensor:
         readings = self.readings[keep]
         n = len(self.cuts)
         rows, targets, channel = [], [], []
+        spans = np.array([r[4] for r in readings], dtype=float)  # the training loss is a mean: read at its middle
         for ch, (times, values, jumps) in enumerate((
-                (steps, np.array([r[1] for r in readings]), np.array([c[1] for c in self.cuts])),
-                (steps - self.interval / 2.0, np.array([np.nan if r[2] is None else r[2] for r in readings]),
+                (steps, np.array([np.nan if r[1] is None else r[1] for r in readings]),
+                 np.array([c[1] for c in self.cuts])),
+                (steps - spans / 2.0, np.array([np.nan if r[2] is None else r[2] for r in readings]),
                  np.array([c[2] for c in self.cuts])))):
             ok = np.isfinite(values)
             if not ok.any():
@@ -319,7 +329,8 @@ class DamageSensor:
         tau, lr = self._times()
         reference = float(np.exp(self._trend(tau[-1:], lr[-1:])[0] @ mean[n + 1:n + 1 + N_TREND]))
         X, y, channel = self._design(best_a)
-        probe_noise = float(np.sqrt(np.mean(self._noise(X, y, channel, mean)[channel == 0])))
+        probe_var = self._noise(X, y, channel, mean)[channel == 0]
+        probe_noise = float(np.sqrt(np.mean(probe_var))) if probe_var.size else NOISE_PRIOR
         return {"damage": float(moments[0, 0]), "damage_std": float(math.hypot(stds[0], probe_noise)),
                 "final": float(moments[1, 0]), "final_std": float(stds[1]), "reference": reference,
                 "rho": float(moments[3, 0]), "recovery": best_a, "jumps": float(jumps.sum()),
@@ -357,8 +368,11 @@ class DamageSensor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.total_steps = int(state.get("total_steps", self.total_steps))
         self.interval = int(state.get("interval", self.interval))
-        self.readings = [(int(s), float(y), None if z is None else float(z), None if lr is None else float(lr))
-                         for s, y, z, lr in state.get("readings", [])]
+        def opt(v: Any) -> float | None:
+            return None if v is None or not math.isfinite(float(v)) else float(v)
+
+        self.readings = [(int(r[0]), opt(r[1]), opt(r[2]), opt(r[3]), int(r[4]) if len(r) > 4 else self.interval)
+                         for r in state.get("readings", [])]
         self.cuts = [(int(c[0]), float(c[1]), float(c[2]), float(c[3]) if len(c) > 3 else UNKNOWN_SIZE)
                      for c in state.get("cuts", [])]
         self.noise.load_state_dict(state.get("noise", {}))

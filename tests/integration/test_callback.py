@@ -374,6 +374,11 @@ def test_the_sensing_budget_bounds_the_probe_and_trial_forwards_and_every_unread
     budget = run(0.05, target=0.1, quality_budget=0.05, controller_kwargs={"warmup": 0.0})
     held = [r for r in budget.trace if r.get("reason", "").startswith("sensing budget")]
     assert held and all(r["action"] == 0.0 and r["damage"] != r["damage"] for r in held)
+    # the sensor still reads the free training channel on every interval, the probe only on those read
+    readings = budget.loop.estimator.readings
+    assert len(readings) == len(budget.trace) and [r[0] for r in readings] == [r["step"] for r in budget.trace]
+    assert sum(r[1] is None for r in readings) == len(held) and all(r[2] is not None for r in readings)
+    assert all(r[4] == 1 for r in readings[1:])  # each the mean of its own interval (the first: since the start)
     # the last interval read before the cap: its probe reading and a cut's trials (size_cut: at most 8)
     assert budget.summary()["sensing_share"] <= 0.05 + (1 + 8) * one_reading
     with pytest.raises(ValueError, match=r"sense_budget must be null or a share .* got 1.5"):

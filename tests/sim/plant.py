@@ -27,9 +27,10 @@ The plant is numpy only and is meant to be as hard as the real runs (ranges meas
   [0.02, 0.07]`` of an interval's training at the same width (the suite: 2 batches per 20 steps on the MLP and
   the LRU, 3.3%; per 10 on the char-GPT and the ResNet-20, 6.7%); a trial the same, a read of the 6 confirm
   batches 3×, the training channel's jump of a cut 2 readings. With ``sense_budget`` the loop reads an interval
-  only when its readings so far are within that share of the training FLOPs, backs off after readings that find
-  nothing to do and goes idle where no cut repays its sizing (:class:`ctprune_lightning.reading.ReadSchedule`,
-  :func:`~ctprune_lightning.reading.sizing_price`, as the loop asks them).
+  only when its readings so far are within that share of the training FLOPs so far, backs off after readings that
+  find nothing to do (no trial cut fitted, among them) and goes idle where no cut repays its sizing
+  (:class:`ctprune_lightning.reading.ReadSchedule`, :func:`~ctprune_lightning.reading.sizing_price`, as the loop
+  asks them); the training channel is read on every interval, read or not.
 
 :func:`run_loop` replays the real loop (``ControlLoop``) on a plant; :func:`gmp_oracle` is the best fixed
 GMP schedule in hindsight on the noise-free plant. Everything is deterministic given the seeds.
@@ -251,7 +252,8 @@ STALL_SLACK = 0.5  # a stall: holding while the sensor says more than this much 
 class NullSensor:
     """Reads nothing: for the harness's own controllers, which do not need the damage sensor."""
 
-    def observe(self, step: int, loss: float, train_loss: float | None = None, lr: float | None = None) -> None:
+    def observe(self, step: int, loss: float | None, train_loss: float | None = None, lr: float | None = None,
+                span: int | None = None) -> None:
         pass
 
     def add_cut(self, step: int, log_jump: float, train_log_jump: float | None = None, size: float = 0.0) -> None:
@@ -303,12 +305,12 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
     (the same batches: the same error draw) and made if it fits, else no cut; 0: no such check.
     ``sense_budget``: as the loop's (``ControlPruning(sense_budget=...)``, default the product's): the readings
     (probe, trials, checks, a cut's training-channel jump) charged at the plant's ``read_share``; an interval is
-    read only when the readings so far are within that share of the training FLOPs (the first always), the
-    backoff skips intervals after readings that found nothing to do (budget spent, or no cut that repays its
-    sizing), and the loop's payback rule holds cuts that would not repay their sizing (idle, where no first cut
-    does). An unread interval holds, with no observation (the next reading's training loss is the mean since the
-    last one). ``None``: every interval read, no payback rule (the harness before 2026-12-07). Only for a
-    controller that reads the damage (not the harness's own).
+    read only when the readings so far are within that share of the training FLOPs so far (the first always), the
+    backoff skips intervals after readings that found nothing to do (budget spent, no trial cut fitted, or no cut
+    that repays its sizing), and the loop's payback rule holds cuts that would not repay their sizing (idle, where
+    no first cut does). An unread interval holds; the sensor still reads its training channel (the loop's
+    ``observe_training``). ``None``: every interval read, no payback rule (the harness before 2026-12-07). Only
+    for a controller that reads the damage (not the harness's own).
     """
     if isinstance(controller_name, str):
         from ctprune_lightning.controllers import build_controller
@@ -365,7 +367,13 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
         z_mean = rng.standard_normal()  # the training loss's mean over the steps since the last reading
         train_flops += D * c
         unread = reads.due(t, sensing_flops, train_flops, capped=k > 0)
-        if unread:  # a budget cuts only on a reading: hold (the loop's record_skip)
+        window = plant.log_train[last_read + 1:t + 1]  # the training loss's mean since the last interval
+        train_dense = float(np.log(np.mean(np.exp(window))))
+        train = math.exp(train_dense + plant.effects((t + last_read) / 2, cuts, gains=True)
+                         + plant.sigma_train * math.sqrt(D / (t - last_read)) * z_mean)
+        span, last_read = t - last_read, t
+        if unread:  # a budget cuts only on a reading: hold (the loop's record_skip), the free channel still read
+            sensor.observe(t, None, train_loss=train, lr=float(plant.lr_curve[t]), span=span)
             trace.append({"step": t, "progress": t / T, "requested": 0.0, "max_jump": None, "sized": 0.0, "u": 0.0,
                           "reason": unread, "held_by": "unread", "slack": slack, "compute": c, "read": False,
                           "final": r.get("final"), "final_std": r.get("final_std"), "rho": r.get("rho"),
@@ -373,12 +381,7 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
             continue
         sensing_flops += reading * c
         probe = math.exp(plant.log_dense[t] + plant.effects(t, cuts) + noise)
-        window = plant.log_train[last_read + 1:t + 1]
-        train_dense = float(np.log(np.mean(np.exp(window))))
-        train = math.exp(train_dense + plant.effects((t + last_read) / 2, cuts, gains=True)
-                         + plant.sigma_train * math.sqrt(D / (t - last_read)) * z_mean)
-        last_read = t
-        sensor.observe(t, probe, train_loss=train, lr=float(plant.lr_curve[t]))
+        sensor.observe(t, probe, train_loss=train, lr=float(plant.lr_curve[t]), span=span)
         r = sensor.estimate(t)
         progress = t / T
         obs = _observation(harness, step=t, progress=progress, compute=c, damage=r["damage"],
@@ -452,7 +455,7 @@ def run_loop(plant: Plant, controller_name: str | Any = "lqr", budget: float = 0
             compute_at.append((t, c))
             last_u, last_jump = u, math.expm1(meas)
         if priced:  # the backoff (ControlLoop.note_quiet on the plan's ``quiet``)
-            reads.note(t, u <= 0 and (bool(getattr(ctl, "spent", False)) or unrepaid), D)
+            reads.note(t, u <= 0 and (bool(getattr(ctl, "spent", False)) or unrepaid or bool(tried)), D)
         final = r["final"] if r["final"] is not None else 0.0
         slack = (budget - max(float(final), 0.0) - margin * float(r["final_std"] or 0.0)) / budget
         trace.append({"step": t, "progress": progress, "requested": requested, "max_jump": max_jump, "sized": sized,

@@ -79,6 +79,65 @@ def test_sensor_state_round_trips_mid_run() -> None:
     assert clone.state_dict() == sensor.state_dict() and clone.estimate(600) == sensor.estimate(600)
 
 
+def test_the_free_training_channel_is_read_between_probe_readings_and_narrows_the_band() -> None:
+    """An interval the probe does not read (the sensing budget) still gives the sensor its training channel
+    (``observe(step, None, train_loss)``). A 10% cut read by the probe only every 10th interval after it: with the
+    training channel in between, the band of a cut that heals (ρ = 0) narrows to a third and the band of one that
+    stays (ρ = 1) covers the truth, which the probe's readings alone miss. Fails if the training-only readings are
+    dropped or their channel is not fitted."""
+
+    def run(rho: float, free: bool) -> tuple[dict, DamageSensor]:
+        rng = np.random.default_rng(0)
+        sensor, cut, jump = DamageSensor(T, EVERY), 200, 0.1
+        for t in range(EVERY, 801, EVERY):
+            effect = jump * (rho + (1 - rho) * 0.7 ** ((t - cut) / EVERY)) if t > cut else 0.0
+            probe = math.exp(dense_log_loss(t) + effect + 0.02 * rng.standard_normal())
+            train = math.exp(dense_log_loss(t) + 0.1 + effect + 0.005 * rng.standard_normal())
+            sensor.observe(t, probe if t <= cut or t % 200 == 0 else None, train if free or t <= cut or t % 200 == 0
+                           else None)
+            if t == cut:
+                sensor.add_cut(t, jump, jump)
+        return sensor.estimate(800), sensor
+
+    for rho in (0.0, 1.0):
+        (free, sensor), (probe_only, sparse) = run(rho, True), run(rho, False)
+        assert len(sensor.readings) == 40 and len(sparse.readings) == 13  # a reading of neither channel is none
+        true_final = 0.1 * (rho + (1 - rho) * 0.7 ** ((T - 200) / EVERY))
+        assert abs(free["final"] - true_final) <= 2 * free["final_std"], (rho, free)
+        if rho == 0.0:
+            assert free["final_std"] < probe_only["final_std"] / 3
+        else:
+            assert abs(probe_only["final"] - true_final) > 2 * probe_only["final_std"]  # the probe alone misses it
+    sensor.observe(820, None, None)
+    sensor.observe(840, float("nan"), -1.0)
+    assert len(sensor.readings) == 40
+    clone = DamageSensor(total_steps=1, interval=1)
+    clone.load_state_dict(sensor.state_dict())
+    assert clone.readings == sensor.readings and clone.estimate(800) == sensor.estimate(800)
+    old = sensor.state_dict()  # a checkpoint from before the span: four fields a reading, one interval each
+    old["readings"] = [r[:4] for r in old["readings"]]
+    clone.load_state_dict(old)
+    assert [r[4] for r in clone.readings] == [EVERY] * 40
+
+
+def test_a_training_mean_over_several_intervals_is_read_at_its_middle() -> None:
+    """The training channel's reading is the mean over the steps since the last one (``span``); the fit places it at
+    their middle. A mean over steps 61-120 read at step 120 lies mostly before a cut at step 100 (middle 90): the
+    cut's column is 0 in its row. Stamped half an interval back (110), as before the span, it would carry the cut."""
+    sensor = DamageSensor(T, EVERY)
+    for t in (20, 40, 60):
+        sensor.observe(t, 2.0, 2.1)
+    sensor.observe(120, 1.9, 2.0, span=60)
+    sensor.add_cut(100, 0.05, 0.05)
+    X, _, channel = sensor._design(0.9)
+    train_rows = X[channel == 1]
+    assert train_rows[-1, 0] == 0.0 and train_rows[:, 0].tolist() == [0.0] * 4
+    probe_rows = X[channel == 0]
+    assert probe_rows[-1, 0] != 0.0  # the probe reads at step 120, after the cut: its persistent part counts
+    sensor.readings[-1] = sensor.readings[-1][:4] + (EVERY,)
+    assert sensor._design(0.9)[0][channel == 1][-1, 0] != 0.0
+
+
 def test_slack_gain_is_the_dare_gain_of_the_slack_integrator() -> None:
     for q, r in ((1.0, 0.25), (1.0, 4.0), (3.0, 0.1)):
         K = lqr_gain(np.eye(1), -np.eye(1), q * np.eye(1), r * np.eye(1))

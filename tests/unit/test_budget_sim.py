@@ -108,11 +108,13 @@ def _report(s: dict[str, Any]) -> str:
 LQR = pytest.param("lqr", marks=pytest.mark.slow)
 # The targets, not met yet: kept as strict expected failures (an XPASS fails the suite, so a fix must
 # promote them) next to a guard of the levels measured today (test_measured_levels_hold).
-MEASURED = ("lqr on 200 plants (2026-12-07, persistence prior N(0.5, 0.45²) + N(0, 0.25²), sized cuts checked on 6 "
-            "unselected batches, scaled down to that read when over; readings priced under the 3% sensing budget): "
-            "2σ coverage 99%, within budget 99.5%, median saving 0.35 of the hindsight GMP, 86% of the intervals "
-            "unread, 33 plants make no cut (no first cut repays its sizing); with every interval read for free "
-            "(sense_budget=None, the harness before): coverage 100%, within 99%, median 0.51, 1 plant stalls")
+MEASURED = ("lqr on 200 plants (2026-12-07, eighth session; persistence prior N(0.5, 0.45²) + N(0, 0.25²), sized "
+            "cuts checked on 6 unselected batches, scaled down to that read when over; readings priced under the 3% "
+            "sensing budget, the training channel read on every interval, a sizing that fits nothing backs off): "
+            "2σ coverage 99.5%, "
+            "within budget 99.5%, median saving 0.36 of the hindsight GMP (0.35 before the last two), 87% of the "
+            "intervals unread, 33 plants make no cut (no first cut repays its sizing); with every interval read for "
+            "free (sense_budget=None): coverage 100%, within 99%, median 0.51")
 TARGET = [pytest.param("lqr", marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=MEASURED)]),
           pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
 MET = [LQR, pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
@@ -180,7 +182,7 @@ def test_measured_levels_hold() -> None:
     results, oracles = closed_loop("lqr")
     s = summary(results, oracles)
     assert s["coverage"] >= 0.95 and s["within_budget"] >= 0.95, _report(s)
-    assert s["median_ratio"] >= 0.32 and s["plants_with_stalls"] <= 3 and s["chattering_plants"] == 0, _report(s)
+    assert s["median_ratio"] >= 0.34 and s["plants_with_stalls"] <= 3 and s["chattering_plants"] == 0, _report(s)
     sensing = np.array([r.sensing for r in results])
     assert np.median(sensing) <= SENSE_BUDGET and sensing.max() <= 0.08, (np.median(sensing), sensing.max())
 

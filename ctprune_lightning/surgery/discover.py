@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..probe import as_call
+from .handlers.blocked import block_slices
 from .handlers.conv import tile_slices
 from .handlers import Claim, ClaimContext, SliceHandler, claim, handlers, role_of, traced_layers
 from .shrink import NORM_TYPES
@@ -235,7 +236,8 @@ def _tp_candidates(graph: Any, tp_groups: list, names: Mapping[nn.Module, str], 
             slices.append(Slice(names[module], found.kind, block, found.parts))
         slices = list(dict.fromkeys(slices))
         slices, why_tiled = tile_slices(slices, modules)  # channels tied to a grouped convolution's groups
-        reason = reason or why_tiled
+        slices, why_blocked = block_slices(slices, modules)  # ... or in blocks, to a GroupNorm's groups
+        reason = reason or why_tiled or why_blocked
         name = min(producers)[1] if producers else names.get(tp_group.items[0].dep.target.module, "?")
         first = next((s for s in slices if s.role == "out" and _group_name(s) == name), None)
         if first is not None:  # the named producer leads: the group's width is read from it

@@ -122,10 +122,21 @@ def shrink_embedding_dim_(embedding: nn.Embedding, keep: Tensor, optimizers: Ite
 
 
 def shrink_norm_(norm: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
-    """Shrink a LayerNorm or RMSNorm over its (single) last dimension, or a BatchNorm's or InstanceNorm's
-    channels."""
+    """Shrink a LayerNorm or RMSNorm over its (single) last dimension, a BatchNorm's or InstanceNorm's channels, or
+    a GroupNorm's channels in whole groups (its ``num_groups`` follows; one group: any channels)."""
     optimizers = list(optimizers)
-    if isinstance(norm, FEATURE_NORMS):
+    if isinstance(norm, nn.GroupNorm):
+        _check_keep(keep, norm.num_channels, "shrink_norm_")
+        per = norm.num_channels // norm.num_groups
+        if norm.num_groups > 1:
+            blocks = keep.view(-1, per) if keep.numel() % per == 0 else None
+            if blocks is None or not bool((blocks == blocks[:, :1] + torch.arange(per, device=keep.device)).all()) \
+                    or bool((blocks[:, 0] % per).any()):
+                raise ValueError(f"shrink_norm_: a GroupNorm of {norm.num_groups} groups of {per} channels is cut in "
+                                 f"whole groups; keep must be whole groups of {per} consecutive channels")
+            norm.num_groups = int(keep.numel()) // per
+        norm.num_channels = int(keep.numel())
+    elif isinstance(norm, FEATURE_NORMS):
         if len(norm.normalized_shape) != 1:
             raise ValueError(f"shrink_norm_: {type(norm).__name__} over {norm.normalized_shape} is not supported "
                              "(1-D only)")
@@ -138,7 +149,7 @@ def shrink_norm_(norm: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] 
         replace_buffer_(norm, "running_var", keep)
     else:
         raise TypeError(f"shrink_norm_: unsupported module {type(norm).__name__}; allowed: LayerNorm, RMSNorm, "
-                        "BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d")
+                        "BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, GroupNorm")
     for name in ("weight", "bias"):
         if getattr(norm, name, None) is not None:
             replace_parameter_(norm, name, keep, 0, optimizers)

@@ -1,5 +1,6 @@
 """Layer families added through the handler registry shrink during a short fit: nn.GRU / nn.LSTM hidden
-units (the tracer used to die on them) and a depthwise-separable convolution (used to be refused)."""
+units (the tracer used to die on them), a depthwise-separable convolution (used to be refused), grouped
+convolutions, and GroupNorm in whole groups (used to be left dense)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,22 @@ class Grouped(Base):
         return self.record(F.cross_entropy(self(batch["features"].view(-1, 1, 4, 4)), batch["label"]))
 
 
+class GroupNormed(Base):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.gn1 = nn.Conv2d(1, 32, 3, padding=1), nn.GroupNorm(8, 32)
+        self.conv, self.gn2 = nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32)
+        self.head = nn.Linear(32, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.gn1(self.stem(x)))
+        x = F.silu(self.gn2(self.conv(x)))
+        return self.head(x.mean((2, 3)))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.record(F.cross_entropy(self(batch["features"].view(-1, 1, 4, 4)), batch["label"]))
+
+
 def _check(module: Base, trainer: object, cb: object, tmp_path: Path, shrunk: dict[str, int]) -> None:
     s = cb.summary()
     assert s["surgeries"] >= 2 and s["train_flops_saved"] > 0.1, s
@@ -113,3 +130,14 @@ def test_grouped_convolution_shrinks_uniformly_per_group_in_a_fit(tmp_path: Path
     assert gc.groups == 4 and gc.in_channels == module.stem.out_channels == 4 * gc.weight.shape[1]
     assert gc.out_channels == module.bn2.num_features == module.head.in_features
     assert gc.out_channels % 4 == 0 and gc.in_channels * gc.out_channels < 32 * 32
+
+
+def test_groupnorm_shrinks_in_whole_groups_in_a_fit(tmp_path: Path) -> None:
+    module = GroupNormed()
+    trainer, cb = fit(module, tmp_path, target=0.5, round_to=1, min_width=2)
+    slices = {g.name: {(s.module, s.kind) for s in g.slices} for g in cb.groups}
+    assert slices["stem"] == {("stem", "blocked4:conv_out"), ("gn1", "blocked4:norm"), ("conv", "blocked4:conv_in")}
+    assert slices["conv"] == {("conv", "blocked4:conv_out"), ("gn2", "blocked4:norm"), ("head", "blocked4:linear_in")}
+    _check(module, trainer, cb, tmp_path, {"stem": 8, "conv": 8})
+    for conv, gn in ((module.stem, module.gn1), (module.conv, module.gn2)):
+        assert gn.num_channels == conv.out_channels == 4 * gn.num_groups < 32

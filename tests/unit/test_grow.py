@@ -173,6 +173,13 @@ def case_instance_norm() -> Case:  # per-channel statistics: new channels are no
     return model, x, _plain(model, x), "0", {}
 
 
+def case_group_norm() -> Case:  # whole GroupNorm groups (blocked units): producer, GroupNorm, consumer
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(), nn.Conv2d(16, 5, 1))
+    x = torch.randn(16, 3, 4, 4)
+    return model, x, _plain(model, x), "0", {}
+
+
 def case_transposed_out() -> Case:  # the transposed convolution's output channels (weight dim 1, bias)
     model = _decoder()
     x = torch.randn(16, 3, 8, 8)
@@ -231,7 +238,8 @@ CASES = {n[5:]: f for n, f in dict(globals()).items() if n.startswith("case_")}
 COVERS = {"LinearHandler": "linear", "ConvHandler": "depthwise", "NormHandler": "conv_norm_flatten",
           "EmbeddingHandler": "embedding", "AttentionHandler": "heads", "MultiheadAttentionHandler": "mha",
           "HuggingFaceHandler": "hf_gpt2", "LRUHandler": "lru", "RNNHandler": "gru",
-          "MoEExpertsHandler": "hf_moe", "TiledHandler": "grouped_out", "TransposedConvHandler": "transposed_out"}
+          "MoEExpertsHandler": "hf_moe", "TiledHandler": "grouped_out", "TransposedConvHandler": "transposed_out",
+          "BlockedHandler": "group_norm"}
 
 
 def test_every_builtin_handler_has_a_growth_case() -> None:

@@ -322,7 +322,7 @@ def test_unsupported_couplings_are_refused_and_named() -> None:
     class Odd(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.gn, self.b = nn.Linear(4, 8), nn.GroupNorm(2, 8), nn.Linear(8, 8)
+            self.a, self.gn, self.b = nn.Linear(4, 8), nn.PReLU(8), nn.Linear(8, 8)  # (GroupNorm: cut since 12-07)
             self.scale = nn.Parameter(torch.ones(8))
             self.c = nn.Linear(8, 2)
 
@@ -332,7 +332,7 @@ def test_unsupported_couplings_are_refused_and_named() -> None:
     groups, skipped = discover_groups(Odd(), torch.zeros(2, 4))
     reasons = dict(skipped)
     assert groups == []
-    assert reasons["a"] == "coupled to GroupNorm 'gn', which cannot be shrunk yet"
+    assert reasons["a"] == "coupled to PReLU 'gn', which cannot be shrunk yet"
     assert reasons["b"] == "coupled to a bare nn.Parameter 'scale' outside any supported layer (cannot be cut)"
 
 

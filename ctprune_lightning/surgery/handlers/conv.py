@@ -19,8 +19,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import re
-
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -28,8 +26,8 @@ from torch.optim import Optimizer
 from ..optim import grow_parameter_, replace_parameter_
 from ..shrink import (CONV_TYPES, is_depthwise, shrink_conv_in_channels_, shrink_conv_out_channels_,
                       shrink_depthwise_conv_channels_)
-from .base import (Claim, ClaimContext, GrowInit, ParamSlice, SliceHandler, fan_in_bound, handler_for, handler_of_kind,
-                   register, role_of)
+from .base import Claim, ClaimContext, GrowInit, ParamSlice, SliceHandler, fan_in_bound, register
+from .wrapped import WrappedHandler
 
 CONV_OUT, CONV_IN, DEPTHWISE = "conv_out", "conv_in", "depthwise"
 GCONV_OUT, GCONV_IN = "gconv_out", "gconv_in"
@@ -87,39 +85,13 @@ def grow_grouped_conv_out_channels_(conv: nn.Module, n: int, optimizers: Sequenc
     conv.out_channels += g * n
 
 
-TILED = re.compile(r"^tiled(\d+):(.+)$")
-
-
 def tiled_kind(groups: int, kind: str) -> str:
     """The kind of a slice whose channel ``c`` belongs to unit ``c % (width / groups)`` (see the module docstring)."""
-    return f"tiled{int(groups)}:{kind}"
+    return TiledHandler.wrap(groups, kind)
 
 
 def parse_tiled(kind: str) -> tuple[int, str] | None:
-    m = TILED.match(kind) if isinstance(kind, str) else None
-    return (int(m.group(1)), m.group(2)) if m else None
-
-
-class _TiledKinds(dict):
-    """``{tiled<g>:<kind>: role of <kind>}`` for every known kind, without listing them."""
-
-    def __contains__(self, kind: object) -> bool:
-        found = parse_tiled(kind)  # type: ignore[arg-type]
-        if found is None:
-            return False
-        try:
-            handler_of_kind(found[1])
-        except ValueError:
-            return False
-        return True
-
-    def __getitem__(self, kind: str) -> str:
-        if kind not in self:
-            raise KeyError(kind)
-        return role_of(parse_tiled(kind)[1])
-
-    def get(self, kind: str, default: object = None) -> object:
-        return self[kind] if kind in self else default
+    return TiledHandler.parse(kind)
 
 
 def tile_slices(slices: Sequence, module_of: "dict[str, nn.Module]") -> tuple[list, str | None]:
@@ -139,65 +111,26 @@ def tile_slices(slices: Sequence, module_of: "dict[str, nn.Module]") -> tuple[li
 
 
 @register
-class TiledHandler(SliceHandler):
+class TiledHandler(WrappedHandler):
     """A slice of any kind coupled to a grouped convolution's channels: channel ``c`` is unit ``c % width``."""
 
-    kinds = _TiledKinds()
+    prefix = "tiled"
     priority = 81
 
-    def owns(self, module: nn.Module, kind: str) -> bool:
-        found = parse_tiled(kind)
-        if found is None:
-            return False
-        try:
-            handler_for(module, found[1])
-        except ValueError:
-            return False
-        return True
+    def unit_of(self, index: Tensor, n: int, width: int) -> Tensor:
+        return index % width
 
-    @staticmethod
-    def _inner(module: nn.Module, kind: str) -> tuple[int, str, SliceHandler]:
-        g, inner = parse_tiled(kind)
-        return g, inner, handler_for(module, inner)
-
-    def width(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...]) -> int:
-        g, inner, h = self._inner(module, kind)
-        return int(h.width(module, inner, block, parts)) // g
-
-    def unit_slices(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...]) -> list[ParamSlice]:
-        g, inner, h = self._inner(module, kind)
-        w = int(h.width(module, inner, block, parts)) // g
-        out = []
-        for owner, name, dim, units in h.unit_slices(module, inner, block, parts):
-            p = getattr(module.get_submodule(owner) if owner else module, name, None)
-            if not isinstance(p, Tensor):
-                continue
-            base = units if units is not None else torch.arange(p.shape[dim])
-            out.append(ParamSlice(owner, name, dim, base % w))
-        return out
-
-    def shrink_(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...], keep: Tensor,
-                optimizers: Sequence[Optimizer]) -> None:
-        g, inner, h = self._inner(module, kind)
-        w = int(h.width(module, inner, block, parts)) // g
-        h.shrink_(module, inner, block, parts, tile_units(keep, g, w), optimizers)
+    def channels(self, keep: Tensor, n: int, width: int) -> Tensor:
+        return tile_units(keep, n, width)
 
     def grow_(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...], n: int,
               optimizers: Sequence[Optimizer], init: GrowInit) -> None:
         """Append ``g * n`` inner units, then move each group's ``n`` to the end of its group."""
-        g, inner, h = self._inner(module, kind)
-        w = int(h.width(module, inner, block, parts)) // g
+        g, inner, h, w = self.inner(module, kind, block, parts)
         h.grow_(module, inner, block, parts, g * n, optimizers, init)
         old = torch.arange(g * w).view(g, w)
         new = (g * w + torch.arange(g * n)).view(g, n)
         h.shrink_(module, inner, block, parts, torch.cat([old, new], 1).flatten(), optimizers)
-
-    def grow_refusal(self, module: nn.Module, kind: str) -> str | None:
-        g, inner, h = self._inner(module, kind)
-        return h.grow_refusal(module, inner)
-
-    def scaled_modules(self, module_name: str, kind: str, parts: tuple[str, ...]) -> list[str]:
-        return handler_of_kind(parse_tiled(kind)[1]).scaled_modules(module_name, parse_tiled(kind)[1], parts)
 
 
 @register

@@ -1,9 +1,12 @@
-"""BatchNorm and InstanceNorm channels, 1-D LayerNorm / RMSNorm features (pass-through slices of a
-group).
+"""BatchNorm and InstanceNorm channels, 1-D LayerNorm / RMSNorm features, GroupNorm channels (pass-through slices
+of a group).
 
 New BatchNorm (InstanceNorm) entries are neutral: weight 1, bias 0, running mean 0, running variance 1. A
 LayerNorm's or an RMSNorm's features cannot grow function-preservingly (the new features enter every feature's
-mean and variance, or root mean square), so a group that holds one refuses to grow.
+mean and variance, or root mean square), so a group that holds one refuses to grow. A GroupNorm of several groups
+is cut and grown in whole groups (discovery makes each unit of its group one of its groups: :mod:`.blocked`); new
+groups normalise only their own channels, so growth preserves the function. A GroupNorm of one group is cut per
+channel and, like a LayerNorm, refuses to grow.
 """
 
 from __future__ import annotations
@@ -37,14 +40,14 @@ def grow_batchnorm_(norm: nn.Module, n: int, optimizers: Sequence[Optimizer]) ->
 @register
 class NormHandler(SliceHandler):
     kinds = {NORM: "through"}
-    size_attrs = ("num_features", "normalized_shape")
+    size_attrs = ("num_features", "normalized_shape", "num_channels", "num_groups")
     priority = 70
 
     def owns(self, module: nn.Module, kind: str) -> bool:
-        return isinstance(module, (*CHANNEL_NORMS, *FEATURE_NORMS))
+        return isinstance(module, (*CHANNEL_NORMS, *FEATURE_NORMS, nn.GroupNorm))
 
     def claims(self, module: nn.Module, is_out: bool, ctx: ClaimContext) -> Claim | str | None:
-        if isinstance(module, CHANNEL_NORMS):
+        if isinstance(module, (*CHANNEL_NORMS, nn.GroupNorm)):
             return Claim(NORM)
         if isinstance(module, FEATURE_NORMS):
             if len(module.normalized_shape) != 1:
@@ -53,6 +56,8 @@ class NormHandler(SliceHandler):
         return None
 
     def width(self, module: nn.Module, kind: str, block: int, parts: tuple[str, ...]) -> int:
+        if isinstance(module, nn.GroupNorm):
+            return int(module.num_channels)
         return int(module.normalized_shape[0]) if isinstance(module, FEATURE_NORMS) else int(module.num_features)
 
     def trace_as_layer(self, module: nn.Module) -> tuple[int, int] | None:
@@ -73,7 +78,7 @@ class NormHandler(SliceHandler):
         shrink_norm_(module, keep, optimizers)
 
     def grow_refusal(self, module: nn.Module, kind: str) -> str | None:
-        if isinstance(module, FEATURE_NORMS):
+        if isinstance(module, FEATURE_NORMS) or (isinstance(module, nn.GroupNorm) and module.num_groups == 1):
             return (f"a {type(module).__name__} normalises over the grown features: new features would change every "
                     "feature's normalisation, so growth would not preserve the model's function")
         return None
@@ -83,4 +88,16 @@ class NormHandler(SliceHandler):
         why = self.grow_refusal(module, kind)
         if why:
             raise ValueError(f"cannot grow {type(module).__name__}: {why}")
+        if isinstance(module, nn.GroupNorm):  # whole groups of the same size, at the end
+            per = module.num_channels // module.num_groups
+            if n % per:
+                raise ValueError(f"cannot grow {module!r} by {n} channels: it grows in whole groups of {per}")
+            for name, fill in (("weight", 1.0), ("bias", 0.0)):
+                p = getattr(module, name, None)
+                if p is not None:
+                    grow_parameter_(module, name, torch.full((n,), fill, dtype=p.dtype, device=p.device), 0,
+                                    optimizers)
+            module.num_channels += n
+            module.num_groups += n // per
+            return
         grow_batchnorm_(module, n, optimizers)

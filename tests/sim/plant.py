@@ -9,8 +9,10 @@ The plant is numpy only and is meant to be as hard as the real runs (ranges meas
   (the last term: the annealing drop as the LR decays). ``T ∈ [250, 3000]`` steps (log-uniform),
   readings every ``D = 20`` steps at ``D, 2D, …`` strictly before ``T`` (the end of training).
 * **Cuts**: removing ``u`` of the dense compute at compute ``c`` (``c − u`` after) raises the log-loss at
-  once by ``s = k·u / (c − u − c_min)²`` (a capacity cliff at ``c_min ∈ [0.05, 0.3]``; ``k`` such that a
-  GMP to 0.5 costs an immediate 2–30 % in total). The effect recovers at rate ``a ∈ [0.9, 0.995]`` per
+  once by ``s = k·u / (c − u − c_min)^q`` (a capacity cliff at ``c_min ∈ [0.05, 0.3]`` of power ``q ∈ [1.5, 4]``;
+  ``k`` such that a GMP to 0.5 costs an immediate 2–30 % in total). The first half of the compute then costs
+  9–54× the first tenth, as the trial jumps of the suite's tasks measure (``jump_vs_final.md``'s ladders: the LRU
+  and the ResNet-20 8–16×, the char-GPT ~45×, the MLP ~66×; with ``q = 2`` only, as before 2026-12-07, 10–15×). The effect recovers at rate ``a ∈ [0.9, 0.995]`` per
   interval toward a persistent fraction ``ρ_j`` (plant ``ρ ∈ [0, 1.2]``, per-cut jitter)::
 
       effect_j(t) = s_j · [ρ_j + (1 − ρ_j) · a^((t − t_j)/D)]        for t > t_j
@@ -61,6 +63,7 @@ GMP_TARGETS = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1 .. 0.9
 GMP_RAMP = 0.15  # progress from the first possible cut to the GMP target
 MAX_CUTS = 512
 JUMP_FLOOR = 0.02  # c − u − c_min below this reads as this: past the cliff the net is broken
+JUMP_MAX = 3.0  # ... and one cut's log-jump at most this (20× the loss: broken either way)
 SENSE_BUDGET = 0.03  # the product's default sense_budget (conf/pruning/default.yaml)
 PROBE_BATCHES = 2  # the probe's batches (a reading); the confirm batches cost confirm_batches / 2 readings
 
@@ -88,6 +91,7 @@ class Plant:
     # cuts
     k: float = 0.01
     c_min: float = 0.1
+    q: float = 2.0  # the cliff's power: 2 cuts the first tenth at 1/10 of the cost of the first half, 4 at 1/60
     a: float = 0.95
     rho: float = 0.5
     train_gain: float = 1.0
@@ -119,7 +123,6 @@ class Plant:
         p.gap = float(rng.uniform(0.0, 0.15))
         p.c_min = float(rng.uniform(0.05, 0.3))
         p.gmp_half_jump = _log_uniform(rng, 0.02, 0.30)
-        p.k = math.log1p(p.gmp_half_jump) / (1.0 / (0.5 - p.c_min) - 1.0 / (1.0 - p.c_min))
         p.a = float(rng.uniform(0.9, 0.995))
         p.rho = float(rng.uniform(0.0, 1.2))
         p.train_gain = float(rng.uniform(0.5, 1.5))
@@ -132,6 +135,9 @@ class Plant:
         p.gain_j = np.clip(p.train_gain * np.exp(0.15 * rng.standard_normal(MAX_CUTS)), 0.5, 1.5)
         p.jump_rel = float(rng.uniform(0.05, 0.15))  # drawn last: the draws before it are the plants' of old
         p.read_share = _log_uniform(np.random.default_rng([int(seed), 20240917, 1]), 0.02, 0.07)  # its own stream
+        p.q = float(np.random.default_rng([int(seed), 20240917, 2]).uniform(1.5, 4.0))  # its own stream too
+        # k: a GMP to 0.5 costs gmp_half_jump at once, ∫_0.5^1 k / (c − c_min)^q dc
+        p.k = math.log1p(p.gmp_half_jump) * (p.q - 1) / ((0.5 - p.c_min) ** (1 - p.q) - (1.0 - p.c_min) ** (1 - p.q))
         p._curves()
         return p
 
@@ -170,7 +176,7 @@ class Plant:
         """True immediate log-jump of removing ``u`` at compute ``c``."""
         if u <= 0:
             return 0.0
-        return self.k * u / max(c - u - self.c_min, JUMP_FLOOR) ** 2
+        return min(self.k * u / max(c - u - self.c_min, JUMP_FLOOR) ** self.q, JUMP_MAX)
 
     def effects(self, t: float, cuts: list[tuple[int, float]], gains: bool = False) -> float:
         """``Σ_j effect_j(t)`` over the cuts ``(t_j, s_j)`` made before ``t`` (``gains``: the training channel's)."""

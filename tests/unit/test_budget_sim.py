@@ -110,11 +110,11 @@ LQR = pytest.param("lqr", marks=pytest.mark.slow)
 # promote them) next to a guard of the levels measured today (test_measured_levels_hold).
 MEASURED = ("lqr on 200 plants (2026-12-07, eighth session; persistence prior N(0.5, 0.45²) + N(0, 0.25²), sized "
             "cuts checked on 6 unselected batches, scaled down to that read when over; readings priced under the 3% "
-            "sensing budget, the training channel read on every interval, a sizing that fits nothing backs off): "
-            "2σ coverage 99.5%, "
-            "within budget 99.5%, median saving 0.36 of the hindsight GMP (0.35 before the last two), 87% of the "
-            "intervals unread, 33 plants make no cut (no first cut repays its sizing); with every interval read for "
-            "free (sense_budget=None): coverage 100%, within 99%, median 0.51")
+            "sensing budget, the training channel read on every interval, a sizing that fits nothing backs off; "
+            "the plants' cliffs of power 1.5-4): 2σ coverage 100%, within budget 100%, median saving 0.35 of the "
+            "hindsight GMP (0.36 with every cliff of power 2), 87% of the intervals unread, 27 plants make no cut "
+            "(no first cut repays its sizing); with every interval read for free (sense_budget=None): coverage "
+            "100%, within 98.5%, median 0.51")
 TARGET = [pytest.param("lqr", marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=MEASURED)]),
           pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
 MET = [LQR, pytest.param("pid", marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=MEASURED)])]
@@ -182,7 +182,7 @@ def test_measured_levels_hold() -> None:
     results, oracles = closed_loop("lqr")
     s = summary(results, oracles)
     assert s["coverage"] >= 0.95 and s["within_budget"] >= 0.95, _report(s)
-    assert s["median_ratio"] >= 0.34 and s["plants_with_stalls"] <= 3 and s["chattering_plants"] == 0, _report(s)
+    assert s["median_ratio"] >= 0.33 and s["plants_with_stalls"] <= 3 and s["chattering_plants"] == 0, _report(s)
     sensing = np.array([r.sensing for r in results])
     assert np.median(sensing) <= SENSE_BUDGET and sensing.max() <= 0.08, (np.median(sensing), sensing.max())
 
@@ -256,6 +256,10 @@ def test_plants_cover_the_measured_ranges() -> None:
     rho = np.array([p.rho for p in plants])
     assert rho.min() >= 0 and rho.max() <= 1.2 and (rho > 1.0).any() and (rho < 0.2).any()
     assert all(0.9 <= p.a <= 0.995 and 0.05 <= p.c_min <= 0.3 and 0.005 <= p.quantum <= 0.03 for p in plants)
+    # the first half of the compute costs 8-66x the first tenth on the suite's tasks (their trial-jump ladders)
+    half_over_tenth = np.array([sum(p.jump(1 - 0.01 * i, 0.01) for i in range(50))
+                                / sum(p.jump(1 - 0.01 * i, 0.01) for i in range(10)) for p in plants])
+    assert half_over_tenth.min() < 10 and half_over_tenth.max() > 50, (half_over_tenth.min(), half_over_tenth.max())
     share = np.array([p.read_share for p in plants])  # a reading: the suite's 3.3% (MLP, LRU) to 6.7% (GPT, ResNet)
     assert share.min() >= 0.02 and share.max() <= 0.07 and (share < 0.033).any() and (share > 0.067).any()
     # some plants' first cut (0.05 at the first allowed step) reads near zero or negative on the probe batches

@@ -368,6 +368,7 @@ class DamageSensor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.total_steps = int(state.get("total_steps", self.total_steps))
         self.interval = int(state.get("interval", self.interval))
+
         def opt(v: Any) -> float | None:
             return None if v is None or not math.isfinite(float(v)) else float(v)
 

@@ -21,7 +21,8 @@ from torch.optim import Optimizer
 
 from .optim import replace_buffer_, replace_parameter_
 
-#: Normalisation layers (the per-channel ones with a feature axis); :func:`shrink_norm_` cuts the two kinds below.
+#: Normalisation layers (the per-channel ones with a feature axis); :func:`shrink_norm_` cuts the two kinds below and
+#: GroupNorm (in whole groups).
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 #: Normalised over their last (cut: only) dimension, and each channel on its own.
 FEATURE_NORMS = (nn.LayerNorm, nn.RMSNorm)

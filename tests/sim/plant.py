@@ -12,8 +12,9 @@ The plant is numpy only and is meant to be as hard as the real runs (ranges meas
   once by ``s = k·u / (c − u − c_min)^q`` (a capacity cliff at ``c_min ∈ [0.05, 0.3]`` of power ``q ∈ [1.5, 4]``;
   ``k`` such that a GMP to 0.5 costs an immediate 2–30 % in total). The first half of the compute then costs
   9–54× the first tenth, as the trial jumps of the suite's tasks measure (``jump_vs_final.md``'s ladders: the LRU
-  and the ResNet-20 8–16×, the char-GPT ~45×, the MLP ~66×; with ``q = 2`` only, as before 2026-12-07, 10–15×). The effect recovers at rate ``a ∈ [0.9, 0.995]`` per
-  interval toward a persistent fraction ``ρ_j`` (plant ``ρ ∈ [0, 1.2]``, per-cut jitter)::
+  and the ResNet-20 8–16×, the char-GPT ~45×, the MLP ~66×; with ``q = 2`` only, as before 2026-12-07, 10–15×).
+  The effect recovers at rate ``a ∈ [0.9, 0.995]`` per interval toward a persistent fraction ``ρ_j`` (plant
+  ``ρ ∈ [0, 1.2]``, per-cut jitter)::
 
       effect_j(t) = s_j · [ρ_j + (1 − ρ_j) · a^((t − t_j)/D)]        for t > t_j
 

@@ -130,9 +130,8 @@ def shrink_norm_(norm: nn.Module, keep: Tensor, optimizers: Iterable[Optimizer] 
         _check_keep(keep, norm.num_channels, "shrink_norm_")
         per = norm.num_channels // norm.num_groups
         if norm.num_groups > 1:
-            blocks = keep.view(-1, per) if keep.numel() % per == 0 else None
-            if blocks is None or not bool((blocks == blocks[:, :1] + torch.arange(per, device=keep.device)).all()) \
-                    or bool((blocks[:, 0] % per).any()):
+            whole = keep.numel() % per == 0 and torch.equal(keep, expand_units(keep[::per] // per, per))
+            if not whole:
                 raise ValueError(f"shrink_norm_: a GroupNorm of {norm.num_groups} groups of {per} channels is cut in "
                                  f"whole groups; keep must be whole groups of {per} consecutive channels")
             norm.num_groups = int(keep.numel()) // per

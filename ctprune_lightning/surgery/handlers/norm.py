@@ -25,7 +25,12 @@ NORM = "norm"
 
 
 def grow_batchnorm_(norm: nn.Module, n: int, optimizers: Sequence[Optimizer]) -> None:
-    """Append ``n`` neutral channels (weight 1, bias 0, running mean 0, running variance 1)."""
+    """Append ``n`` neutral channels (weight 1, bias 0, running mean 0, running variance 1); a GroupNorm's ``n``
+    make ``n / (channels per group)`` new groups."""
+    if isinstance(norm, nn.GroupNorm):
+        per = norm.num_channels // norm.num_groups
+        if n % per:
+            raise ValueError(f"cannot grow {norm!r} by {n} channels: it grows in whole groups of {per}")
     for name, fill in (("weight", 1.0), ("bias", 0.0)):
         p = getattr(norm, name, None)
         if p is not None:
@@ -34,7 +39,11 @@ def grow_batchnorm_(norm: nn.Module, n: int, optimizers: Sequence[Optimizer]) ->
         b = getattr(norm, name, None)
         if b is not None:
             grow_buffer_(norm, name, torch.full((n,), fill, dtype=b.dtype, device=b.device))
-    norm.num_features += n
+    if isinstance(norm, nn.GroupNorm):
+        norm.num_groups += n // per
+        norm.num_channels += n
+    else:
+        norm.num_features += n
 
 
 @register
@@ -88,16 +97,4 @@ class NormHandler(SliceHandler):
         why = self.grow_refusal(module, kind)
         if why:
             raise ValueError(f"cannot grow {type(module).__name__}: {why}")
-        if isinstance(module, nn.GroupNorm):  # whole groups of the same size, at the end
-            per = module.num_channels // module.num_groups
-            if n % per:
-                raise ValueError(f"cannot grow {module!r} by {n} channels: it grows in whole groups of {per}")
-            for name, fill in (("weight", 1.0), ("bias", 0.0)):
-                p = getattr(module, name, None)
-                if p is not None:
-                    grow_parameter_(module, name, torch.full((n,), fill, dtype=p.dtype, device=p.device), 0,
-                                    optimizers)
-            module.num_channels += n
-            module.num_groups += n // per
-            return
         grow_batchnorm_(module, n, optimizers)

@@ -120,7 +120,7 @@ class WrappedHandler(SliceHandler):
         raise NotImplementedError
 
     def grow_refusal(self, module: nn.Module, kind: str) -> str | None:
-        n, inner = self.parse(kind)
+        inner = self.parse(kind)[1]
         return handler_for(module, inner).grow_refusal(module, inner)
 
     def scaled_modules(self, module_name: str, kind: str, parts: tuple[str, ...]) -> list[str]:

@@ -144,3 +144,43 @@ def test_transformers_adafactor_row_and_column_moments_follow_the_cut_even_on_a_
     assert state["step"] == before["step"]
     losses = [step(model, opt, 9) for _ in range(3)]  # raised a size mismatch before
     assert losses[-1] < losses[0]
+
+
+def grow_hidden_(model: nn.Sequential, n: int, opt: torch.optim.Optimizer) -> None:
+    """Append ``n`` units to the first hidden layer (fixed incoming weights, zero outgoing: the function is kept)."""
+    g = torch.Generator().manual_seed(7)
+    grow_parameter_(model[0], "weight", 0.1 * torch.randn(n, model[0].in_features, generator=g), 0, [opt])
+    grow_parameter_(model[0], "bias", torch.zeros(n), 0, [opt])
+    grow_parameter_(model[2], "weight", torch.zeros(model[2].out_features, n), 1, [opt])
+
+
+OPTIMIZERS = {
+    "adamw": lambda params, **kw: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **kw),
+    "adam": lambda params, **kw: torch.optim.Adam(params, lr=1e-2, **kw),
+    "sgd": lambda params, **kw: torch.optim.SGD(params, lr=1e-2, momentum=0.9, **kw),
+    "adagrad": lambda params, **kw: torch.optim.Adagrad(params, lr=1e-2, **kw),
+}
+
+
+@pytest.mark.parametrize("impl", [{"foreach": True}, {"fused": True}], ids=["foreach", "fused"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_foreach_and_fused_kernels_take_the_cut_and_grown_state_as_the_for_loop_does(name: str, impl: dict) -> None:
+    """torch's multi-tensor and fused kernels (CPU too) read the state as lists of tensors of one dtype and device; a
+    sliced or grown moment, or a ``step`` left behind, would raise there or diverge from the per-parameter loop."""
+    def train(**kw) -> list[torch.Tensor]:
+        model = net()
+        opt = OPTIMIZERS[name](model.parameters(), **kw)
+        for i in range(3):
+            step(model, opt, i)
+        cut_hidden_(model, torch.tensor([0, 2, 3, 5, 7]), opt)
+        for i in range(3):
+            step(model, opt, 10 + i)
+        grow_hidden_(model, 4, opt)
+        for i in range(3):
+            step(model, opt, 20 + i)
+        return [p.detach().clone() for p in model.parameters()]
+
+    reference, other = train(foreach=False), train(**impl)
+    assert [p.shape for p in other] == [p.shape for p in reference] and reference[0].shape == (9, 6)
+    for a, b in zip(reference, other):  # the fused kernels round differently: float32 ulps, not a wrong update
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,14 @@ repeat, so every repeat's ratio compares runs made minutes apart; the table give
 fit time, the median of the per-repeat ratios to dense, and wall-clock ÷ FLOPs (1.0: wall-clock follows
 the FLOPs exactly). Run it alone on the machine: the evidence suite runs two tasks at once, whose
 wall-clock ratios this benchmark is there to check.
+
+The variant ``small`` is the floor no pruning method can beat on this harness: the architecture the same
+repeat's ``lqr`` run ended with, trained dense from scratch (``architecture_from``; it runs right after that
+``lqr`` run). It pays Lightning's step, the data, validation and the small kernels at the small widths from the
+first step, and nothing of ours. With it the table splits each pruned variant's wall ÷ FLOPs in two: *floor*,
+the wall-clock ratio plain training would take at the variant's FLOPs (time taken as affine in FLOPs between
+``small`` and dense, the two measured points), and *ours*, the variant's wall-clock over that floor (the
+callback, the surgery, the steps spent wider than at the end).
 """
 
 from __future__ import annotations
@@ -33,7 +41,35 @@ VARIANTS = {
     "budget": ["controller=lqr", "pruning.quality_budget=0.01", "pruning.target=0.1"],
     # the controller's compute is the measured cost model's modelled time, widths aligned for the device
     "lqr_time": ["controller=lqr", "pruning.cost=time", "pruning.round_to=auto"],
+    "small": ["controller=none"],  # + architecture_from the same repeat's lqr checkpoint (see run_order)
 }
+
+
+def run_order(variants: list[str], rep: int) -> list[str]:
+    """The variants of repeat ``rep``, rotated by ``rep``; ``small`` right after ``lqr``, whose architecture it trains.
+
+    >>> run_order(["dense", "lqr", "small"], 1)
+    ['lqr', 'small', 'dense']
+    >>> run_order(["dense", "lqr", "small"], 2)
+    ['dense', 'lqr', 'small']
+    """
+    order = variants[rep % len(variants):] + variants[:rep % len(variants)]
+    if "small" in order:
+        order.remove("small")
+        order.insert(order.index("lqr") + 1, "small")
+    return order
+
+
+def floor_ratio(flops: float, small_wall: float, small_flops: float) -> float:
+    """Plain training's wall-clock ratio to dense at a FLOPs ratio ``flops``: affine in FLOPs through ``small``
+    (``small_flops``, ``small_wall``) and dense (1, 1).
+
+    >>> floor_ratio(1.0, 0.4, 0.25), floor_ratio(0.25, 0.4, 0.25), round(floor_ratio(0.5, 0.4, 0.25), 3)
+    (1.0, 0.4, 0.6)
+    """
+    if small_flops >= 1.0:
+        return 1.0
+    return small_wall + (1.0 - small_wall) * (flops - small_flops) / (1.0 - small_flops)
 
 
 def task_overrides(task: str) -> list[str]:
@@ -44,9 +80,9 @@ def task_overrides(task: str) -> list[str]:
     return [line for line in out.stdout.splitlines() if line]
 
 
-def run_once(task_args: list[str], variant: str, out: Path, threads: int) -> dict:
+def run_once(task_args: list[str], variant: str, out: Path, threads: int, more: list[str] = ()) -> dict:
     """One ``train.py`` run of ``variant`` on a task; its summary."""
-    cmd = [sys.executable, str(REPO / "train.py"), *task_args, *VARIANTS[variant], "seed=0", "run_test=false",
+    cmd = [sys.executable, str(REPO / "train.py"), *task_args, *VARIANTS[variant], *more, "seed=0", "run_test=false",
            "logger=csv", f"hydra.run.dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
@@ -60,16 +96,22 @@ def bench_task(task: str, variants: list[str], repeats: int, threads: int, tmp: 
     args = task_overrides(task) + extra
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for rep in range(repeats):
-        order = variants[rep % len(variants):] + variants[:rep % len(variants)]
-        for v in order:
-            s = run_once(args, v, tmp / f"{task}_{v}_{rep}", threads)
+        for v in run_order(variants, rep):
+            ckpt = tmp / f"{task}_lqr_{rep}" / "checkpoints" / "last.ckpt"
+            more = [f"architecture_from='{ckpt}'"] if v == "small" else []
+            s = run_once(args, v, tmp / f"{task}_{v}_{rep}", threads, more)
             runs[v].append(s)
             print(f"  {task} repeat {rep} {v:<6} fit {s['fit_time_s']:.1f} s", file=sys.stderr, flush=True)
     dense = runs["dense"]
     lines = [f"### {task} ({repeats} repeats, {threads} thread(s); overrides: `{' '.join(args) or '(none)'}`)", "",
              ("| variant | fit s min | fit s median | wall-clock / dense (median of paired; all) | train FLOPs / dense "
-              "| wall-clock ÷ FLOPs | modelled time saved | ours % of train | of which sensing % |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+              "| wall-clock ÷ FLOPs | modelled time saved | ours % of train | of which sensing % "
+              "| floor ÷ FLOPs | wall ÷ floor |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    small = None
+    if "small" in runs:
+        small = (statistics.median(s["fit_time_s"] / d["fit_time_s"] for s, d in zip(runs["small"], dense)),
+                 statistics.median(s["train_flops"] / d["train_flops"] for s, d in zip(runs["small"], dense)))
     for v in variants:
         times = [s["fit_time_s"] for s in runs[v]]
         ratios = [s["fit_time_s"] / d["fit_time_s"] for s, d in zip(runs[v], dense)]
@@ -83,7 +125,9 @@ def bench_task(task: str, variants: list[str], repeats: int, threads: int, tmp: 
                      f"({', '.join(f'{r:.2f}' for r in ratios)}) | {flops:.3f} | {ratio / flops:.2f} | "
                      f"{f'{statistics.median(modelled):.3f}' if modelled else '-'} | "
                      f"{f'{statistics.median(ours):.1f}' if ours else '-'} | "
-                     f"{f'{statistics.median(sensing):.1f}' if sensing else '-'} |")
+                     f"{f'{statistics.median(sensing):.1f}' if sensing else '-'} | "
+                     + (f"{floor_ratio(flops, *small) / flops:.2f} | {ratio / floor_ratio(flops, *small):.2f} |"
+                        if small else "- | - |"))
     return "\n".join(lines)
 
 
@@ -99,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or "dense" not in variants:
         p.error(f"--variants must include dense and name only {list(VARIANTS)}; got {variants}")
+    if "small" in variants and "lqr" not in variants:
+        p.error(f"--variants: small trains the architecture lqr ends with, so it needs lqr too; got {variants}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     with tempfile.TemporaryDirectory() as tmp:

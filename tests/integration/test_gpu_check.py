@@ -45,3 +45,11 @@ def test_gpu_check_tiny_runs_every_variant_eager_and_compiled(tmp_path: Path) ->
 def test_table_needs_a_folder(tmp_path: Path) -> None:
     assert gpu_check_table.main([str(tmp_path / "missing")]) == 2
     assert gpu_check_table.main([str(tmp_path)]) == 1  # no finished runs
+
+
+def test_an_unknown_scale_is_refused_with_the_choices(tmp_path: Path) -> None:
+    env = dict(os.environ, GPU_CHECK_SCALE="huge", PY=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "experiments" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "'huge'" in proc.stderr and "compute or suite" in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -3,6 +3,11 @@
 A ``BatchSampler`` is the loader's sampler and ``batch_size=None``: the dataset is indexed once per
 batch with all its indices (a ``TensorDataset`` slices its tensors in one go instead of collating
 ``batch_size`` single samples). Lightning's distributed sampler wrapping splits whole batches.
+
+With ``on_device`` in a module's hyperparameters, a ``TensorDataset`` split is copied once to the trainer's device
+(an accelerator; on a CPU nothing changes): the batches are then gathered there, and the host neither slices nor
+copies them at every step. A dense step of a small-input net on a GPU takes milliseconds; a 4096-image batch
+gathered and copied from host memory takes about as long.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -27,11 +32,26 @@ class SplitDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before asking for a dataloader")
         if len(dataset) == 0:
             return []
+        dataset = self._placed(dataset)
         sampler = (RandomSampler(dataset, generator=torch.Generator().manual_seed(int(self.hparams.seed)))
                    if shuffle else SequentialSampler(dataset))
         workers = int(self.hparams.num_workers)
         return DataLoader(dataset, sampler=BatchSampler(sampler, self.batch_size, drop_last=False), batch_size=None,
                           num_workers=workers, persistent_workers=workers > 0)
+
+    def _placed(self, dataset: Any) -> Any:
+        """``dataset`` with its tensors on the trainer's accelerator when ``on_device`` is set (copied once per split)."""
+        trainer = self.trainer
+        if not self.hparams.get("on_device", False) or not isinstance(dataset, TensorDataset) or trainer is None:
+            return dataset
+        device = trainer.strategy.root_device
+        if device.type == "cpu":
+            return dataset
+        placed: dict[int, TensorDataset] = self.__dict__.setdefault("_on_device", {})
+        key = id(dataset)
+        if key not in placed or placed[key].tensors[0].device != device:
+            placed[key] = TensorDataset(*(t.to(device) for t in dataset.tensors))
+        return placed[key]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data_train, shuffle=True)

@@ -249,6 +249,8 @@ class FashionMNISTDataModule(SplitDataModule):
         val_size: samples held out of the 60k training set for validation (0: no validation set).
         seed: seed of the train/val split and of the training shuffle.
         cache_dir: preferred place for the Arrow cache (default: beside the IDX files, else ~/.cache).
+        on_device: keep the splits on the trainer's accelerator (188 MB; batches gathered there); needs
+            ``num_workers=0`` (worker processes cannot hold CUDA tensors).
     """
 
     input_shape = (1, 28, 28)
@@ -257,7 +259,7 @@ class FashionMNISTDataModule(SplitDataModule):
     class_names = CLASS_NAMES
 
     def __init__(self, data_dir: str | None = None, batch_size: int = 256, num_workers: int = 0,
-                 val_size: int = 5000, seed: int = 0, cache_dir: str | None = None) -> None:
+                 val_size: int = 5000, seed: int = 0, cache_dir: str | None = None, on_device: bool = False) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -265,6 +267,11 @@ class FashionMNISTDataModule(SplitDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if int(val_size) < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}")
+        if not isinstance(on_device, bool):
+            raise ValueError(f"on_device must be true or false, got {on_device!r}")
+        if on_device and int(num_workers) > 0:
+            raise ValueError(f"on_device=True needs num_workers=0 (got {num_workers}): worker processes cannot hold "
+                             "the accelerator's tensors")
         self.save_hyperparameters()
         self.batch_size = int(batch_size)
         self.data_train: TensorDataset | None = None

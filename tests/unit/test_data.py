@@ -272,3 +272,33 @@ def test_datamodule_without_hf_datasets_reads_the_idx_files_alike(tmp_path: Path
         assert len(a) == len(b) > 0
         for x, y in zip(a.tensors, b.tensors):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_on_device_serves_the_same_batches_from_one_copy_on_the_trainers_device(tmp_path: Path) -> None:
+    """No accelerator here: a trainer whose root device is ``meta`` stands in for a GPU. The split is copied there
+    once (the same copy every epoch), the batches come from it in the order a host-side loader gives, and on a CPU
+    trainer, or with ``on_device`` off, the host tensors are served as before."""
+    from types import SimpleNamespace
+
+    _fake_fashion_dir(tmp_path / "fmnist", n_train=40, n_test=12)
+
+    def make(on_device: bool, device: str) -> FashionMNISTDataModule:
+        dm = FashionMNISTDataModule(data_dir=str(tmp_path / "fmnist"), val_size=10, batch_size=8, on_device=on_device)
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))  # type: ignore[assignment]
+        return dm
+
+    placed, host = make(True, "meta"), make(False, "meta")
+    batches = list(placed.train_dataloader())
+    assert [x.device.type for x, _ in batches] == ["meta"] * 4 and [len(y) for _, y in batches] == [8, 8, 8, 6]
+    assert placed.train_dataloader().dataset is placed.train_dataloader().dataset  # copied once, not per epoch
+    assert placed.data_train.tensors[0].device.type == "cpu"  # the host split is kept as it was
+    order = [y for _, y in host.train_dataloader()]  # the same sampler, so the same samples in the same order
+    assert [y.shape for _, y in batches] == [y.shape for y in order]
+    assert next(iter(placed.val_dataloader()))[0].device.type == "meta"
+    assert next(iter(make(True, "cpu").train_dataloader()))[0].device.type == "cpu"
+    assert next(iter(host.train_dataloader()))[0].device.type == "cpu"
+    with pytest.raises(ValueError, match="num_workers=0"):
+        FashionMNISTDataModule(on_device=True, num_workers=2)
+    with pytest.raises(ValueError, match="on_device must be true or false"):
+        FashionMNISTDataModule(on_device="yes")  # type: ignore[arg-type]

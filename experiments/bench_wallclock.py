@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -80,7 +81,7 @@ def task_overrides(task: str) -> list[str]:
     return [line for line in out.stdout.splitlines() if line]
 
 
-def run_once(task_args: list[str], variant: str, out: Path, threads: int, more: list[str] = ()) -> dict:
+def run_once(task_args: list[str], variant: str, out: Path, threads: int, more: Sequence[str] = ()) -> dict:
     """One ``train.py`` run of ``variant`` on a task; its summary."""
     cmd = [sys.executable, str(REPO / "train.py"), *task_args, *VARIANTS[variant], *more, "seed=0", "run_test=false",
            "logger=csv", f"hydra.run.dir={out}"]

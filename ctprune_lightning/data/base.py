@@ -47,11 +47,12 @@ class SplitDataModule(L.LightningDataModule):
         device = trainer.strategy.root_device
         if device.type == "cpu":
             return dataset
-        placed: dict[int, TensorDataset] = self.__dict__.setdefault("_on_device", {})
-        key = id(dataset)
-        if key not in placed or placed[key].tensors[0].device != device:
-            placed[key] = TensorDataset(*(t.to(device) for t in dataset.tensors))
-        return placed[key]
+        placed: dict[int, tuple[TensorDataset, TensorDataset]] = self.__dict__.setdefault("_on_device", {})
+        host, copy = placed.get(id(dataset), (None, None))
+        if host is not dataset or copy is None or copy.tensors[0].device != device:  # a new split, or another device
+            copy = TensorDataset(*(t.to(device) for t in dataset.tensors))
+            placed[id(dataset)] = (dataset, copy)
+        return copy
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data_train, shuffle=True)

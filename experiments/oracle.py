@@ -6,7 +6,9 @@
 Per task: the hindsight oracle is the GMP target (over every ``gmp*`` group: 0.1 … 0.9) with the largest
 training-FLOPs saving whose mean quality loss is within the budget and whose every seed is within the budget
 plus twice the ``null`` group's std (the noise of a paired Δ). The loop's share is its mean saving ÷ the
-oracle's. Quality: the test loss's relative excess over the same seed's dense run (budget 1%), and for the
+oracle's. Beside it, the *per-seed* oracle: the largest saving whose every seed is within the budget itself, the
+standard one loop run is held to (its chance constraint keeps P(final damage ≤ budget) near 0.98 per run), where
+the first oracle may pick a target at which one seed in three ends over the budget. Quality: the test loss's relative excess over the same seed's dense run (budget 1%), and for the
 classifiers the error rate's excess in points (budget 0.3 pt).
 """
 
@@ -49,10 +51,11 @@ def net_saved(runs: list[dict[str, Any]]) -> float | None:
 
 
 def oracle(groups: dict[str, list[dict[str, Any]]], dense: dict[Any, dict[str, Any]], metric: str,
-           budget: float) -> tuple[str, float, list[float]] | None:
-    """The best fixed GMP target within the budget: (label, saving, per-seed Δ), or None."""
+           budget: float, per_seed: bool = False) -> tuple[str, float, list[float]] | None:
+    """The best fixed GMP target within the budget: (label, saving, per-seed Δ), or None. ``per_seed``: every
+    seed within the budget itself (no allowance for the noise of a paired Δ)."""
     null = deltas(groups.get("null", []), dense, metric)
-    slack = 2 * statistics.stdev(null) if len(null) > 1 else 0.0
+    slack = 0.0 if per_seed else 2 * statistics.stdev(null) if len(null) > 1 else 0.0
     best = None
     for label, runs in groups.items():
         if not label.startswith("gmp") or len(runs) < 2:
@@ -73,17 +76,19 @@ def task_rows(root: Path, loop: str, points: str) -> list[str]:
         runs = groups.get(group)
         if not runs:
             continue
-        best = oracle(groups, dense, metric, budget)
         d = deltas(runs, dense, metric)
         within = sum(v <= budget for v in d)
         unit = "%" if metric == "loss" else " pt"
-        share = "—" if best is None else f"{saved(runs) / best[1]:.2f}" if best[1] > 0 else "—"
-        orc = "none within budget" if best is None else (
-            f"{best[0]}: {best[1]:.1%} saved, Δ {statistics.fmean(best[2]):+.2f}{unit}")
+        cells = []
+        for per_seed in (False, True):
+            best = oracle(groups, dense, metric, budget, per_seed)
+            cells.append("none within budget" if best is None else (
+                f"{best[0]}: {best[1]:.1%} saved, Δ {statistics.fmean(best[2]):+.2f}{unit} (max {max(best[2]):+.2f})"))
+            cells.append("—" if best is None or best[1] <= 0 else f"{saved(runs) / best[1]:.2f}")
         net = net_saved(runs)
         rows.append(f"| {root.name} | {budget:g}{unit} | {saved(runs):.1%} | {'—' if net is None else f'{net:.1%}'} | "
                     f"{', '.join(f'{v:+.2f}' for v in d)} (mean {statistics.fmean(d):+.2f}) | {within}/{len(d)} | "
-                    f"{orc} | {share} |")
+                    f"{' | '.join(cells)} |")
     return rows
 
 
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tasks = [args.root] if (args.root / "dense").is_dir() else sorted(p for p in args.root.iterdir() if (p / "dense").is_dir())
     lines = ["| task | budget | loop saved | net of sensing | loop Δ per seed | within | oracle (best fixed GMP in hindsight) "
-             "| share |", "|---|---|---|---|---|---|---|---|"]
+             "| share | per-seed oracle (every seed within budget) | share |", "|---|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         lines += task_rows(task, args.loop, args.points)
     sys.stdout.write("\n".join(lines) + "\n")

@@ -24,7 +24,7 @@ TINY=${GPU_CHECK_TINY:-0}
 SCALE=${GPU_CHECK_SCALE:-compute}
 case $SCALE in compute|suite) ;; *) echo "gpu_check.sh: GPU_CHECK_SCALE='$SCALE'; choose compute or suite" >&2; exit 2 ;; esac
 TASKS=${GPU_CHECK_TASKS:-mlp resnet gpt}
-# Seconds per task (one multirun); all three together stay under ~7 min with the wheels' install.
+# Seconds per task (one multirun): the three together at most 8 min at the compute scale (~7 at the suite scale).
 if [ "$TINY" = 1 ]; then DEFAULT_LIMITS=(300 300 300); elif [ "$SCALE" = suite ]; then DEFAULT_LIMITS=(100 160 140)
 else DEFAULT_LIMITS=(120 180 180); fi
 LIMIT_MLP=${GPU_CHECK_LIMIT_MLP:-${DEFAULT_LIMITS[0]}}; LIMIT_RESNET=${GPU_CHECK_LIMIT_RESNET:-${DEFAULT_LIMITS[1]}}

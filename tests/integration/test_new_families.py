@@ -32,7 +32,14 @@ class Recurrent(Base):
         return self.record(F.cross_entropy(self(tokens), batch["label"]))
 
 
-class Separable(Base):
+class Image(Base):
+    """The features as one-channel 4x4 images."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.record(F.cross_entropy(self(batch["features"].view(-1, 1, 4, 4)), batch["label"]))
+
+
+class Separable(Image):
     def __init__(self) -> None:
         super().__init__()
         self.stem, self.bn1 = nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32)
@@ -46,11 +53,8 @@ class Separable(Base):
         x = F.relu(self.bn3(self.pw(x)))
         return self.head(x.mean((2, 3)))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.record(F.cross_entropy(self(batch["features"].view(-1, 1, 4, 4)), batch["label"]))
 
-
-class Grouped(Base):
+class Grouped(Image):
     def __init__(self) -> None:
         super().__init__()
         self.stem, self.bn1 = nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32)
@@ -62,11 +66,8 @@ class Grouped(Base):
         x = F.relu(self.bn2(self.gc(x)))
         return self.head(x.mean((2, 3)))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.record(F.cross_entropy(self(batch["features"].view(-1, 1, 4, 4)), batch["label"]))
 
-
-class GroupNormed(Base):
+class GroupNormed(Image):
     def __init__(self) -> None:
         super().__init__()
         self.stem, self.gn1 = nn.Conv2d(1, 32, 3, padding=1), nn.GroupNorm(8, 32)
@@ -77,9 +78,6 @@ class GroupNormed(Base):
         x = F.silu(self.gn1(self.stem(x)))
         x = F.silu(self.gn2(self.conv(x)))
         return self.head(x.mean((2, 3)))
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.record(F.cross_entropy(self(batch["features"].view(-1, 1, 4, 4)), batch["label"]))
 
 
 def _check(module: Base, trainer: object, cb: object, tmp_path: Path, shrunk: dict[str, int]) -> None:

@@ -95,3 +95,12 @@ def check_after_cut(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer
     assert ids <= live_ids, "a dead parameter is still in the optimizer"
     for opt in optimizers:
         assert {id(p) for p in opt.state} <= live_ids, "optimizer state kept for a dead parameter"
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, input_shape: tuple[int, ...], n: int = 3) -> None:
+    """``n`` optimizer steps on the mean square of the model's output for random inputs of ``(4, *input_shape)``."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        opt.zero_grad()
+        model(torch.randn(4, *input_shape, generator=g)).pow(2).mean().backward()
+        opt.step()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from arch_helpers import check_after_cut, snapshot
+from arch_helpers import check_after_cut, snapshot, train_steps
 from torch import nn
 
 from ctprune_lightning.surgery import apply_plan_, discover_groups
@@ -18,14 +18,6 @@ def gn_net(groups: int = 8) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(groups, 32), nn.SiLU(),
                          nn.Conv2d(32, 16, 3, padding=1), nn.GroupNorm(1, 16), nn.SiLU(), nn.Conv2d(16, 4, 1))
-
-
-def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int = 3) -> None:
-    g = torch.Generator().manual_seed(1)
-    for _ in range(n):
-        opt.zero_grad()
-        model(torch.randn(4, 3, 8, 8, generator=g)).pow(2).mean().backward()
-        opt.step()
 
 
 def test_a_groupnorm_is_cut_in_whole_groups_and_the_kept_groups_compute_as_before() -> None:
@@ -40,7 +32,7 @@ def test_a_groupnorm_is_cut_in_whole_groups_and_the_kept_groups_compute_as_befor
                      "3": [("3", "conv_out"), ("4", "norm"), ("6", "conv_in")]}, (kinds, skipped)
     assert groups[0].width(model) == 8 and groups[1].width(model) == 16
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    train_steps(model, opt)
+    train_steps(model, opt, (3, 8, 8))
     model.eval()
     keep = torch.tensor([1, 2, 5, 7])
     channels = (keep[:, None] * 4 + torch.arange(4)).flatten()
@@ -55,7 +47,7 @@ def test_a_groupnorm_is_cut_in_whole_groups_and_the_kept_groups_compute_as_befor
     check_after_cut(model, [opt], before)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
-    train_steps(model, opt, n=1)  # and it still trains
+    train_steps(model, opt, (3, 8, 8), n=1)  # and it still trains
     rebuilt = gn_net()  # a checkpoint's architecture rebuilds the GroupNorm's groups too
     apply_arch_(rebuilt, capture_arch(model), "test")
     rebuilt.load_state_dict(model.state_dict())

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from arch_helpers import check_after_cut, snapshot
+from arch_helpers import check_after_cut, snapshot, train_steps
 from torch import nn
 
 from ctprune_lightning.surgery import apply_plan_, discover_groups
@@ -17,14 +17,6 @@ def decoder() -> nn.Sequential:
                          nn.Conv2d(6, 3, 1))
 
 
-def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int = 3) -> None:
-    g = torch.Generator().manual_seed(1)
-    for _ in range(n):
-        opt.zero_grad()
-        model(torch.randn(4, 1, 8, 8, generator=g)).pow(2).mean().backward()
-        opt.step()
-
-
 def test_a_cut_keeps_the_selected_channels_values_and_moments_and_the_output_of_the_rest() -> None:
     model = decoder()
     groups, skipped = discover_groups(model, torch.zeros(2, 1, 8, 8))
@@ -32,7 +24,7 @@ def test_a_cut_keeps_the_selected_channels_values_and_moments_and_the_output_of_
     assert kinds == {"0": [("0", "conv_out"), ("2", "tconv_in")],
                      "2": [("2", "tconv_out"), ("3", "norm"), ("5", "conv_in")]}, (kinds, skipped)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    train_steps(model, opt)
+    train_steps(model, opt, (1, 8, 8))
     model.eval()
     plan = {"0": torch.tensor([0, 2, 3, 7]), "2": torch.tensor([1, 4])}
     with torch.no_grad():  # what the dropped channels feed, zeroed: the cut must not change the output
@@ -46,7 +38,7 @@ def test_a_cut_keeps_the_selected_channels_values_and_moments_and_the_output_of_
     check_after_cut(model, [opt], before)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=0)
-    train_steps(model, opt, n=1)  # and it still trains
+    train_steps(model, opt, (1, 8, 8), n=1)  # and it still trains
 
 
 def test_growth_keeps_the_output_and_grouped_transposed_convolutions_are_refused() -> None:
